@@ -1,0 +1,9 @@
+// Umbrella header: the whole public C++ API of GradiVeQ.
+#pragma once
+
+#include "gradiveq/conv_layout.h"
+#include "gradiveq/errors.h"
+#include "gradiveq/pca_compressor.h"
+#include "gradiveq/qsgd.h"
+#include "gradiveq/schedule.h"
+#include "gradiveq/version.h"

@@ -1,0 +1,57 @@
+// QSGD (Alistarh et al. 2017) with real bit-packing: the byte count reported is the byte count sent.
+//
+// Values are cut into buckets of `bucket_size` consecutive elements. Each bucket has one float32 scale
+// (its max |v| or its L2 norm) and each value becomes a sign bit plus a level in [0, levels] chosen by
+// seeded stochastic rounding, so decode(encode(v)) is unbiased: E[decode] = v.
+//
+// Packed layout (little-endian, `packed_bytes(n)` bytes in all):
+//   [ceil(n / bucket_size) float32 scales][n codes of `bits_per_value()` bits, LSB first, no padding between]
+// where a code is (level << 1) | sign. "4-bit QSGD" is levels = 7: 1 sign bit + 3 level bits, the fixed-width
+// baseline at ratio ~8 used by the GradiVeQ paper.
+//
+// Non-finite input: a bucket holding NaN or inf gets a NaN scale, and decodes to NaN, so an overflow stays
+// visible to AMP's GradScaler after aggregation.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <string>
+
+namespace gradiveq {
+
+enum class QsgdNorm { kMax, kL2 };
+
+struct QsgdOptions {
+  int64_t levels = 7;         ///< s >= 1: magnitude levels 0..s
+  int64_t bucket_size = 512;  ///< values per scale
+  QsgdNorm norm = QsgdNorm::kMax;
+};
+
+class QsgdCodec {
+ public:
+  explicit QsgdCodec(const QsgdOptions& options = {});
+
+  const QsgdOptions& options() const { return options_; }
+  /// 1 sign bit + ceil(log2(levels + 1)) level bits.
+  int64_t bits_per_value() const { return bits_; }
+  /// Exact size of encode()'s output for `numel` values: 4 * ceil(numel / bucket) + ceil(numel * bits / 8).
+  int64_t packed_bytes(int64_t numel) const;
+
+  /// 1-D float32 CPU tensor -> uint8 tensor of packed_bytes(numel) bytes. The same (values, seed) always
+  /// gives the same bytes.
+  at::Tensor encode(const at::Tensor& values, uint64_t seed) const;
+  /// Packed bytes of `numel` values -> float32 tensor of numel values.
+  at::Tensor decode(const at::Tensor& packed, int64_t numel) const;
+  /// out += decode(packed, out.numel()); `out` is a contiguous 1-D float32 tensor.
+  void decode_add(const at::Tensor& packed, at::Tensor& out) const;
+
+ private:
+  QsgdOptions options_;
+  int64_t bits_ = 0;
+};
+
+/// Parses "max" / "l2".
+QsgdNorm parse_qsgd_norm(const std::string& name);
+
+}  // namespace gradiveq

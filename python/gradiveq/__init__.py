@@ -1,0 +1,29 @@
+"""GradiVeQ: bandwidth-efficient gradient aggregation with a linear, summable PCA compressor.
+
+The compiled core lives in ``gradiveq._C``; this package re-exports it.
+"""
+
+import torch  # noqa: F401  (loads libtorch before the extension, which links against it)
+import torch.distributed  # noqa: F401  (registers c10d's pybind11 types the extension accepts)
+
+from gradiveq._C import (  # noqa: E402
+    ConvSliceLayout,
+    InvalidArgument,
+    PcaCompressor,
+    Phase,
+    QsgdCodec,
+    QsgdNorm,
+    Schedule,
+    __version__,
+)
+
+__all__ = [
+    "ConvSliceLayout",
+    "InvalidArgument",
+    "PcaCompressor",
+    "Phase",
+    "QsgdCodec",
+    "QsgdNorm",
+    "Schedule",
+    "__version__",
+]

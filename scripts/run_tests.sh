@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Runs every suite (CTest: GoogleTest cases, the find_package consumer, benchmark smoke; pytest) and prints one
+# closing line "N passed, N failed" summed over all of them, from their JUnit XML reports.
+set -uo pipefail
+BUILD_DIR=${1:-build}
+PYTHON=${2:-.venv/bin/python}
+cd "$(dirname "$0")/.."
+REPORTS=$BUILD_DIR/test-reports
+rm -rf "$REPORTS" && mkdir -p "$REPORTS"
+
+echo "=== C++ (ctest) ==="
+ctest --test-dir "$BUILD_DIR" --output-on-failure -j "$(nproc)" --timeout 900 \
+      --output-junit "$(pwd)/$REPORTS/ctest.xml"
+ctest_rc=$?
+
+echo "=== Python (pytest) ==="
+PYTHONPATH=python "$PYTHON" -m pytest tests/python -q -p no:cacheprovider \
+    --junitxml="$REPORTS/pytest.xml"
+pytest_rc=$?
+
+"$PYTHON" scripts/summarize_junit.py "$REPORTS"/*.xml
+summary_rc=$?
+if [[ $ctest_rc -ne 0 || $summary_rc -ne 0 ]] || [[ $pytest_rc -ne 0 && $pytest_rc -ne 5 ]]; then
+  exit 1
+fi

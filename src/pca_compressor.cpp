@@ -1,0 +1,320 @@
+#include "gradiveq/pca_compressor.h"
+
+#include <c10/core/GradMode.h>
+
+#include <Eigen/Eigenvalues>
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "gradiveq/errors.h"
+
+namespace gradiveq {
+
+namespace {
+
+constexpr char kMagic[4] = {'G', 'V', 'Q', 'B'};
+constexpr uint32_t kFormatVersion = 1;
+// magic, version, K, d, num_samples
+constexpr size_t kHeaderBytes = 4 + 4 + 8 + 8 + 8;
+
+// Relative threshold under which an eigenvalue of the Gram/covariance matrix is treated as zero: the
+// corresponding direction is rounding noise, and dividing by its square root would amplify it.
+constexpr double kRankTolerance = 1e-10;
+
+// Symmetric eigen-decomposition of `sym` (m x m, double): eigenvalues decreasing, vectors in matching columns.
+void symmetric_eigen(const at::Tensor& sym, at::Tensor& values, at::Tensor& vectors) {
+  const int64_t m = sym.size(0);
+  using RowMajor = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  Eigen::Map<const RowMajor> a(sym.data_ptr<double>(), m, m);
+  Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> solver(a);
+  GVQ_ASSERT(solver.info() == Eigen::Success, "eigen-solver did not converge");
+  // Eigen returns increasing order; reverse into decreasing.
+  Eigen::VectorXd vals = solver.eigenvalues().reverse();
+  RowMajor vecs = solver.eigenvectors().rowwise().reverse();
+  values = at::empty({m}, at::kDouble);
+  vectors = at::empty({m, m}, at::kDouble);
+  std::memcpy(values.data_ptr<double>(), vals.data(), sizeof(double) * m);
+  std::memcpy(vectors.data_ptr<double>(), vecs.data(), sizeof(double) * m * m);
+}
+
+// Orthonormalises the columns of `u` (K x r, double) with a reduced QR, keeping each column's direction.
+at::Tensor orthonormalize(const at::Tensor& u) {
+  auto [q, r] = at::linalg_qr(u, "reduced");
+  at::Tensor signs = at::sign(r.diagonal());
+  signs.masked_fill_(signs == 0, 1.0);
+  return q * signs.view({1, -1});
+}
+
+// d columns: the r columns of `u` (K x r, orthonormal) followed by d - r orthonormal columns spanning part of
+// its orthogonal complement. Only needed when more components are requested than the samples have directions
+// (energy 1.0, or samples without variance).
+at::Tensor complete_basis(const at::Tensor& u, int64_t d) {
+  const int64_t k = u.size(0), r = u.size(1);
+  if (r >= d) return u.narrow(1, 0, d);
+  if (r == 0) return at::eye(k, at::kDouble).narrow(1, 0, d).contiguous();
+  auto [q, unused] = at::linalg_qr(u, "complete");  // q's first r columns span u; the rest its complement
+  return at::cat({u, q.narrow(1, r, d - r)}, 1);
+}
+
+template <typename T>
+void put(std::vector<uint8_t>& out, const T& v) {
+  const auto* p = reinterpret_cast<const uint8_t*>(&v);
+  out.insert(out.end(), p, p + sizeof(T));
+}
+
+template <typename T>
+T get(const uint8_t* p) {
+  T v;
+  std::memcpy(&v, p, sizeof(T));
+  return v;
+}
+
+bool is_float_like(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+}  // namespace
+
+uint64_t checksum_bytes(const at::Tensor& bytes) {
+  GVQ_CHECK_ARG(bytes.device().is_cpu() && bytes.is_contiguous(), "checksum_bytes", "bytes",
+                "must be a contiguous CPU tensor");
+  const auto* p = static_cast<const uint8_t*>(bytes.data_ptr());
+  const size_t n = bytes.nbytes();
+  uint64_t h = 1469598103934665603ull;  // FNV-1a offset basis and prime, applied to whole words
+  constexpr uint64_t kPrime = 1099511628211ull;
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) h = (h ^ get<uint64_t>(p + i)) * kPrime;
+  for (; i < n; ++i) h = (h ^ p[i]) * kPrime;
+  return h ^ n;
+}
+
+PcaCompressor PcaCompressor::fit(const at::Tensor& samples, const FitOptions& options) {
+  constexpr const char* kWhere = "PcaCompressor.fit";
+  GVQ_CHECK_ARG(options.energy > 0.0 && options.energy <= 1.0, kWhere, "energy",
+                "must lie in (0, 1], got ", options.energy);
+  GVQ_CHECK_ARG(options.max_components >= 0, kWhere, "max_components",
+                "must be >= 0 (0 = no cap), got ", options.max_components);
+  GVQ_CHECK_ARG(samples.defined(), kWhere, "samples", "is an undefined tensor");
+  GVQ_CHECK_ARG(samples.scalar_type() == at::kFloat, kWhere, "samples", "must be float32, got ",
+                samples.scalar_type());
+  GVQ_CHECK_ARG(samples.dim() == 2, kWhere, "samples", "must be 2-D (n samples, K), got shape ",
+                samples.sizes());
+  const int64_t n = samples.size(0), k = samples.size(1);
+  GVQ_CHECK_ARG(n >= 2, kWhere, "samples", "must hold at least 2 samples to estimate a covariance, got ", n);
+  GVQ_CHECK_ARG(k >= 1, kWhere, "samples", "must have a positive slice length K, got ", k);
+  GVQ_CHECK_ARG(at::isfinite(samples).all().item<bool>(), kWhere, "samples",
+                "contains non-finite values (NaN or inf); such a window must not be fitted");
+
+  c10::NoGradGuard no_grad;
+  at::Tensor x = samples.to(at::kCPU, at::kDouble);
+  at::Tensor mean = x.mean(0);
+  at::Tensor xc = x - mean;
+
+  at::Tensor variances;  // eigenvalues of the sample covariance, decreasing
+  at::Tensor u;          // K x r orthonormal principal directions with non-zero variance
+  if (n <= k) {
+    // Gram path: xc xc^T = V L V^T  =>  principal directions xc^T V L^-1/2, variances L / (n - 1).
+    at::Tensor gram_vals, gram_vecs;
+    symmetric_eigen(at::matmul(xc, xc.t()).contiguous(), gram_vals, gram_vecs);
+    const double top = std::max(gram_vals[0].item<double>(), 0.0);
+    const int64_t r = (gram_vals > kRankTolerance * top).sum().item<int64_t>() * (top > 0 ? 1 : 0);
+    variances = gram_vals.narrow(0, 0, r) / double(n - 1);
+    u = r > 0 ? orthonormalize(at::matmul(xc.t(), gram_vecs.narrow(1, 0, r)) /
+                               gram_vals.narrow(0, 0, r).sqrt().view({1, -1}))
+              : at::empty({k, 0}, at::kDouble);
+  } else {
+    at::Tensor cov_vals, cov_vecs;
+    symmetric_eigen((at::matmul(xc.t(), xc) / double(n - 1)).contiguous(), cov_vals, cov_vecs);
+    const double top = std::max(cov_vals[0].item<double>(), 0.0);
+    const int64_t r = (cov_vals > kRankTolerance * top).sum().item<int64_t>() * (top > 0 ? 1 : 0);
+    variances = cov_vals.narrow(0, 0, r);
+    u = cov_vecs.narrow(1, 0, r);
+  }
+  const int64_t r = variances.numel();
+
+  // d: the smallest count whose eigenvalues reach the energy threshold (paper eq. 6).
+  int64_t d = 0;
+  const double total = variances.sum().item<double>();
+  if (options.energy >= 1.0) {
+    d = k;
+  } else if (total <= 0.0) {
+    d = 1;  // no variance at all: one direction is as good as any; the mean carries the signal
+  } else {
+    at::Tensor cumulative = variances.cumsum(0);
+    d = (cumulative < options.energy * total).sum().item<int64_t>() + 1;
+    d = std::min(d, r);
+  }
+  if (options.max_components > 0) d = std::min(d, options.max_components);
+  d = std::max<int64_t>(d, 1);
+
+  PcaCompressor pca;
+  pca.mean_ = mean.to(at::kFloat);
+  pca.basis_ = complete_basis(u, d).to(at::kFloat).contiguous();
+  pca.eigenvalues_ = at::zeros({k}, at::kFloat);
+  if (r > 0) pca.eigenvalues_.narrow(0, 0, r).copy_(variances.clamp_min(0.0));
+  pca.num_samples_ = n;
+  pca.finish_init();
+  return pca;
+}
+
+void PcaCompressor::finish_init() {
+  mean_proj_ = at::matmul(mean_.view({1, -1}), basis_).view({-1});
+}
+
+void PcaCompressor::check_fitted(const char* where) const {
+  GVQ_CHECK_ARG(is_fitted(), where, "self", "is not fitted: call PcaCompressor.fit (or deserialize) first");
+}
+
+int64_t PcaCompressor::slice_len() const { return is_fitted() ? basis_.size(0) : 0; }
+int64_t PcaCompressor::num_components() const { return is_fitted() ? basis_.size(1) : 0; }
+
+double PcaCompressor::explained_variance() const {
+  check_fitted("PcaCompressor.explained_variance");
+  const double total = eigenvalues_.sum().item<double>();
+  if (total <= 0.0) return 1.0;
+  return eigenvalues_.narrow(0, 0, num_components()).sum().item<double>() / total;
+}
+
+at::Tensor PcaCompressor::compress(const at::Tensor& slices, int64_t world_size) const {
+  check_fitted("PcaCompressor.compress");
+  GVQ_CHECK_ARG(slices.defined() && slices.dim() == 2, "PcaCompressor.compress", "slices",
+                "must be a 2-D (S, K) tensor");
+  at::Tensor out = at::empty({slices.size(0), num_components()}, slices.options().dtype(at::kFloat));
+  compress_into(slices, world_size, out);
+  return out;
+}
+
+void PcaCompressor::compress_into(const at::Tensor& slices, int64_t world_size, at::Tensor out) const {
+  constexpr const char* kWhere = "PcaCompressor.compress";
+  check_fitted(kWhere);
+  GVQ_CHECK_ARG(world_size >= 1, kWhere, "world_size", "must be >= 1, got ", world_size);
+  GVQ_CHECK_ARG(slices.defined() && slices.dim() == 2 && slices.size(1) == slice_len(), kWhere, "slices",
+                "must be (S, K) with K = ", slice_len(), " (the basis' slice length), got shape ",
+                slices.defined() ? slices.sizes() : at::IntArrayRef{});
+  GVQ_CHECK_ARG(is_float_like(slices.scalar_type()), kWhere, "slices",
+                "must be float32, float16 or bfloat16, got ", slices.scalar_type());
+  GVQ_CHECK_ARG(slices.device() == basis_.device(), kWhere, "slices", "is on ", slices.device(),
+                " but the basis is on ", basis_.device(), " (use PcaCompressor.to)");
+  GVQ_CHECK_ARG(out.dim() == 2 && out.size(0) == slices.size(0) && out.size(1) == num_components(), kWhere,
+                "out", "must be (S, d) = [", slices.size(0), ", ", num_components(), "], got shape ",
+                out.sizes());
+  GVQ_CHECK_ARG(is_float_like(out.scalar_type()), kWhere, "out", "must be float32, float16 or bfloat16, got ",
+                out.scalar_type());
+  c10::NoGradGuard no_grad;
+  const at::Tensor offset = (mean_proj_ * (-1.0 / double(world_size))).view({1, -1});
+  const at::Tensor g = slices.scalar_type() == at::kFloat ? slices : slices.to(at::kFloat);
+  if (out.scalar_type() == at::kFloat && out.is_contiguous()) {
+    at::addmm_out(out, offset, g, basis_);
+  } else {
+    out.copy_(at::addmm(offset, g, basis_));
+  }
+}
+
+at::Tensor PcaCompressor::decompress(const at::Tensor& coeffs) const {
+  check_fitted("PcaCompressor.decompress");
+  GVQ_CHECK_ARG(coeffs.defined() && coeffs.dim() == 2, "PcaCompressor.decompress", "coeffs",
+                "must be a 2-D (S, d) tensor");
+  at::Tensor out = at::empty({coeffs.size(0), slice_len()}, coeffs.options().dtype(at::kFloat));
+  decompress_into(coeffs, out);
+  return out;
+}
+
+void PcaCompressor::decompress_into(const at::Tensor& coeffs, at::Tensor out) const {
+  constexpr const char* kWhere = "PcaCompressor.decompress";
+  check_fitted(kWhere);
+  GVQ_CHECK_ARG(coeffs.defined() && coeffs.dim() == 2 && coeffs.size(1) == num_components(), kWhere, "coeffs",
+                "must be (S, d) with d = ", num_components(), ", got shape ",
+                coeffs.defined() ? coeffs.sizes() : at::IntArrayRef{});
+  GVQ_CHECK_ARG(is_float_like(coeffs.scalar_type()), kWhere, "coeffs",
+                "must be float32, float16 or bfloat16, got ", coeffs.scalar_type());
+  GVQ_CHECK_ARG(coeffs.device() == basis_.device(), kWhere, "coeffs", "is on ", coeffs.device(),
+                " but the basis is on ", basis_.device(), " (use PcaCompressor.to)");
+  GVQ_CHECK_ARG(out.dim() == 2 && out.size(0) == coeffs.size(0) && out.size(1) == slice_len(), kWhere, "out",
+                "must be (S, K) = [", coeffs.size(0), ", ", slice_len(), "], got shape ", out.sizes());
+  c10::NoGradGuard no_grad;
+  const at::Tensor c = coeffs.scalar_type() == at::kFloat ? coeffs : coeffs.to(at::kFloat);
+  if (out.scalar_type() == at::kFloat && out.is_contiguous()) {
+    at::addmm_out(out, mean_.view({1, -1}), c, basis_.t());
+  } else {
+    out.copy_(at::addmm(mean_.view({1, -1}), c, basis_.t()));
+  }
+}
+
+at::Tensor PcaCompressor::serialize() const {
+  check_fitted("PcaCompressor.serialize");
+  const int64_t k = slice_len(), d = num_components();
+  std::vector<uint8_t> header;
+  header.insert(header.end(), kMagic, kMagic + 4);
+  put(header, kFormatVersion);
+  put(header, k);
+  put(header, d);
+  put(header, num_samples_);
+  GVQ_ASSERT(header.size() == kHeaderBytes);
+  const size_t payload = sizeof(float) * size_t(k + k + k * d);
+  at::Tensor out = at::empty({int64_t(kHeaderBytes + payload)}, at::kByte);
+  auto* p = out.data_ptr<uint8_t>();
+  std::memcpy(p, header.data(), kHeaderBytes);
+  p += kHeaderBytes;
+  for (const at::Tensor& t : {mean_, eigenvalues_, basis_}) {
+    at::Tensor c = t.to(at::kCPU, at::kFloat).contiguous();
+    std::memcpy(p, c.data_ptr<float>(), c.nbytes());
+    p += c.nbytes();
+  }
+  return out;
+}
+
+PcaCompressor PcaCompressor::deserialize(const at::Tensor& bytes) {
+  constexpr const char* kWhere = "PcaCompressor.deserialize";
+  GVQ_CHECK_ARG(bytes.defined() && bytes.scalar_type() == at::kByte && bytes.dim() == 1, kWhere, "bytes",
+                "must be a 1-D uint8 tensor");
+  at::Tensor b = bytes.to(at::kCPU).contiguous();
+  const auto* p = b.data_ptr<uint8_t>();
+  const size_t n = b.numel();
+  GVQ_CHECK_ARG(n >= kHeaderBytes, kWhere, "bytes", "is truncated: ", n, " bytes, shorter than the ",
+                kHeaderBytes, "-byte header");
+  GVQ_CHECK_ARG(std::memcmp(p, kMagic, 4) == 0, kWhere, "bytes", "does not start with the GVQB magic");
+  const auto version = get<uint32_t>(p + 4);
+  GVQ_CHECK_ARG(version == kFormatVersion, kWhere, "bytes", "has format version ", version,
+                ", this build reads version ", kFormatVersion);
+  const auto k = get<int64_t>(p + 8), d = get<int64_t>(p + 16), samples = get<int64_t>(p + 24);
+  GVQ_CHECK_ARG(k >= 1 && d >= 1 && d <= k && k <= (int64_t(1) << 24) && samples >= 0, kWhere, "bytes",
+                "has an invalid header (K = ", k, ", d = ", d, ", samples = ", samples, ")");
+  const size_t expected = kHeaderBytes + sizeof(float) * size_t(k + k + k * d);
+  GVQ_CHECK_ARG(n == expected, kWhere, "bytes", "has ", n, " bytes, expected ", expected, " for K = ", k,
+                ", d = ", d, " (truncated or corrupted)");
+  PcaCompressor pca;
+  const auto* f = p + kHeaderBytes;
+  auto take = [&](at::IntArrayRef shape) {
+    at::Tensor t = at::empty(shape, at::kFloat);
+    std::memcpy(t.data_ptr<float>(), f, t.nbytes());
+    f += t.nbytes();
+    return t;
+  };
+  pca.mean_ = take({k});
+  pca.eigenvalues_ = take({k});
+  pca.basis_ = take({k, d});
+  pca.num_samples_ = samples;
+  for (const at::Tensor& t : {pca.mean_, pca.eigenvalues_, pca.basis_}) {
+    GVQ_CHECK_ARG(at::isfinite(t).all().item<bool>(), kWhere, "bytes", "holds non-finite values");
+  }
+  pca.finish_init();
+  return pca;
+}
+
+uint64_t PcaCompressor::checksum() const {
+  check_fitted("PcaCompressor.checksum");
+  return checksum_bytes(serialize());
+}
+
+PcaCompressor PcaCompressor::to(const at::Device& device) const {
+  check_fitted("PcaCompressor.to");
+  PcaCompressor out = *this;
+  out.mean_ = mean_.to(device);
+  out.basis_ = basis_.to(device);
+  out.eigenvalues_ = eigenvalues_.to(device);
+  out.mean_proj_ = mean_proj_.to(device);
+  return out;
+}
+
+}  // namespace gradiveq

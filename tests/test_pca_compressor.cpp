@@ -1,0 +1,207 @@
+// Unit tests for include/gradiveq/pca_compressor.h
+#include "gradiveq/pca_compressor.h"
+
+#include "gradiveq/conv_layout.h"
+#include "test_helpers.h"
+
+namespace gradiveq {
+namespace {
+
+using testing::expect_invalid;
+using testing::low_rank_samples;
+using testing::rel_error;
+
+// float32 GEMMs over K <= 3072 values: errors of a few 1e-6 relative are rounding.
+constexpr double kF32RelTol = 1e-5;
+
+at::Generator seeded(uint64_t seed) {
+  auto gen = at::detail::createCPUGenerator(seed);
+  return gen;
+}
+
+TEST(PcaCompressor, BasisIsOrthonormalAndEigenvaluesDecrease) {
+  for (auto [n, k] : {std::pair<int64_t, int64_t>{100, 768}, {400, 128}}) {  // Gram and covariance paths
+    auto pca = PcaCompressor::fit(low_rank_samples(n, k, 20, 0.05, seeded(1)), {0.999});
+    const int64_t d = pca.num_components();
+    ASSERT_GT(d, 1);
+    at::Tensor gram = pca.basis().t().matmul(pca.basis());
+    EXPECT_LT((gram - at::eye(d)).abs().max().item<float>(), 1e-5) << "n=" << n << " k=" << k;
+    at::Tensor ev = pca.eigenvalues();
+    ASSERT_EQ(ev.numel(), k);
+    EXPECT_TRUE((ev.narrow(0, 0, k - 1) >= ev.narrow(0, 1, k - 1)).all().item<bool>());
+    EXPECT_TRUE((ev >= 0).all().item<bool>());
+  }
+}
+
+TEST(PcaCompressor, EigenvaluesMatchTheSampleCovariance) {
+  at::Tensor x = low_rank_samples(50, 64, 5, 0.1, seeded(2));
+  auto pca = PcaCompressor::fit(x, {1.0});
+  at::Tensor xc = x.to(at::kDouble) - x.to(at::kDouble).mean(0);
+  at::Tensor expected = std::get<0>(at::linalg_eigh(xc.t().matmul(xc) / 49.0)).flip(0).clamp_min(0);
+  EXPECT_LT(rel_error(pca.eigenvalues(), expected), 1e-5);
+  EXPECT_LT(rel_error(pca.mean(), x.mean(0)), 1e-6);
+}
+
+TEST(PcaCompressor, ReconstructsExactlyAtFullRank) {
+  // energy 1.0 keeps all K components, also those with zero variance (n - 1 < K here), so any gradient,
+  // not just the samples' span, survives the round trip.
+  for (auto [n, k] : {std::pair<int64_t, int64_t>{30, 256}, {600, 256}}) {
+    auto pca = PcaCompressor::fit(low_rank_samples(n, k, 8, 0.01, seeded(3)), {1.0});
+    ASSERT_EQ(pca.num_components(), k);
+    EXPECT_DOUBLE_EQ(pca.compression_ratio(), 1.0);
+    at::Tensor g = at::randn({5, k});
+    EXPECT_LT(rel_error(pca.decompress(pca.compress(g)), g), kF32RelTol) << "n=" << n;
+    at::Tensor gram = pca.basis().t().matmul(pca.basis());
+    EXPECT_LT((gram - at::eye(k)).abs().max().item<float>(), 1e-5);
+  }
+}
+
+TEST(PcaCompressor, EnergyRulePicksTheSmallestD) {
+  // Three orthogonal directions with variances 100 : 10 : 1 (no noise), so the energy fractions are
+  // 0.9009, 0.9910, 1.0.
+  const int64_t k = 32, n = 400;
+  auto gen = seeded(4);
+  at::Tensor dirs = std::get<0>(at::linalg_qr(at::randn({k, 3}, gen)));
+  at::Tensor coeffs = at::randn({n, 3}, gen);
+  coeffs = (coeffs - coeffs.mean(0)) / coeffs.std(0);  // exact unit variances, zero mean
+  // Make the three columns exactly uncorrelated so the variances are exactly 100, 10, 1.
+  coeffs = std::get<0>(at::linalg_qr(coeffs)) * std::sqrt(double(n - 1));
+  at::Tensor x = coeffs.matmul((dirs * at::tensor({10.0f, std::sqrt(10.0f), 1.0f})).t());
+  EXPECT_EQ(PcaCompressor::fit(x, {0.90}).num_components(), 1);
+  EXPECT_EQ(PcaCompressor::fit(x, {0.901}).num_components(), 2);
+  EXPECT_EQ(PcaCompressor::fit(x, {0.99}).num_components(), 2);
+  EXPECT_EQ(PcaCompressor::fit(x, {0.992}).num_components(), 3);
+  EXPECT_EQ(PcaCompressor::fit(x, {0.9999}).num_components(), 3);  // never more than the non-zero directions
+  EXPECT_EQ(PcaCompressor::fit(x, {1.0}).num_components(), k);
+  EXPECT_EQ(PcaCompressor::fit(x, {0.9999, /*max_components=*/2}).num_components(), 2);
+  EXPECT_NEAR(PcaCompressor::fit(x, {0.99}).explained_variance(), 110.0 / 111.0, 1e-5);
+}
+
+TEST(PcaCompressor, CoefficientsFromNRanksSumToTheCompressedSum) {
+  const int64_t k = 192, ranks = 4, slices = 6;
+  auto pca = PcaCompressor::fit(low_rank_samples(80, k, 10, 0.05, seeded(5)), {0.95});
+  ASSERT_LT(pca.num_components(), k);
+  std::vector<at::Tensor> grads;
+  at::Tensor coeff_sum = at::zeros({slices, pca.num_components()});
+  for (int64_t r = 0; r < ranks; ++r) {
+    grads.push_back(at::randn({slices, k}));
+    coeff_sum += pca.compress(grads.back(), ranks);
+  }
+  at::Tensor grad_sum = at::stack(grads).sum(0);
+  // decompress(sum_n compress(g_n, N)) == decompress(compress(sum_n g_n, 1))
+  EXPECT_LT(rel_error(pca.decompress(coeff_sum), pca.decompress(pca.compress(grad_sum, 1))), kF32RelTol);
+  EXPECT_LT(rel_error(coeff_sum, pca.compress(grad_sum, 1)), kF32RelTol);
+
+  // At full rank it is the plain sum.
+  auto full = PcaCompressor::fit(low_rank_samples(80, k, 10, 0.05, seeded(6)), {1.0});
+  at::Tensor full_sum = at::zeros({slices, k});
+  for (const auto& g : grads) full_sum += full.compress(g, ranks);
+  EXPECT_LT(rel_error(full.decompress(full_sum), grad_sum), kF32RelTol);
+}
+
+TEST(PcaCompressor, CorrelatedGradientsCompressEightfoldWithSmallError) {
+  // Low rank plus noise, held-out draws from the same distribution: the property GradiVeQ relies on.
+  const int64_t k = 768;
+  auto gen = seeded(7);
+  at::Tensor all = low_rank_samples(200, k, 12, 0.02, gen);
+  at::Tensor window = all.narrow(0, 0, 100), held_out = all.narrow(0, 100, 100);
+  auto pca = PcaCompressor::fit(window, {0.99});
+  EXPECT_GE(pca.compression_ratio(), 8.0) << "d=" << pca.num_components();
+  EXPECT_LT(rel_error(pca.decompress(pca.compress(held_out)), held_out), 0.1);
+}
+
+TEST(PcaCompressor, WorksOnConvLayoutSlicesEndToEnd) {
+  auto layout = ConvSliceLayout::for_weight({32, 16, 3, 3});
+  at::Tensor samples = low_rank_samples(60, layout.slice_len, 6, 0.0, seeded(8));
+  auto pca = PcaCompressor::fit(samples, {1.0});
+  at::Tensor g = at::randn({32, 16, 3, 3});
+  at::Tensor flat = layout.to_paper_order(g);
+  at::Tensor restored = at::empty_like(flat);
+  pca.decompress_into(pca.compress(layout.slices(flat)), layout.slices(restored));
+  EXPECT_LT(rel_error(layout.from_paper_order(restored), g), kF32RelTol);
+}
+
+TEST(PcaCompressor, HalfPrecisionCoefficientsDecodeCloseToFloat) {
+  auto pca = PcaCompressor::fit(low_rank_samples(100, 256, 10, 0.05, seeded(9)), {0.99});
+  at::Tensor g = low_rank_samples(4, 256, 10, 0.05, seeded(10));
+  at::Tensor exact = pca.decompress(pca.compress(g));
+  for (auto dtype : {at::kHalf, at::kBFloat16}) {
+    at::Tensor c = at::empty({4, pca.num_components()}, dtype);
+    pca.compress_into(g, 1, c);
+    EXPECT_LT(rel_error(pca.decompress(c), exact), dtype == at::kHalf ? 2e-3 : 1e-2);
+  }
+}
+
+TEST(PcaCompressor, SerializationRoundTripsBitForBit) {
+  auto pca = PcaCompressor::fit(low_rank_samples(100, 384, 10, 0.05, seeded(11)), {0.99});
+  at::Tensor bytes = pca.serialize();
+  auto copy = PcaCompressor::deserialize(bytes);
+  EXPECT_TRUE(at::equal(copy.basis(), pca.basis()));
+  EXPECT_TRUE(at::equal(copy.mean(), pca.mean()));
+  EXPECT_TRUE(at::equal(copy.eigenvalues(), pca.eigenvalues()));
+  EXPECT_EQ(copy.num_samples(), 100);
+  EXPECT_EQ(copy.checksum(), pca.checksum());
+  at::Tensor g = at::randn({3, 384});
+  EXPECT_TRUE(at::equal(copy.compress(g, 2), pca.compress(g, 2)));
+
+  // One flipped bit in the basis changes the checksum.
+  at::Tensor corrupted = bytes.clone();
+  corrupted[bytes.numel() - 3] = corrupted[bytes.numel() - 3].item<uint8_t>() ^ 1;
+  EXPECT_NE(PcaCompressor::deserialize(corrupted).checksum(), pca.checksum());
+}
+
+TEST(PcaCompressor, DeserializeRejectsDamagedImages) {
+  auto pca = PcaCompressor::fit(low_rank_samples(20, 64, 4, 0.05, seeded(12)), {0.99});
+  at::Tensor bytes = pca.serialize();
+  expect_invalid([&] { PcaCompressor::deserialize(bytes.narrow(0, 0, 10)); }, {"bytes", "truncated"});
+  expect_invalid([&] { PcaCompressor::deserialize(bytes.narrow(0, 0, bytes.numel() - 4)); },
+                 {"bytes", "expected"});
+  at::Tensor bad_magic = bytes.clone();
+  bad_magic[0] = uint8_t('X');
+  expect_invalid([&] { PcaCompressor::deserialize(bad_magic); }, {"bytes", "magic"});
+  at::Tensor bad_version = bytes.clone();
+  bad_version[4] = uint8_t(99);
+  expect_invalid([&] { PcaCompressor::deserialize(bad_version); }, {"bytes", "version 99"});
+  expect_invalid([&] { PcaCompressor::deserialize(at::zeros({100}, at::kFloat)); }, {"bytes", "uint8"});
+}
+
+TEST(PcaCompressor, RejectsBadInput) {
+  auto gen = seeded(13);
+  at::Tensor ok = low_rank_samples(20, 64, 4, 0.05, gen);
+  expect_invalid([&] { PcaCompressor::fit(ok.to(at::kDouble)); }, {"samples", "float32", "Double"});
+  expect_invalid([&] { PcaCompressor::fit(ok.to(at::kHalf)); }, {"samples", "float32", "Half"});
+  expect_invalid([&] { PcaCompressor::fit(ok.view({-1})); }, {"samples", "2-D"});
+  expect_invalid([&] { PcaCompressor::fit(ok.narrow(0, 0, 1)); }, {"samples", "at least 2", "got 1"});
+  for (double energy : {0.0, -0.5, 1.5}) {
+    expect_invalid([&] { PcaCompressor::fit(ok, {energy}); }, {"energy", "(0, 1]"});
+  }
+  expect_invalid([&] { PcaCompressor::fit(ok, {0.99, -1}); }, {"max_components", "-1"});
+  for (float bad : {NAN, INFINITY}) {
+    at::Tensor x = ok.clone();
+    x[3][5] = bad;
+    expect_invalid([&] { PcaCompressor::fit(x); }, {"samples", "non-finite"});
+  }
+  PcaCompressor unfitted;
+  expect_invalid([&] { unfitted.compress(ok); }, {"not fitted"});
+  expect_invalid([&] { unfitted.decompress(ok); }, {"not fitted"});
+  auto pca = PcaCompressor::fit(ok, {0.99});
+  expect_invalid([&] { pca.compress(at::randn({3, 65})); }, {"slices", "K = 64", "[3, 65]"});
+  expect_invalid([&] { pca.compress(at::randn({3, 64}), 0); }, {"world_size", "got 0"});
+  expect_invalid([&] { pca.compress(at::randn({3, 64}).to(at::kDouble)); }, {"slices", "Double"});
+  expect_invalid([&] { pca.decompress(at::randn({3, pca.num_components() + 1})); }, {"coeffs", "d = "});
+  expect_invalid([&] { pca.decompress_into(at::randn({3, pca.num_components()}), at::empty({3, 10})); },
+                 {"out", "(S, K)"});
+}
+
+TEST(PcaCompressor, ConstantWindowFitsWithoutNaN) {
+  // Identical samples: zero covariance. The fit must stay finite and reproduce the mean.
+  at::Tensor row = at::randn({1, 48});
+  auto pca = PcaCompressor::fit(row.repeat({10, 1}), {0.99});
+  EXPECT_EQ(pca.num_components(), 1);
+  EXPECT_TRUE(at::isfinite(pca.basis()).all().item<bool>());
+  EXPECT_DOUBLE_EQ(pca.explained_variance(), 1.0);
+  EXPECT_LT(rel_error(pca.decompress(pca.compress(row)), row), kF32RelTol);
+}
+
+}  // namespace
+}  // namespace gradiveq
