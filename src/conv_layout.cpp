@@ -51,6 +51,13 @@ at::Tensor ConvSliceLayout::to_paper_order(const at::Tensor& weight_grad) const 
   return weight_grad.permute({2, 3, 1, 0}).contiguous().view({-1});
 }
 
+void ConvSliceLayout::to_paper_order_into(const at::Tensor& weight_grad, at::Tensor& flat) const {
+  check_matches(weight_grad, "ConvSliceLayout.to_paper_order", "weight_grad");
+  GVQ_CHECK_ARG(flat.dim() == 1 && flat.numel() == numel() && flat.is_contiguous(), "ConvSliceLayout.to_paper_order",
+                "flat", "must be a contiguous 1-D tensor of ", numel(), " values, got shape ", flat.sizes());
+  flat.view({height, width, depth, filters}).copy_(weight_grad.permute({2, 3, 1, 0}));
+}
+
 void ConvSliceLayout::from_paper_order_into(const at::Tensor& flat, at::Tensor& weight_grad) const {
   GVQ_CHECK_ARG(flat.dim() == 1 && flat.numel() == numel(), "ConvSliceLayout.from_paper_order", "flat",
                 "must be 1-D with ", numel(), " values, got shape ", flat.sizes());

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "byte_io.h"
 #include "gradiveq/errors.h"
 
 namespace gradiveq {
@@ -55,12 +56,6 @@ at::Tensor complete_basis(const at::Tensor& u, int64_t d) {
   if (r == 0) return at::eye(k, at::kDouble).narrow(1, 0, d).contiguous();
   auto [q, unused] = at::linalg_qr(u, "complete");  // q's first r columns span u; the rest its complement
   return at::cat({u, q.narrow(1, r, d - r)}, 1);
-}
-
-template <typename T>
-void put(std::vector<uint8_t>& out, const T& v) {
-  const auto* p = reinterpret_cast<const uint8_t*>(&v);
-  out.insert(out.end(), p, p + sizeof(T));
 }
 
 template <typename T>
@@ -243,25 +238,18 @@ void PcaCompressor::decompress_into(const at::Tensor& coeffs, at::Tensor out) co
 
 at::Tensor PcaCompressor::serialize() const {
   check_fitted("PcaCompressor.serialize");
-  const int64_t k = slice_len(), d = num_components();
-  std::vector<uint8_t> header;
-  header.insert(header.end(), kMagic, kMagic + 4);
-  put(header, kFormatVersion);
-  put(header, k);
-  put(header, d);
-  put(header, num_samples_);
-  GVQ_ASSERT(header.size() == kHeaderBytes);
-  const size_t payload = sizeof(float) * size_t(k + k + k * d);
-  at::Tensor out = at::empty({int64_t(kHeaderBytes + payload)}, at::kByte);
-  auto* p = out.data_ptr<uint8_t>();
-  std::memcpy(p, header.data(), kHeaderBytes);
-  p += kHeaderBytes;
+  detail::ByteWriter out;
+  out.put_raw(kMagic, 4);
+  out.put(kFormatVersion);
+  out.put(slice_len());
+  out.put(num_components());
+  out.put(num_samples_);
+  GVQ_ASSERT(out.size() == kHeaderBytes);
   for (const at::Tensor& t : {mean_, eigenvalues_, basis_}) {
     at::Tensor c = t.to(at::kCPU, at::kFloat).contiguous();
-    std::memcpy(p, c.data_ptr<float>(), c.nbytes());
-    p += c.nbytes();
+    out.put_raw(c.data_ptr<float>(), c.nbytes());
   }
-  return out;
+  return out.to_tensor();
 }
 
 PcaCompressor PcaCompressor::deserialize(const at::Tensor& bytes) {
@@ -269,28 +257,26 @@ PcaCompressor PcaCompressor::deserialize(const at::Tensor& bytes) {
   GVQ_CHECK_ARG(bytes.defined() && bytes.scalar_type() == at::kByte && bytes.dim() == 1, kWhere, "bytes",
                 "must be a 1-D uint8 tensor");
   at::Tensor b = bytes.to(at::kCPU).contiguous();
-  const auto* p = b.data_ptr<uint8_t>();
   const size_t n = b.numel();
   GVQ_CHECK_ARG(n >= kHeaderBytes, kWhere, "bytes", "is truncated: ", n, " bytes, shorter than the ",
                 kHeaderBytes, "-byte header");
-  GVQ_CHECK_ARG(std::memcmp(p, kMagic, 4) == 0, kWhere, "bytes", "does not start with the GVQB magic");
-  const auto version = get<uint32_t>(p + 4);
+  detail::ByteReader in(b.data_ptr<uint8_t>(), n, kWhere, "bytes");
+  GVQ_CHECK_ARG(std::memcmp(in.take(4), kMagic, 4) == 0, kWhere, "bytes", "does not start with the GVQB magic");
+  const auto version = in.get<uint32_t>();
   GVQ_CHECK_ARG(version == kFormatVersion, kWhere, "bytes", "has format version ", version,
                 ", this build reads version ", kFormatVersion);
-  const auto k = get<int64_t>(p + 8), d = get<int64_t>(p + 16), samples = get<int64_t>(p + 24);
+  const auto k = in.get<int64_t>(), d = in.get<int64_t>(), samples = in.get<int64_t>();
   GVQ_CHECK_ARG(k >= 1 && d >= 1 && d <= k && k <= (int64_t(1) << 24) && samples >= 0, kWhere, "bytes",
                 "has an invalid header (K = ", k, ", d = ", d, ", samples = ", samples, ")");
   const size_t expected = kHeaderBytes + sizeof(float) * size_t(k + k + k * d);
   GVQ_CHECK_ARG(n == expected, kWhere, "bytes", "has ", n, " bytes, expected ", expected, " for K = ", k,
                 ", d = ", d, " (truncated or corrupted)");
-  PcaCompressor pca;
-  const auto* f = p + kHeaderBytes;
   auto take = [&](at::IntArrayRef shape) {
     at::Tensor t = at::empty(shape, at::kFloat);
-    std::memcpy(t.data_ptr<float>(), f, t.nbytes());
-    f += t.nbytes();
+    std::memcpy(t.data_ptr<float>(), in.take(t.nbytes()), t.nbytes());
     return t;
   };
+  PcaCompressor pca;
   pca.mean_ = take({k});
   pca.eigenvalues_ = take({k});
   pca.basis_ = take({k, d});

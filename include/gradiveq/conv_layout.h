@@ -44,6 +44,8 @@ struct ConvSliceLayout {
 
   /// (F, D, H, W) gradient -> new contiguous 1-D tensor in the paper's (H, W, D, F) order.
   at::Tensor to_paper_order(const at::Tensor& weight_grad) const;
+  /// Same, written into `flat`, a contiguous 1-D tensor of numel() values (any float dtype).
+  void to_paper_order_into(const at::Tensor& weight_grad, at::Tensor& flat) const;
   /// Writes the (H, W, D, F)-ordered `flat` (numel values) back into `weight_grad` of shape (F, D, H, W).
   void from_paper_order_into(const at::Tensor& flat, at::Tensor& weight_grad) const;
   /// Allocating inverse of to_paper_order: returns an (F, D, H, W) tensor.

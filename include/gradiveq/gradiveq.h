@@ -1,6 +1,8 @@
 // Umbrella header: the whole public C++ API of GradiVeQ.
 #pragma once
 
+#include "gradiveq/aggregator.h"
+#include "gradiveq/comm_hook.h"
 #include "gradiveq/conv_layout.h"
 #include "gradiveq/errors.h"
 #include "gradiveq/pca_compressor.h"

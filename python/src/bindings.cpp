@@ -1,4 +1,6 @@
 // Python bindings of the core API. Only .def calls: the logic lives in the C++ library.
+#include <torch/csrc/distributed/c10d/reducer.hpp>
+#include <torch/csrc/jit/python/pybind_utils.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include "gradiveq/gradiveq.h"
@@ -73,4 +75,104 @@ PYBIND11_MODULE(_C, m) {
       .def("phase", &Schedule::phase, py::arg("iter"))
       .def("fits_after", &Schedule::fits_after, py::arg("iter"))
       .def("window_index", &Schedule::window_index, py::arg("iter"));
+
+  py::enum_<SampleQuantizer>(m, "SampleQuantizer")
+      .value("qsgd4", SampleQuantizer::kQsgd4)
+      .value("none", SampleQuantizer::kNone);
+  py::enum_<FitSamples>(m, "FitSamples")
+      .value("first_slice", FitSamples::kFirstSlice)
+      .value("all_slices", FitSamples::kAllSlices);
+  py::enum_<SliceLayoutKind>(m, "SliceLayout")
+      .value("kernel_row", SliceLayoutKind::kKernelRow)
+      .value("kernel_position", SliceLayoutKind::kKernelPosition);
+
+  py::class_<AggregatorOptions>(m, "AggregatorOptions")
+      .def(py::init([](double energy, int64_t max_components, int64_t warmup_iters, int64_t sample_iters,
+                       int64_t compress_iters, SampleQuantizer sample_quantizer, FitSamples fit_on,
+                       SliceLayoutKind slice_layout, at::ScalarType coeff_dtype, std::vector<std::string> include,
+                       std::vector<std::string> exclude, int64_t min_numel, bool verify_bases, uint64_t seed) {
+             AggregatorOptions o;
+             o.fit = FitOptions{energy, max_components};
+             o.schedule = ScheduleOptions{warmup_iters, sample_iters, compress_iters};
+             o.sample_quantizer = sample_quantizer;
+             o.fit_on = fit_on;
+             o.slice_layout = slice_layout;
+             o.coeff_dtype = coeff_dtype;
+             o.policy = LayerPolicy{std::move(include), std::move(exclude), min_numel};
+             o.verify_bases = verify_bases;
+             o.seed = seed;
+             o.validate();
+             return o;
+           }),
+           py::arg("energy"), py::arg("max_components"), py::arg("warmup_iters"), py::arg("sample_iters"),
+           py::arg("compress_iters"), py::arg("sample_quantizer"), py::arg("fit_on"), py::arg("slice_layout"),
+           py::arg("coeff_dtype"), py::arg("include"), py::arg("exclude"), py::arg("min_numel"),
+           py::arg("verify_bases"), py::arg("seed"));
+
+  py::class_<LayerStats>(m, "LayerStats")
+      .def_readonly("name", &LayerStats::name)
+      .def_readonly("shape", &LayerStats::shape)
+      .def_readonly("compressible", &LayerStats::compressible)
+      .def_readonly("phase", &LayerStats::phase)
+      .def_readonly("slice_len", &LayerStats::slice_len)
+      .def_readonly("num_slices", &LayerStats::num_slices)
+      .def_readonly("tail_len", &LayerStats::tail_len)
+      .def_readonly("num_components", &LayerStats::num_components)
+      .def_readonly("compression_ratio", &LayerStats::compression_ratio)
+      .def_readonly("explained_variance", &LayerStats::explained_variance)
+      .def_readonly("relative_error", &LayerStats::relative_error)
+      .def_readonly("bytes_in", &LayerStats::bytes_in)
+      .def_readonly("bytes_out", &LayerStats::bytes_out)
+      .def_readonly("window_samples", &LayerStats::window_samples)
+      .def_readonly("skipped_samples", &LayerStats::skipped_samples)
+      .def_readonly("fits", &LayerStats::fits)
+      .def_readonly("fit_status", &LayerStats::fit_status)
+      .def_readonly("basis_checksum", &LayerStats::basis_checksum)
+      .def_readonly("basis_bytes", &LayerStats::basis_bytes);
+
+  py::class_<StepStats>(m, "StepStats")
+      .def_readonly("iteration", &StepStats::iteration)
+      .def_readonly("phase", &StepStats::phase)
+      .def_readonly("buckets", &StepStats::buckets)
+      .def_readonly("collectives", &StepStats::collectives)
+      .def_readonly("bytes_uncompressed", &StepStats::bytes_uncompressed)
+      .def_readonly("bytes_payload", &StepStats::bytes_payload)
+      .def_readonly("bytes_wire", &StepStats::bytes_wire)
+      .def_readonly("aggregation_ms", &StepStats::aggregation_ms)
+      .def_readonly("compress_ms", &StepStats::compress_ms)
+      .def_readonly("decompress_ms", &StepStats::decompress_ms)
+      .def_readonly("fit_ms", &StepStats::fit_ms)
+      .def_readonly("sampling_aggregation", &StepStats::sampling_aggregation);
+
+  py::class_<Aggregator, std::shared_ptr<Aggregator>>(m, "Aggregator")
+      .def(py::init([](c10d::ProcessGroup& pg, const std::vector<std::pair<std::string, at::Tensor>>& params,
+                       const AggregatorOptions& options) {
+             std::vector<NamedParameter> named;
+             for (const auto& [name, tensor] : params) named.push_back({name, tensor});
+             return Aggregator::create(c10::intrusive_ptr<c10d::ProcessGroup>::reclaim_copy(&pg),
+                                       std::move(named), options);
+           }),
+           py::arg("process_group"), py::arg("parameters"), py::arg("options"))
+      .def_property_readonly("iteration", &Aggregator::iteration)
+      .def_property_readonly("phase", &Aggregator::phase)
+      .def_property_readonly("world_size", &Aggregator::world_size)
+      .def_property_readonly("rank", &Aggregator::rank)
+      .def("layer_stats", &Aggregator::layer_stats)
+      .def("step_stats", &Aggregator::step_stats)
+      .def("save_state", &Aggregator::save_state)
+      .def("load_state", &Aggregator::load_state, py::arg("state"))
+      .def("set_basis", &Aggregator::set_basis, py::arg("name"), py::arg("pca"))
+      // The Python-callable hook body: same engine, returns a torch.futures-compatible future.
+      .def("run_bucket",
+           [](Aggregator& self, c10d::GradBucket& bucket) {
+             return std::make_shared<torch::jit::PythonFutureWrapper>(run_bucket(self, bucket));
+           },
+           py::arg("bucket"), py::call_guard<py::gil_scoped_release>());
+
+  m.def("register_comm_hook",
+        [](c10d::Reducer& reducer, std::shared_ptr<Aggregator> aggregator) {
+          reducer.register_comm_hook(std::make_unique<GradiVeQCommHook>(std::move(aggregator)));
+        },
+        py::arg("reducer"), py::arg("aggregator"), py::call_guard<py::gil_scoped_release>(),
+        "Registers the C++ GradiVeQ hook on a DDP reducer (ddp_model.reducer).");
 }

@@ -1,0 +1,198 @@
+// Aggregator: the GradiVeQ engine behind the DDP communication hook and the LibTorch API.
+//
+// It owns one PcaCompressor per compressible layer, follows the Schedule, and aggregates one bucket of
+// gradients at a time over a c10d process group (Gloo or NCCL):
+//
+//   warm-up      every value travels uncompressed in one all-reduce;
+//   sampling     compressible layers are aggregated with 4-bit QSGD (all-gather, since QSGD codes cannot be
+//                summed) or uncompressed, and their aggregated gradients are kept as PCA samples;
+//   compressed   compressible layers are compressed with their basis (coefficients U^T (g - mu/N)), packed
+//                with every other value of the bucket into ONE all-reduce, summed, decompressed once.
+//
+// The result is the average over ranks, written back into the bucket (a hook must average: DDP does not
+// divide once a hook is registered). At the first bucket after each sampling window, every layer's basis is
+// fitted by one rank (layers are spread round-robin over ranks) and broadcast, so all ranks hold
+// bit-identical bases; with verify_bases, the first bucket of every step also carries a checksum of the
+// iteration counter and all bases through the same all-reduce, and every rank raises if any rank differs.
+//
+// Every collective is issued from aggregate_bucket itself, in bucket order, never from a future's callback:
+// on Gloo, callbacks of different buckets run in different orders on different ranks.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/core/ivalue.h>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "gradiveq/conv_layout.h"
+#include "gradiveq/pca_compressor.h"
+#include "gradiveq/qsgd.h"
+#include "gradiveq/schedule.h"
+
+namespace gradiveq {
+
+/// How the sampling window is aggregated.
+enum class SampleQuantizer {
+  kQsgd4,  ///< 4-bit QSGD (7 levels, bucket 512, max norm), as in the paper; all-gather based
+  kNone,   ///< uncompressed, in the all-reduce
+};
+
+/// Which slices of a layer's aggregated gradient become PCA samples.
+enum class FitSamples {
+  kFirstSlice,  ///< the paper (s = infinity): the first slice of every sampled iteration
+  kAllSlices,   ///< every slice of every sampled iteration (more samples, higher rank)
+};
+
+/// How a layer is cut into slices.
+enum class SliceLayoutKind {
+  kKernelRow,       ///< K = W*D*F, the paper's default
+  kKernelPosition,  ///< K = D*F
+};
+
+/// Which parameters are compressed. A parameter is compressible when it is 4-D (a conv weight), has at least
+/// min_numel values, matches one of `include` (if any is given) and none of `exclude`. Patterns are globs on
+/// the parameter's name (`*` any run of characters, `?` one character), e.g. "layers.*.conv2.weight".
+struct LayerPolicy {
+  std::vector<std::string> include;
+  std::vector<std::string> exclude;
+  int64_t min_numel = 1000;
+};
+
+struct AggregatorOptions {
+  FitOptions fit;
+  ScheduleOptions schedule;
+  SampleQuantizer sample_quantizer = SampleQuantizer::kQsgd4;
+  FitSamples fit_on = FitSamples::kFirstSlice;
+  SliceLayoutKind slice_layout = SliceLayoutKind::kKernelRow;
+  /// dtype the compressed coefficients travel in: float32 (one all-reduce for the whole bucket), or float16 /
+  /// bfloat16 (half the bytes; the coefficients then take a second all-reduce of their own dtype, while the
+  /// uncompressed values stay float32).
+  at::ScalarType coeff_dtype = at::kFloat;
+  LayerPolicy policy;
+  bool verify_bases = true;
+  uint64_t seed = 0;  ///< seeds QSGD's stochastic rounding (mixed with iteration, rank and layer)
+
+  /// Throws InvalidArgument naming the first bad option.
+  void validate() const;
+};
+
+struct NamedParameter {
+  std::string name;
+  at::Tensor tensor;
+};
+
+/// Per-layer statistics, as of the last step that aggregated the layer.
+struct LayerStats {
+  std::string name;
+  std::vector<int64_t> shape;
+  bool compressible = false;
+  std::string phase;  ///< how the layer last travelled: "uncompressed", "sampling", "compressed", or "" (never)
+  int64_t slice_len = 0, num_slices = 0, tail_len = 0;
+  int64_t num_components = 0;        ///< d of the current basis (0: none yet)
+  double compression_ratio = 0.0;    ///< K / d
+  double explained_variance = 0.0;   ///< of the fitting window
+  double relative_error = -1.0;      ///< ||g_n - (U c_n + mu/N)|| / ||g_n|| of this rank's gradient (eq. 7), last compressed step; -1 before
+  int64_t bytes_in = 0;              ///< float32 bytes of the layer's gradient
+  int64_t bytes_out = 0;             ///< bytes the layer put into collectives in its last step
+  int64_t window_samples = 0;        ///< samples collected in the current window
+  int64_t skipped_samples = 0;       ///< sampled iterations dropped because the aggregate was not finite
+  int64_t fits = 0;                  ///< bases fitted so far
+  std::string fit_status;            ///< outcome of the last fit ("ok", or why it was skipped)
+  uint64_t basis_checksum = 0;
+  int64_t basis_bytes = 0;           ///< memory of U and mu
+};
+
+/// Statistics of the last completed step (all buckets of one iteration), summed over its buckets.
+struct StepStats {
+  int64_t iteration = -1;
+  std::string phase;
+  int64_t buckets = 0;
+  int64_t collectives = 0;
+  int64_t bytes_uncompressed = 0;  ///< float32 bytes of all gradients aggregated
+  int64_t bytes_payload = 0;       ///< bytes this rank contributed to collectives
+  int64_t bytes_wire = 0;          ///< bytes this rank sends on a ring: 2(N-1)/N per all-reduce byte, N-1 per all-gather byte
+  double aggregation_ms = 0.0;     ///< sum over buckets of (bucket handed over -> its future completed)
+  double compress_ms = 0.0;        ///< packing and compressing, in the hook call
+  double decompress_ms = 0.0;      ///< unpacking and decompressing, in the callbacks
+  double fit_ms = 0.0;             ///< fitting and broadcasting bases (only on steps that fit)
+  std::string sampling_aggregation;
+};
+
+class Aggregator : public std::enable_shared_from_this<Aggregator> {
+ public:
+  /// `parameters`: every parameter that may appear in a bucket, with unique names. They are recognised in
+  /// buckets by tensor identity, so bucket rebuilds and any bucket order work.
+  static std::shared_ptr<Aggregator> create(c10::intrusive_ptr<c10d::ProcessGroup> process_group,
+                                            std::vector<NamedParameter> parameters, AggregatorOptions options);
+  ~Aggregator();
+
+  /// Aggregates one bucket. `buffer` is the bucket's flat gradient buffer, `gradients` views of it (one per
+  /// parameter, in `parameters` order), `index` the bucket's position in this step (0 first) and `is_last`
+  /// whether it is the step's last bucket. Issues the bucket's collectives now and returns a future that
+  /// completes with `buffer` holding the averaged gradients.
+  c10::intrusive_ptr<c10::ivalue::Future> aggregate_bucket(const at::Tensor& buffer,
+                                                           const std::vector<at::Tensor>& gradients,
+                                                           const std::vector<at::Tensor>& parameters,
+                                                           int64_t index, bool is_last);
+
+  const AggregatorOptions& options() const { return options_; }
+  int64_t iteration() const { return iteration_; }
+  Phase phase() const { return schedule_.phase(iteration_); }
+  int64_t world_size() const { return world_size_; }
+  int64_t rank() const { return rank_; }
+
+  std::vector<LayerStats> layer_stats() const;
+  StepStats step_stats() const;
+
+  /// Versioned binary image of the state: iteration, pending fit, per-layer bases (identical on all ranks)
+  /// and the current window's samples, keyed by parameter name.
+  at::Tensor save_state() const;
+  /// Restores save_state()'s image. Raises InvalidArgument, leaving this object untouched, when the image is
+  /// truncated, corrupted or of another version, was saved at another world size, or names other parameters,
+  /// shapes or slice lengths than this model has.
+  void load_state(const at::Tensor& image);
+
+  /// Replaces one layer's basis on this rank only. For tests that corrupt a rank's basis on purpose.
+  void set_basis(const std::string& name, const PcaCompressor& pca);
+
+ private:
+  struct Layer;
+  struct Entry;
+  struct BucketPlan;
+
+  Aggregator(c10::intrusive_ptr<c10d::ProcessGroup> process_group, std::vector<NamedParameter> parameters,
+             AggregatorOptions options);
+  void begin_iteration();
+  void refit_and_broadcast();
+  uint64_t verification_code(int64_t iter) const;
+  void update_bases_checksum();
+  void finish_bucket(BucketPlan& plan, const std::vector<at::Tensor>& gathered);
+  Layer* find_layer(const at::Tensor& parameter);
+
+  c10::intrusive_ptr<c10d::ProcessGroup> pg_;
+  AggregatorOptions options_;
+  Schedule schedule_;
+  QsgdCodec qsgd_;
+  int64_t rank_ = 0, world_size_ = 1;
+  std::vector<std::unique_ptr<Layer>> layers_;
+  std::unordered_map<const void*, Layer*> by_impl_;
+
+  int64_t iteration_ = 0;
+  bool pending_fit_ = false;
+  uint64_t bases_checksum_ = 0;  // combined over all layers, updated whenever a basis changes
+
+  mutable std::mutex stats_mutex_;  // guards stats and samples, written from Gloo/NCCL callback threads
+  StepStats current_step_, last_step_;
+  int64_t step_finished_buckets_ = 0;
+  bool step_last_issued_ = false;
+  double last_fit_ms_ = 0.0;
+};
+
+}  // namespace gradiveq

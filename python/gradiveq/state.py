@@ -1,0 +1,242 @@
+"""GradiVeQState and the DDP communication hooks.
+
+    state = gradiveq.GradiVeQState(energy=0.99, warmup_iters=2500, sample_iters=100, compress_iters=400)
+    gradiveq.register_hook(ddp_model, state)           # C++ hook on ddp_model.reducer
+    # or, with the same results, the Python-callable form:
+    # state = gradiveq.GradiVeQState(model=ddp_model); ddp_model.register_comm_hook(state, gradiveq.hook)
+
+All the work happens in the C++ engine (``gradiveq._C.Aggregator``); this module validates options, binds the
+engine to a model's named parameters and process group, and turns stats and checkpoints into Python objects.
+"""
+
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+
+from gradiveq import _C
+
+__all__ = ["GradiVeQState", "hook", "register_hook", "STATE_DICT_VERSION"]
+
+STATE_DICT_VERSION = 1
+
+_QUANTIZERS = {"qsgd4": _C.SampleQuantizer.qsgd4, "none": _C.SampleQuantizer.none}
+_FIT_ON = {"first_slice": _C.FitSamples.first_slice, "all_slices": _C.FitSamples.all_slices}
+_LAYOUTS = {"kernel_row": _C.SliceLayout.kernel_row, "kernel_position": _C.SliceLayout.kernel_position}
+_COEFF_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _patterns(value, name) -> list:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, Iterable):
+        out = list(value)
+        if all(isinstance(v, str) for v in out):
+            return out
+    raise ValueError(f"GradiVeQState: argument '{name}' must be None, a glob pattern or a list of them, got {value!r}")
+
+
+class GradiVeQState:
+    """Options and state of GradiVeQ gradient aggregation for one DDP model.
+
+    Args:
+        process_group: the group to aggregate over; None uses the DDP model's (the default group).
+        energy: PCA energy threshold in (0, 1]: keep the smallest d whose eigenvalues hold this fraction of the
+            window's variance (paper: lambda = 0.01, i.e. 0.99). 1.0 keeps all K components (d = K): the hook
+            is then an exact all-reduce up to float rounding.
+        max_components: cap on d (0: none).
+        warmup_iters, sample_iters, compress_iters: the schedule (paper: 2500 / 100 / 400). Iterations count
+            synchronised steps (``no_sync`` steps are not counted).
+        sample_quantizer: how sampling iterations are aggregated: "qsgd4" (paper: 4-bit QSGD, 7 levels, bucket
+            512, via all-gather because QSGD codes cannot be summed) or "none" (uncompressed all-reduce).
+        coeff_dtype: torch.float32, or torch.float16 / torch.bfloat16 to halve the coefficient bytes.
+        include, exclude: glob patterns on parameter names; by default every conv weight (4-D parameter) with at
+            least ``min_numel`` values is compressed.
+        min_numel: smallest layer worth compressing.
+        fit_on: "first_slice" (paper) or "all_slices" of each sampled gradient as PCA samples.
+        slice_layout: "kernel_row" (paper, K = W*D*F) or "kernel_position" (K = D*F).
+        error_feedback: not supported; True raises (see the README: with a fixed basis the residual is
+            orthogonal to the basis, is never sent, and was measured to cost accuracy).
+        verify_bases: carry a checksum of the iteration counter and all bases in the first bucket's all-reduce
+            of every step, and raise on every rank when any rank differs.
+        seed: seeds QSGD's stochastic rounding.
+        model: optional DDP model (or module) to bind now; ``register_hook`` binds it otherwise.
+    """
+
+    def __init__(self, process_group: Optional[dist.ProcessGroup] = None, energy: float = 0.99,
+                 warmup_iters: int = 2500, sample_iters: int = 100, compress_iters: int = 400,
+                 sample_quantizer: str = "qsgd4", coeff_dtype: torch.dtype = torch.float32,
+                 include: Union[None, str, Sequence[str]] = None, exclude: Union[None, str, Sequence[str]] = None,
+                 min_numel: int = 1000, error_feedback: bool = False, verify_bases: bool = True, seed: int = 0,
+                 max_components: int = 0, fit_on: str = "first_slice", slice_layout: str = "kernel_row",
+                 model: Optional[torch.nn.Module] = None):
+        if error_feedback:
+            raise ValueError(
+                "GradiVeQState: argument 'error_feedback' must be False: with a fixed PCA basis the residual "
+                "g - U U^T g is orthogonal to U, so it is never sent while the basis stays, grows, and arrives at "
+                "once after a re-fit (measured: -6.4 points of test accuracy); see the README")
+        if sample_quantizer not in _QUANTIZERS:
+            raise ValueError(f"GradiVeQState: argument 'sample_quantizer' must be one of {sorted(_QUANTIZERS)}, "
+                             f"got {sample_quantizer!r}")
+        if fit_on not in _FIT_ON:
+            raise ValueError(f"GradiVeQState: argument 'fit_on' must be one of {sorted(_FIT_ON)}, got {fit_on!r}")
+        if slice_layout not in _LAYOUTS:
+            raise ValueError(f"GradiVeQState: argument 'slice_layout' must be one of {sorted(_LAYOUTS)}, "
+                             f"got {slice_layout!r}")
+        if coeff_dtype not in _COEFF_DTYPES:
+            raise ValueError(f"GradiVeQState: argument 'coeff_dtype' must be one of {_COEFF_DTYPES}, "
+                             f"got {coeff_dtype!r}")
+        for name, value in (("warmup_iters", warmup_iters), ("sample_iters", sample_iters),
+                            ("compress_iters", compress_iters), ("min_numel", min_numel),
+                            ("max_components", max_components), ("seed", seed)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"GradiVeQState: argument '{name}' must be an int, got {value!r}")
+        if seed < 0:
+            raise ValueError(f"GradiVeQState: argument 'seed' must be >= 0, got {seed}")
+        self.process_group = process_group
+        self.options = dict(energy=float(energy), max_components=max_components, warmup_iters=warmup_iters,
+                            sample_iters=sample_iters, compress_iters=compress_iters,
+                            sample_quantizer=sample_quantizer, coeff_dtype=str(coeff_dtype).replace("torch.", ""),
+                            include=_patterns(include, "include"), exclude=_patterns(exclude, "exclude"),
+                            min_numel=min_numel, fit_on=fit_on, slice_layout=slice_layout,
+                            verify_bases=bool(verify_bases), seed=seed)
+        # The C++ options validate the rest (energy range, schedule) and raise ValueError naming the argument.
+        self._cpp_options = _C.AggregatorOptions(
+            energy=float(energy), max_components=max_components, warmup_iters=warmup_iters,
+            sample_iters=sample_iters, compress_iters=compress_iters, sample_quantizer=_QUANTIZERS[sample_quantizer],
+            fit_on=_FIT_ON[fit_on], slice_layout=_LAYOUTS[slice_layout], coeff_dtype=coeff_dtype,
+            include=self.options["include"], exclude=self.options["exclude"], min_numel=min_numel,
+            verify_bases=bool(verify_bases), seed=seed)
+        self._engine = None
+        self._param_names = None
+        if model is not None:
+            self.attach(model)
+
+    # -- binding -------------------------------------------------------------------------------------------
+    def attach(self, model: torch.nn.Module) -> "GradiVeQState":
+        """Binds the state to a DDP model (or its module): its named parameters and process group."""
+        if self._engine is not None:
+            raise RuntimeError("GradiVeQState is already attached to a model; create one state per model")
+        module = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+        group = self.process_group
+        if group is None:
+            group = getattr(model, "process_group", None) or dist.distributed_c10d._get_default_group()
+        params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        self._engine = _C.Aggregator(group, params, self._cpp_options)
+        self._param_names = [n for n, _ in params]
+        return self
+
+    def _require_engine(self):
+        if self._engine is None:
+            raise RuntimeError("GradiVeQState is not attached to a model: use gradiveq.register_hook(ddp_model, "
+                               "state), or GradiVeQState(model=ddp_model) before ddp_model.register_comm_hook")
+        return self._engine
+
+    # -- introspection -------------------------------------------------------------------------------------
+    @property
+    def iteration(self) -> int:
+        return self._require_engine().iteration
+
+    @property
+    def phase(self) -> str:
+        return self._require_engine().phase.name
+
+    def stats(self) -> dict:
+        """Per-layer and last-step statistics.
+
+        ``layers`` maps each parameter name to: phase, K, d, ratio, explained variance, relative error (this
+        rank's local loss of eq. 7 in the last compressed step), bytes in/out, samples, fits, basis bytes.
+        ``step`` holds the last completed step: iteration, phase, bytes (uncompressed, payload, ring wire
+        estimate), aggregation / compress / decompress / fit times in ms, and how sampling was aggregated.
+        """
+        engine = self._require_engine()
+        layers = {}
+        for s in engine.layer_stats():
+            layers[s.name] = dict(
+                shape=tuple(s.shape), compressible=s.compressible, phase=s.phase, K=s.slice_len,
+                slices=s.num_slices, tail=s.tail_len, d=s.num_components, ratio=s.compression_ratio,
+                explained_variance=s.explained_variance, relative_error=s.relative_error, bytes_in=s.bytes_in,
+                bytes_out=s.bytes_out, window_samples=s.window_samples, skipped_samples=s.skipped_samples,
+                fits=s.fits, fit_status=s.fit_status, basis_checksum=s.basis_checksum,
+                basis_bytes=s.basis_bytes)
+        st = engine.step_stats()
+        step = dict(iteration=st.iteration, phase=st.phase, buckets=st.buckets, collectives=st.collectives,
+                    bytes_uncompressed=st.bytes_uncompressed, bytes_payload=st.bytes_payload,
+                    bytes_wire=st.bytes_wire, aggregation_ms=st.aggregation_ms, compress_ms=st.compress_ms,
+                    decompress_ms=st.decompress_ms, fit_ms=st.fit_ms,
+                    sampling_aggregation=st.sampling_aggregation)
+        conv = [v for v in layers.values() if v["compressible"]]
+        compressed = [v for v in conv if v["d"] > 0]
+        summary = dict(
+            compressible_layers=len(conv), fitted_layers=len(compressed),
+            conv_bytes_in=sum(v["bytes_in"] for v in conv), conv_bytes_out=sum(v["bytes_out"] for v in conv),
+            basis_bytes=sum(v["basis_bytes"] for v in conv))
+        if summary["conv_bytes_out"]:
+            summary["conv_ratio"] = summary["conv_bytes_in"] / summary["conv_bytes_out"]
+        return dict(iteration=engine.iteration, phase=engine.phase.name, world_size=engine.world_size,
+                    rank=engine.rank, options=dict(self.options), step=step, summary=summary, layers=layers)
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Options, iteration, bases and the current sampling window, keyed by parameter name (identical on all
+        ranks; save it from one rank). There are no per-rank residuals: error feedback is not supported."""
+        engine = self._require_engine()
+        return {"format": "gradiveq.GradiVeQState", "version": STATE_DICT_VERSION, "options": dict(self.options),
+                "world_size": engine.world_size, "iteration": engine.iteration,
+                "parameters": list(self._param_names), "engine_state": engine.save_state()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restores ``state_dict()``. Raises ValueError, leaving the running state untouched, on another
+        version, world size or model, or on a truncated or corrupted state."""
+        engine = self._require_engine()
+        if not isinstance(state_dict, dict) or state_dict.get("format") != "gradiveq.GradiVeQState":
+            raise ValueError("GradiVeQState.load_state_dict: argument 'state_dict' is not a GradiVeQState "
+                             "state dict (missing format tag)")
+        if state_dict.get("version") != STATE_DICT_VERSION:
+            raise ValueError(f"GradiVeQState.load_state_dict: argument 'state_dict' has version "
+                             f"{state_dict.get('version')!r}, this build reads version {STATE_DICT_VERSION}")
+        if state_dict.get("world_size") != engine.world_size:
+            raise ValueError(f"GradiVeQState.load_state_dict: argument 'state_dict' was saved with world size "
+                             f"{state_dict.get('world_size')} but this process group has {engine.world_size} ranks")
+        if state_dict.get("parameters") != self._param_names:
+            raise ValueError("GradiVeQState.load_state_dict: argument 'state_dict' names other parameters than "
+                             "this model (a different model?)")
+        engine.load_state(state_dict["engine_state"])
+
+    def __getstate__(self):
+        raise TypeError("GradiVeQState holds a process group and C++ state: use state_dict() to checkpoint it")
+
+
+def hook(state: GradiVeQState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """The Python-callable form of the GradiVeQ hook (same C++ engine as ``register_hook``).
+
+    Example::
+        >>> state = gradiveq.GradiVeQState(model=ddp_model)
+        >>> ddp_model.register_comm_hook(state, gradiveq.hook)
+    """
+    fut = state._require_engine().run_bucket(bucket)
+    # DDP's Python hook path requires the future's value to be a Python object (python_comm_hook.cpp asserts
+    # result.isPyObject()); a one-line Python callback converts the C++ tensor result.
+    return fut.then(lambda f: f.value())
+
+
+def register_hook(ddp_model: torch.nn.parallel.DistributedDataParallel, state: GradiVeQState) -> None:
+    """Registers the C++ GradiVeQ hook on ``ddp_model.reducer``: no Python runs per bucket.
+
+    Call it once, before the first backward. Example::
+        >>> ddp_model = torch.nn.parallel.DistributedDataParallel(model)
+        >>> state = gradiveq.GradiVeQState()
+        >>> gradiveq.register_hook(ddp_model, state)
+    """
+    if not isinstance(ddp_model, torch.nn.parallel.DistributedDataParallel):
+        raise ValueError(f"gradiveq.register_hook: argument 'ddp_model' must be a DistributedDataParallel "
+                         f"model, got {type(ddp_model).__name__}")
+    if state._engine is None:
+        state.attach(ddp_model)
+    _C.register_comm_hook(ddp_model.reducer, state._engine)
+    try:  # DDP's own bookkeeping, as DistributedDataParallel.register_comm_hook does it
+        ddp_model.logger._set_comm_hook_name("gradiveq.register_hook")
+    except Exception:  # noqa: BLE001  (logging only)
+        pass

@@ -1,0 +1,750 @@
+#include "gradiveq/aggregator.h"
+
+#include <c10/core/GradMode.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <sstream>
+#include <unordered_set>
+
+#include "byte_io.h"
+#include "gradiveq/errors.h"
+
+namespace gradiveq {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double ms_since(Clock::time_point t) {
+  return std::chrono::duration<double, std::milli>(Clock::now() - t).count();
+}
+
+// Glob match: '*' any run of characters (also none), '?' exactly one.
+bool glob_match(const char* pattern, const char* text) {
+  const char* star = nullptr;
+  const char* resume = nullptr;
+  while (*text) {
+    if (*pattern == '?' || *pattern == *text) {
+      ++pattern;
+      ++text;
+    } else if (*pattern == '*') {
+      star = pattern++;
+      resume = text;
+    } else if (star) {
+      pattern = star + 1;
+      text = ++resume;
+    } else {
+      return false;
+    }
+  }
+  while (*pattern == '*') ++pattern;
+  return *pattern == '\0';
+}
+
+bool any_match(const std::vector<std::string>& patterns, const std::string& name) {
+  return std::any_of(patterns.begin(), patterns.end(),
+                     [&](const std::string& p) { return glob_match(p.c_str(), name.c_str()); });
+}
+
+uint64_t mix(uint64_t h, uint64_t v) {
+  uint64_t z = h ^ (v + 0x9E3779B97F4A7C15ull + (h << 6) + (h >> 2));
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+uint64_t hash_string(const std::string& s) {
+  uint64_t h = 1469598103934665603ull;
+  for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
+  return h;
+}
+
+uint64_t double_bits(double v) {
+  uint64_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  return bits;
+}
+
+bool is_float_like(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
+
+constexpr char kStateMagic[4] = {'G', 'V', 'Q', 'S'};
+constexpr uint32_t kStateVersion = 1;
+
+}  // namespace
+
+void AggregatorOptions::validate() const {
+  constexpr const char* kWhere = "AggregatorOptions";
+  GVQ_CHECK_ARG(fit.energy > 0.0 && fit.energy <= 1.0, kWhere, "energy", "must lie in (0, 1], got ", fit.energy);
+  GVQ_CHECK_ARG(fit.max_components >= 0, kWhere, "max_components", "must be >= 0 (0 = no cap), got ",
+                fit.max_components);
+  Schedule{schedule};  // validates the schedule
+  GVQ_CHECK_ARG(is_float_like(coeff_dtype), kWhere, "coeff_dtype", "must be float32, float16 or bfloat16, got ",
+                coeff_dtype);
+  GVQ_CHECK_ARG(policy.min_numel >= 0, kWhere, "min_numel", "must be >= 0, got ", policy.min_numel);
+}
+
+// One parameter the aggregator knows, with its compressor and sampling window.
+struct Aggregator::Layer {
+  std::string name;
+  std::vector<int64_t> shape;
+  int64_t numel = 0;
+  bool compressible = false;
+  ConvSliceLayout layout;
+  at::Device device{at::kCPU};
+  PcaCompressor pca;
+  uint64_t checksum = 0;            // of pca's serialized image
+  std::vector<at::Tensor> samples;  // aggregated slices of the current window, (rows, K) float32 CPU each
+  LayerStats stats;
+
+  int64_t sample_rows() const {
+    int64_t rows = 0;
+    for (const auto& s : samples) rows += s.size(0);
+    return rows;
+  }
+};
+
+// How one parameter of a bucket travels in this step.
+enum class Mode { kRaw, kCompressed, kSampledRaw, kSampledQsgd };
+
+struct Aggregator::Entry {
+  Layer* layer = nullptr;
+  Mode mode = Mode::kRaw;
+  at::Tensor grad;  // view into the bucket buffer, parameter-shaped
+  int64_t raw_offset = 0, raw_len = 0;      // in the float32 packed tensor (paper order for sampled layers)
+  int64_t coeff_offset = 0, coeff_len = 0;  // in the coefficient segment
+  int64_t q_offset = 0, q_len = 0;          // in the QSGD byte payload
+  at::Tensor residual_sq, signal_sq;        // eq. 7 local loss terms (0-dim), compressed entries only
+};
+
+struct Aggregator::BucketPlan {
+  at::Tensor buffer;
+  std::vector<Entry> entries;
+  int64_t iter = 0;
+  Phase phase = Phase::kWarmup;
+  bool in_place = false;       // plain all-reduce of `buffer` itself
+  at::Tensor packed;           // float32 [raw values | coefficients if float32 | verification values]
+  at::Tensor coeffs;           // coefficient segment: a view of `packed`, or its own tensor of coeff_dtype
+  at::Tensor qsgd;             // this rank's QSGD payload (uint8)
+  std::vector<at::Tensor> gathered;  // every rank's QSGD payload after the all-gather
+  int64_t verify_offset = -1, verify_len = 0, verify_bits = 16;
+  uint64_t verify_code = 0;
+  bool is_last = false;
+  Clock::time_point start;
+};
+
+std::shared_ptr<Aggregator> Aggregator::create(c10::intrusive_ptr<c10d::ProcessGroup> process_group,
+                                               std::vector<NamedParameter> parameters, AggregatorOptions options) {
+  return std::shared_ptr<Aggregator>(new Aggregator(std::move(process_group), std::move(parameters),
+                                                    std::move(options)));
+}
+
+Aggregator::Aggregator(c10::intrusive_ptr<c10d::ProcessGroup> process_group,
+                       std::vector<NamedParameter> parameters, AggregatorOptions options)
+    : pg_(std::move(process_group)),
+      options_(std::move(options)),
+      schedule_((options_.validate(), options_.schedule)),
+      qsgd_(QsgdOptions{7, 512, QsgdNorm::kMax}) {
+  constexpr const char* kWhere = "Aggregator";
+  GVQ_CHECK_ARG(pg_, kWhere, "process_group", "is null");
+  GVQ_CHECK_ARG(!parameters.empty(), kWhere, "parameters", "is empty: nothing to aggregate");
+  rank_ = pg_->getRank();
+  world_size_ = pg_->getSize();
+  std::unordered_set<std::string> names;
+  const at::Device device = parameters.front().tensor.device();
+  for (auto& p : parameters) {
+    GVQ_CHECK_ARG(p.tensor.defined(), kWhere, "parameters", "holds an undefined tensor named '", p.name, "'");
+    GVQ_CHECK_ARG(names.insert(p.name).second, kWhere, "parameters", "holds the name '", p.name, "' twice");
+    GVQ_CHECK_ARG(p.tensor.device() == device, kWhere, "parameters", "are on mixed devices: '",
+                  parameters.front().name, "' on ", device, ", '", p.name, "' on ", p.tensor.device());
+    auto layer = std::make_unique<Layer>();
+    layer->name = p.name;
+    layer->shape = p.tensor.sizes().vec();
+    layer->numel = p.tensor.numel();
+    layer->device = device;
+    const auto& policy = options_.policy;
+    layer->compressible = p.tensor.dim() == 4 && layer->numel >= policy.min_numel &&
+                          is_float_like(p.tensor.scalar_type()) &&
+                          (policy.include.empty() || any_match(policy.include, p.name)) &&
+                          !any_match(policy.exclude, p.name);
+    if (layer->compressible) {
+      layer->layout = options_.slice_layout == SliceLayoutKind::kKernelRow
+                          ? ConvSliceLayout::for_weight(p.tensor.sizes())
+                          : ConvSliceLayout::kernel_position(p.tensor.sizes());
+    }
+    auto& st = layer->stats;
+    st.name = p.name;
+    st.shape = layer->shape;
+    st.compressible = layer->compressible;
+    st.bytes_in = layer->numel * 4;
+    if (layer->compressible) {
+      st.slice_len = layer->layout.slice_len;
+      st.num_slices = layer->layout.num_slices();
+      st.tail_len = layer->layout.tail_len();
+    }
+    by_impl_[p.tensor.unsafeGetTensorImpl()] = layer.get();
+    layers_.push_back(std::move(layer));
+  }
+  current_step_.iteration = -1;
+  last_step_.iteration = -1;
+  bases_checksum_ = 0;
+}
+
+Aggregator::~Aggregator() = default;
+
+Aggregator::Layer* Aggregator::find_layer(const at::Tensor& parameter) {
+  auto it = by_impl_.find(parameter.unsafeGetTensorImpl());
+  return it == by_impl_.end() ? nullptr : it->second;
+}
+
+uint64_t Aggregator::verification_code(int64_t iter) const {
+  uint64_t h = mix(0x6776715f73746174ull, uint64_t(iter));
+  h = mix(h, uint64_t(options_.schedule.warmup_iters));
+  h = mix(h, uint64_t(options_.schedule.sample_iters));
+  h = mix(h, uint64_t(options_.schedule.compress_iters));
+  h = mix(h, double_bits(options_.fit.energy));
+  return mix(h, bases_checksum_);
+}
+
+void Aggregator::begin_iteration() {
+  {
+    std::lock_guard<std::mutex> lock(stats_mutex_);
+    current_step_ = StepStats{};
+    current_step_.iteration = iteration_;
+    step_finished_buckets_ = 0;
+    step_last_issued_ = false;
+    current_step_.phase = phase_name(schedule_.phase(iteration_));
+    current_step_.sampling_aggregation = options_.sample_quantizer == SampleQuantizer::kQsgd4
+                                             ? "all-gather of 4-bit QSGD (not summable)"
+                                             : "all-reduce (uncompressed)";
+  }
+  if (pending_fit_) {
+    pending_fit_ = false;
+    if (options_.schedule.compress_iters > 0) {
+      refit_and_broadcast();
+    } else {
+      std::lock_guard<std::mutex> lock(stats_mutex_);
+      for (auto& l : layers_) l->samples.clear();
+    }
+  }
+}
+
+void Aggregator::refit_and_broadcast() {
+  const auto start = Clock::now();
+  std::vector<Layer*> fittable;
+  for (auto& l : layers_) {
+    if (l->compressible) fittable.push_back(l.get());
+  }
+  // Layers are fitted round-robin: layer j by rank j % N, which broadcasts the serialized basis.
+  std::vector<at::Tensor> images(fittable.size());
+  std::vector<std::string> failures(fittable.size());
+  for (size_t j = 0; j < fittable.size(); ++j) {
+    if (int64_t(j) % world_size_ != rank_) continue;
+    Layer* l = fittable[j];
+    if (l->sample_rows() < 2) {
+      failures[j] = "skipped: fewer than 2 finite samples in the window";
+      continue;
+    }
+    try {
+      images[j] = PcaCompressor::fit(at::cat(l->samples), options_.fit).serialize();
+    } catch (const InvalidArgument& e) {
+      failures[j] = std::string("skipped: ") + e.what();
+    }
+  }
+  const at::TensorOptions comm = at::TensorOptions().device(layers_.front()->device);
+  for (int64_t r = 0; r < world_size_; ++r) {
+    std::vector<size_t> owned;
+    for (size_t j = int64_t(r); j < fittable.size(); j += world_size_) owned.push_back(j);
+    if (owned.empty()) continue;
+    at::Tensor sizes = at::zeros({int64_t(owned.size())}, at::kLong);
+    if (r == rank_) {
+      for (size_t i = 0; i < owned.size(); ++i) {
+        sizes[i] = images[owned[i]].defined() ? images[owned[i]].numel() : 0;
+      }
+    }
+    c10d::BroadcastOptions opts;
+    opts.rootRank = r;
+    std::vector<at::Tensor> sizes_vec{sizes.to(comm.dtype(at::kLong))};
+    pg_->broadcast(sizes_vec, opts)->wait();
+    sizes = sizes_vec[0].to(at::kCPU);
+    const int64_t total = sizes.sum().item<int64_t>();
+    at::Tensor payload;
+    if (total > 0) {
+      std::vector<at::Tensor> payload_vec{at::empty({total}, comm.dtype(at::kByte))};
+      if (r == rank_) {
+        std::vector<at::Tensor> mine;
+        for (size_t j : owned) {
+          if (images[j].defined()) mine.push_back(images[j]);
+        }
+        payload_vec[0].copy_(at::cat(mine));
+      }
+      pg_->broadcast(payload_vec, opts)->wait();
+      payload = payload_vec[0].to(at::kCPU);
+    }
+    int64_t offset = 0;
+    std::lock_guard<std::mutex> lock(stats_mutex_);
+    for (size_t i = 0; i < owned.size(); ++i) {
+      Layer* l = fittable[owned[i]];
+      const int64_t n = sizes[i].item<int64_t>();
+      if (n == 0) {
+        l->stats.fit_status = r == rank_ ? failures[owned[i]] : "skipped on the fitting rank (see its stats)";
+        continue;
+      }
+      at::Tensor image = payload.narrow(0, offset, n).contiguous();
+      offset += n;
+      PcaCompressor pca = PcaCompressor::deserialize(image);
+      GVQ_ASSERT(pca.slice_len() == l->layout.slice_len, "fitted basis has the wrong slice length");
+      l->pca = pca.to(l->device);
+      l->checksum = checksum_bytes(image);
+      l->stats.fits += 1;
+      l->stats.fit_status = "ok";
+    }
+  }
+  {
+    std::lock_guard<std::mutex> lock(stats_mutex_);
+    for (auto& l : layers_) l->samples.clear();
+    last_fit_ms_ = ms_since(start);
+    current_step_.fit_ms = last_fit_ms_;
+  }
+  update_bases_checksum();
+}
+
+c10::intrusive_ptr<c10::ivalue::Future> Aggregator::aggregate_bucket(const at::Tensor& buffer,
+                                                                     const std::vector<at::Tensor>& gradients,
+                                                                     const std::vector<at::Tensor>& parameters,
+                                                                     int64_t index, bool is_last) {
+  constexpr const char* kWhere = "Aggregator.aggregate_bucket";
+  GVQ_CHECK_ARG(gradients.size() == parameters.size(), kWhere, "gradients", "has ", gradients.size(),
+                " tensors but parameters has ", parameters.size());
+  GVQ_CHECK_ARG(index >= 0, kWhere, "index", "must be >= 0, got ", index);
+  c10::NoGradGuard no_grad;
+  auto plan = std::make_shared<BucketPlan>();
+  plan->start = Clock::now();
+  if (index == 0) begin_iteration();
+  plan->iter = iteration_;
+  plan->phase = schedule_.phase(iteration_);
+  plan->buffer = buffer;
+  plan->is_last = is_last;
+
+  int64_t raw_len = 0, coeff_len = 0, q_len = 0;
+  bool all_raw = true;
+  for (size_t i = 0; i < parameters.size(); ++i) {
+    Layer* layer = find_layer(parameters[i]);
+    GVQ_CHECK_ARG(layer != nullptr, kWhere, "parameters", "holds a parameter of shape ", parameters[i].sizes(),
+                  " that was not registered with this aggregator");
+    Entry e;
+    e.layer = layer;
+    e.grad = gradients[i];
+    if (layer->compressible && plan->phase == Phase::kSampling) {
+      e.mode = options_.sample_quantizer == SampleQuantizer::kQsgd4 ? Mode::kSampledQsgd : Mode::kSampledRaw;
+    } else if (layer->compressible && plan->phase == Phase::kCompressed && layer->pca.is_fitted()) {
+      e.mode = Mode::kCompressed;
+    }
+    switch (e.mode) {
+      case Mode::kRaw:
+      case Mode::kSampledRaw:
+        e.raw_offset = raw_len;
+        e.raw_len = layer->numel;
+        break;
+      case Mode::kCompressed:
+        e.coeff_offset = coeff_len;
+        e.coeff_len = layer->layout.num_slices() * layer->pca.num_components();
+        e.raw_offset = raw_len;
+        e.raw_len = layer->layout.tail_len();
+        break;
+      case Mode::kSampledQsgd:
+        e.q_offset = q_len;
+        e.q_len = qsgd_.packed_bytes(layer->numel);
+        break;
+    }
+    raw_len += e.raw_len;
+    coeff_len += e.coeff_len;
+    q_len += e.q_len;
+    all_raw &= e.mode == Mode::kRaw;
+    plan->entries.push_back(std::move(e));
+  }
+  const bool verify = options_.verify_bases && index == 0;
+  const int64_t n = world_size_;
+  const double ring = 2.0 * double(n - 1) / double(n);
+  std::vector<c10::intrusive_ptr<c10::ivalue::Future>> futures;
+  int64_t payload = 0, wire = 0;
+
+  if (all_raw && !verify) {
+    // Nothing to compress: the bucket itself is all-reduced in place, exactly like DDP's default.
+    plan->in_place = true;
+    std::vector<at::Tensor> tensors{buffer};
+    futures.push_back(pg_->allreduce(tensors)->getFuture());
+    payload += buffer.nbytes();
+    wire += int64_t(ring * double(buffer.nbytes()));
+  } else {
+    const bool separate_coeffs = options_.coeff_dtype != at::kFloat && coeff_len > 0;
+    int64_t packed_len = raw_len + (separate_coeffs ? 0 : coeff_len);
+    if (verify) {
+      // 64-bit code in chunks small enough that N chunks sum exactly in float32 (< 2^24).
+      plan->verify_bits = n <= 256 ? 16 : 8;
+      plan->verify_len = 64 / plan->verify_bits;
+      plan->verify_offset = packed_len;
+      plan->verify_code = verification_code(plan->iter);
+      packed_len += plan->verify_len;
+    }
+    const auto fopts = buffer.options().dtype(at::kFloat);
+    plan->packed = at::empty({packed_len}, fopts);
+    plan->coeffs = separate_coeffs ? at::empty({coeff_len}, fopts.dtype(options_.coeff_dtype))
+                                   : plan->packed.narrow(0, raw_len, coeff_len);
+    if (q_len > 0) plan->qsgd = at::empty({q_len}, buffer.options().dtype(at::kByte));
+
+    for (auto& e : plan->entries) {
+      Layer* l = e.layer;
+      switch (e.mode) {
+        case Mode::kRaw:
+          plan->packed.narrow(0, e.raw_offset, e.raw_len).view(e.grad.sizes()).copy_(e.grad);
+          break;
+        case Mode::kSampledRaw: {
+          at::Tensor dst = plan->packed.narrow(0, e.raw_offset, e.raw_len);
+          l->layout.to_paper_order_into(e.grad, dst);
+          break;
+        }
+        case Mode::kCompressed: {
+          at::Tensor flat = l->layout.to_paper_order(e.grad.to(at::kFloat));
+          at::Tensor slices = l->layout.slices(flat);
+          at::Tensor c = l->pca.compress(slices, n);
+          plan->coeffs.narrow(0, e.coeff_offset, e.coeff_len).view(c.sizes()).copy_(c);
+          plan->packed.narrow(0, e.raw_offset, e.raw_len).copy_(l->layout.tail(flat));
+          // Local loss of eq. 7 without decompressing: U is orthonormal, so with x = g - mu/N,
+          // ||x - U U^T x||^2 = ||x||^2 - ||U^T x||^2.
+          e.residual_sq = (slices - l->pca.mean() / double(n)).pow(2).sum() - c.pow(2).sum();
+          e.signal_sq = slices.pow(2).sum();
+          break;
+        }
+        case Mode::kSampledQsgd: {
+          at::Tensor flat = l->layout.to_paper_order(e.grad.to(at::kFloat)).to(at::kCPU);
+          const uint64_t seed = mix(mix(mix(options_.seed, uint64_t(plan->iter)), uint64_t(rank_)),
+                                    hash_string(l->name));
+          plan->qsgd.narrow(0, e.q_offset, e.q_len).copy_(qsgd_.encode(flat, seed));
+          break;
+        }
+      }
+    }
+    if (verify) {
+      std::vector<float> chunks(plan->verify_len);
+      const uint64_t mask = (uint64_t(1) << plan->verify_bits) - 1;
+      for (int64_t j = 0; j < plan->verify_len; ++j) {
+        chunks[j] = float((plan->verify_code >> (j * plan->verify_bits)) & mask);
+      }
+      plan->packed.narrow(0, plan->verify_offset, plan->verify_len)
+          .copy_(at::tensor(chunks, at::kFloat));
+    }
+    if (packed_len > 0) {
+      std::vector<at::Tensor> tensors{plan->packed};
+      futures.push_back(pg_->allreduce(tensors)->getFuture());
+      payload += plan->packed.nbytes();
+      wire += int64_t(ring * double(plan->packed.nbytes()));
+    }
+    if (separate_coeffs) {
+      std::vector<at::Tensor> tensors{plan->coeffs};
+      futures.push_back(pg_->allreduce(tensors)->getFuture());
+      payload += plan->coeffs.nbytes();
+      wire += int64_t(ring * double(plan->coeffs.nbytes()));
+    }
+    if (q_len > 0) {
+      for (int64_t r = 0; r < n; ++r) plan->gathered.push_back(at::empty({q_len}, plan->qsgd.options()));
+      std::vector<std::vector<at::Tensor>> outputs{plan->gathered};
+      std::vector<at::Tensor> inputs{plan->qsgd};
+      futures.push_back(pg_->allgather(outputs, inputs)->getFuture());
+      plan->gathered = outputs[0];
+      payload += q_len;
+      wire += (n - 1) * q_len;
+    }
+  }
+  const double compress_ms = ms_since(plan->start);
+  {
+    std::lock_guard<std::mutex> lock(stats_mutex_);
+    current_step_.buckets += 1;
+    current_step_.collectives += int64_t(futures.size());
+    current_step_.bytes_payload += payload;
+    current_step_.bytes_wire += wire;
+    current_step_.compress_ms += plan->in_place ? 0.0 : compress_ms;
+    for (const auto& e : plan->entries) current_step_.bytes_uncompressed += e.layer->numel * 4;
+    step_last_issued_ = is_last;
+  }
+  if (is_last) {
+    if (schedule_.fits_after(iteration_)) pending_fit_ = true;
+    ++iteration_;
+  }
+
+  c10::intrusive_ptr<c10::ivalue::Future> all;
+  if (futures.size() == 1) {
+    all = futures[0];
+  } else {
+    c10::List<c10::intrusive_ptr<c10::ivalue::Future>> list(c10::FutureType::create(futures[0]->elementType()));
+    for (auto& f : futures) list.push_back(f);
+    all = c10::collectAll(list);
+  }
+  auto self = shared_from_this();
+  return all->then(
+      [self, plan](c10::ivalue::Future& f) {
+        f.value();  // rethrows a failed collective
+        c10::NoGradGuard no_grad;
+        self->finish_bucket(*plan, plan->gathered);
+        return c10::IValue(plan->buffer);
+      },
+      c10::TensorType::get());
+}
+
+void Aggregator::finish_bucket(BucketPlan& plan, const std::vector<at::Tensor>& gathered) {
+  const auto start = Clock::now();
+  const int64_t n = world_size_;
+  const double inv = 1.0 / double(n);
+  if (plan.in_place) {
+    plan.buffer.mul_(inv);
+  } else {
+    if (plan.verify_len > 0) {
+      at::Tensor sums = plan.packed.narrow(0, plan.verify_offset, plan.verify_len).to(at::kCPU);
+      const uint64_t mask = (uint64_t(1) << plan.verify_bits) - 1;
+      for (int64_t j = 0; j < plan.verify_len; ++j) {
+        const double own = double((plan.verify_code >> (j * plan.verify_bits)) & mask);
+        if (sums[j].item<double>() != own * double(n)) {
+          std::ostringstream msg;
+          msg << "gradiveq: ranks disagree on GradiVeQ state at iteration " << plan.iter
+              << " (verify_bases): the iteration counter, the schedule or the PCA bases differ between ranks "
+              << "(this rank " << rank_ << " of " << n << ", state checksum " << std::hex << plan.verify_code
+              << "). Typical causes: a checkpoint loaded on some ranks only, or a basis modified on one rank.";
+          throw std::runtime_error(msg.str());
+        }
+      }
+    }
+    for (auto& e : plan.entries) {
+      Layer* l = e.layer;
+      switch (e.mode) {
+        case Mode::kRaw:
+          e.grad.copy_(plan.packed.narrow(0, e.raw_offset, e.raw_len).view(e.grad.sizes())).mul_(inv);
+          break;
+        case Mode::kCompressed: {
+          at::Tensor flat = at::empty({l->numel}, plan.packed.options());
+          l->pca.decompress_into(
+              plan.coeffs.narrow(0, e.coeff_offset, e.coeff_len).view({l->layout.num_slices(), -1}),
+              l->layout.slices(flat));
+          l->layout.tail(flat).copy_(plan.packed.narrow(0, e.raw_offset, e.raw_len));
+          l->layout.from_paper_order_into(flat.mul_(inv), e.grad);
+          break;
+        }
+        case Mode::kSampledRaw:
+        case Mode::kSampledQsgd: {
+          at::Tensor sum;
+          if (e.mode == Mode::kSampledRaw) {
+            sum = plan.packed.narrow(0, e.raw_offset, e.raw_len);
+          } else {
+            sum = at::zeros({l->numel}, at::kFloat);
+            for (int64_t r = 0; r < n; ++r) {
+              qsgd_.decode_add(gathered[r].narrow(0, e.q_offset, e.q_len).to(at::kCPU).contiguous(), sum);
+            }
+          }
+          // The aggregated (summed) gradient is the PCA sample; a non-finite one never enters a fit.
+          const bool finite = at::isfinite(sum).all().item<bool>();
+          if (finite) {
+            at::Tensor slices = l->layout.slices(sum.to(at::kCPU));
+            at::Tensor sample =
+                options_.fit_on == FitSamples::kFirstSlice ? slices.narrow(0, 0, 1) : slices;
+            std::lock_guard<std::mutex> lock(stats_mutex_);
+            l->samples.push_back(sample.clone());
+          } else {
+            std::lock_guard<std::mutex> lock(stats_mutex_);
+            l->stats.skipped_samples += 1;
+          }
+          l->layout.from_paper_order_into(sum.to(plan.buffer.device()).mul(inv), e.grad);
+          break;
+        }
+      }
+    }
+  }
+  const double decompress_ms = ms_since(start);
+  std::lock_guard<std::mutex> lock(stats_mutex_);
+  for (auto& e : plan.entries) {
+    auto& st = e.layer->stats;
+    switch (e.mode) {
+      case Mode::kRaw:
+        st.phase = "uncompressed";
+        st.bytes_out = e.layer->numel * 4;
+        break;
+      case Mode::kSampledRaw:
+        st.phase = "sampling";
+        st.bytes_out = e.layer->numel * 4;
+        break;
+      case Mode::kSampledQsgd:
+        st.phase = "sampling";
+        st.bytes_out = e.q_len;
+        break;
+      case Mode::kCompressed: {
+        st.phase = "compressed";
+        st.bytes_out = e.coeff_len * int64_t(c10::elementSize(options_.coeff_dtype)) + e.raw_len * 4;
+        const double signal = e.signal_sq.item<double>();
+        st.relative_error = signal > 0 ? std::sqrt(std::max(0.0, e.residual_sq.item<double>()) / signal) : 0.0;
+        break;
+      }
+    }
+  }
+  current_step_.decompress_ms += plan.in_place ? 0.0 : decompress_ms;
+  current_step_.aggregation_ms += ms_since(plan.start);
+  // The step is complete once its last bucket was issued and every issued bucket has finished (callbacks of
+  // different buckets may complete in any order).
+  ++step_finished_buckets_;
+  if (step_last_issued_ && step_finished_buckets_ == current_step_.buckets) last_step_ = current_step_;
+}
+
+std::vector<LayerStats> Aggregator::layer_stats() const {
+  std::lock_guard<std::mutex> lock(stats_mutex_);
+  std::vector<LayerStats> out;
+  for (const auto& l : layers_) {
+    LayerStats st = l->stats;
+    st.window_samples = l->sample_rows();
+    if (l->pca.is_fitted()) {
+      st.num_components = l->pca.num_components();
+      st.compression_ratio = l->pca.compression_ratio();
+      st.explained_variance = l->pca.explained_variance();
+      st.basis_checksum = l->checksum;
+      st.basis_bytes = (l->pca.basis().numel() + l->pca.mean().numel()) * 4;
+    }
+    out.push_back(std::move(st));
+  }
+  return out;
+}
+
+StepStats Aggregator::step_stats() const {
+  std::lock_guard<std::mutex> lock(stats_mutex_);
+  return last_step_;
+}
+
+at::Tensor Aggregator::save_state() const {
+  std::lock_guard<std::mutex> lock(stats_mutex_);
+  detail::ByteWriter w;
+  w.put_raw(kStateMagic, 4);
+  w.put(kStateVersion);
+  w.put<int64_t>(world_size_);
+  w.put<int64_t>(iteration_);
+  w.put<uint8_t>(pending_fit_ ? 1 : 0);
+  w.put<int64_t>(int64_t(layers_.size()));
+  for (const auto& l : layers_) {
+    w.put_string(l->name);
+    w.put<int64_t>(int64_t(l->shape.size()));
+    for (int64_t s : l->shape) w.put<int64_t>(s);
+    w.put<uint8_t>(l->compressible ? 1 : 0);
+    if (!l->compressible) continue;
+    w.put<int64_t>(l->layout.slice_len);
+    w.put<int64_t>(l->stats.fits);
+    w.put<uint8_t>(l->pca.is_fitted() ? 1 : 0);
+    if (l->pca.is_fitted()) w.put_tensor_bytes(l->pca.serialize());
+    w.put<int64_t>(int64_t(l->samples.size()));
+    for (const auto& s : l->samples) {
+      w.put<int64_t>(s.size(0));
+      w.put_tensor_bytes(s);
+    }
+  }
+  return w.to_tensor();
+}
+
+void Aggregator::load_state(const at::Tensor& image) {
+  constexpr const char* kWhere = "Aggregator.load_state";
+  GVQ_CHECK_ARG(image.defined() && image.scalar_type() == at::kByte && image.dim() == 1, kWhere, "state",
+                "must be a 1-D uint8 tensor (from save_state)");
+  at::Tensor bytes = image.to(at::kCPU).contiguous();
+  detail::ByteReader in(bytes.data_ptr<uint8_t>(), size_t(bytes.numel()), kWhere, "state");
+  GVQ_CHECK_ARG(bytes.numel() >= 8 && std::memcmp(in.take(4), kStateMagic, 4) == 0, kWhere, "state",
+                "is not a GradiVeQ state image (bad magic)");
+  const auto version = in.get<uint32_t>();
+  GVQ_CHECK_ARG(version == kStateVersion, kWhere, "state", "has format version ", version,
+                ", this build reads version ", kStateVersion);
+  const auto world = in.get<int64_t>();
+  GVQ_CHECK_ARG(world == world_size_, kWhere, "state", "was saved with world size ", world,
+                " but this process group has ", world_size_, " ranks");
+  const auto iteration = in.get<int64_t>();
+  const bool pending = in.get<uint8_t>() != 0;
+  GVQ_CHECK_ARG(iteration >= 0, kWhere, "state", "holds a negative iteration ", iteration);
+  const auto count = in.get<int64_t>();
+  GVQ_CHECK_ARG(count == int64_t(layers_.size()), kWhere, "state", "holds ", count,
+                " parameters but this model has ", layers_.size(), " (a different model?)");
+  struct Loaded {
+    PcaCompressor pca;
+    uint64_t checksum = 0;
+    int64_t fits = 0;
+    std::vector<at::Tensor> samples;
+  };
+  std::vector<Loaded> loaded(layers_.size());
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    const Layer& l = *layers_[i];
+    const std::string name = in.get_string();
+    GVQ_CHECK_ARG(name == l.name, kWhere, "state", "parameter ", i, " is '", name, "' but this model has '",
+                  l.name, "' (a different model?)");
+    const auto ndim = in.get<int64_t>();
+    GVQ_CHECK_ARG(ndim >= 0 && ndim <= 8, kWhere, "state", "is corrupted: parameter '", name, "' has ", ndim,
+                  " dimensions");
+    std::vector<int64_t> shape(static_cast<size_t>(ndim));
+    for (auto& s : shape) s = in.get<int64_t>();
+    GVQ_CHECK_ARG(shape == l.shape, kWhere, "state", "parameter '", name, "' has shape ", at::IntArrayRef(shape),
+                  " but this model's has ", at::IntArrayRef(l.shape));
+    const bool compressible = in.get<uint8_t>() != 0;
+    GVQ_CHECK_ARG(compressible == l.compressible, kWhere, "state", "parameter '", name, "' is ",
+                  compressible ? "" : "not ", "compressible in the saved state but ",
+                  l.compressible ? "is" : "is not", " here (different include / exclude / min_numel?)");
+    if (!compressible) continue;
+    const auto k = in.get<int64_t>();
+    GVQ_CHECK_ARG(k == l.layout.slice_len, kWhere, "state", "parameter '", name, "' was saved with slice length ",
+                  k, " but this layout has ", l.layout.slice_len, " (different slice_layout?)");
+    loaded[i].fits = in.get<int64_t>();
+    if (in.get<uint8_t>() != 0) {
+      at::Tensor img = in.get_tensor_bytes();
+      loaded[i].pca = PcaCompressor::deserialize(img);
+      GVQ_CHECK_ARG(loaded[i].pca.slice_len() == k, kWhere, "state", "basis of '", name, "' has K = ",
+                    loaded[i].pca.slice_len(), " but the layer's slice length is ", k);
+      loaded[i].checksum = checksum_bytes(img);
+    }
+    const auto num_samples = in.get<int64_t>();
+    GVQ_CHECK_ARG(num_samples >= 0 && num_samples <= int64_t(in.remaining()), kWhere, "state",
+                  "is corrupted: ", num_samples, " sample blocks for '", name, "'");
+    for (int64_t s = 0; s < num_samples; ++s) {
+      const auto rows = in.get<int64_t>();
+      at::Tensor raw = in.get_tensor_bytes();
+      GVQ_CHECK_ARG(rows >= 1 && raw.numel() == rows * k * 4, kWhere, "state", "is corrupted: a sample block of '",
+                    name, "' has ", raw.numel(), " bytes for ", rows, " rows of K = ", k);
+      loaded[i].samples.push_back(raw.view(at::kFloat).view({rows, k}).clone());
+    }
+  }
+  GVQ_CHECK_ARG(in.remaining() == 0, kWhere, "state", "has ", in.remaining(), " trailing bytes (corrupted)");
+
+  // Everything parsed and checked: commit.
+  std::lock_guard<std::mutex> lock(stats_mutex_);
+  iteration_ = iteration;
+  pending_fit_ = pending;
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    Layer& l = *layers_[i];
+    if (!l.compressible) continue;
+    l.pca = loaded[i].pca.is_fitted() ? loaded[i].pca.to(l.device) : PcaCompressor();
+    l.checksum = loaded[i].checksum;
+    l.samples = std::move(loaded[i].samples);
+    l.stats.fits = loaded[i].fits;
+    l.stats.fit_status = l.pca.is_fitted() ? "loaded" : "";
+  }
+  update_bases_checksum();
+}
+
+void Aggregator::set_basis(const std::string& name, const PcaCompressor& pca) {
+  constexpr const char* kWhere = "Aggregator.set_basis";
+  auto it = std::find_if(layers_.begin(), layers_.end(), [&](const auto& l) { return l->name == name; });
+  GVQ_CHECK_ARG(it != layers_.end(), kWhere, "name", "'", name, "' is not a parameter of this aggregator");
+  Layer& l = **it;
+  GVQ_CHECK_ARG(l.compressible, kWhere, "name", "'", name, "' is not a compressible layer");
+  GVQ_CHECK_ARG(pca.is_fitted() && pca.slice_len() == l.layout.slice_len, kWhere, "pca",
+                "must be fitted with K = ", l.layout.slice_len, " for '", name, "', got K = ", pca.slice_len());
+  std::lock_guard<std::mutex> lock(stats_mutex_);
+  l.pca = pca.to(l.device);
+  l.checksum = pca.checksum();
+  update_bases_checksum();
+}
+
+void Aggregator::update_bases_checksum() {
+  uint64_t h = 0;
+  for (const auto& l : layers_) h = mix(mix(h, hash_string(l->name)), l->pca.is_fitted() ? l->checksum : 0);
+  bases_checksum_ = h;
+}
+
+}  // namespace gradiveq
