@@ -727,11 +727,21 @@ void Aggregator::load_state(const at::Tensor& image) {
   update_bases_checksum();
 }
 
+Aggregator::Layer& Aggregator::layer_named(const std::string& name, const char* where) const {
+  auto it = std::find_if(layers_.begin(), layers_.end(), [&](const auto& l) { return l->name == name; });
+  GVQ_CHECK_ARG(it != layers_.end(), where, "name", "'", name, "' is not a parameter of this aggregator");
+  return **it;
+}
+
+PcaCompressor Aggregator::basis(const std::string& name) const {
+  const Layer& l = layer_named(name, "Aggregator.basis");
+  std::lock_guard<std::mutex> lock(stats_mutex_);
+  return l.pca;
+}
+
 void Aggregator::set_basis(const std::string& name, const PcaCompressor& pca) {
   constexpr const char* kWhere = "Aggregator.set_basis";
-  auto it = std::find_if(layers_.begin(), layers_.end(), [&](const auto& l) { return l->name == name; });
-  GVQ_CHECK_ARG(it != layers_.end(), kWhere, "name", "'", name, "' is not a parameter of this aggregator");
-  Layer& l = **it;
+  Layer& l = layer_named(name, kWhere);
   GVQ_CHECK_ARG(l.compressible, kWhere, "name", "'", name, "' is not a compressible layer");
   GVQ_CHECK_ARG(pca.is_fitted() && pca.slice_len() == l.layout.slice_len, kWhere, "pca",
                 "must be fitted with K = ", l.layout.slice_len, " for '", name, "', got K = ", pca.slice_len());

@@ -159,6 +159,8 @@ class Aggregator : public std::enable_shared_from_this<Aggregator> {
   /// shapes or slice lengths than this model has.
   void load_state(const at::Tensor& image);
 
+  /// Copy of the current basis of layer `name` (unfitted if none yet).
+  PcaCompressor basis(const std::string& name) const;
   /// Replaces one layer's basis on this rank only. For tests that corrupt a rank's basis on purpose.
   void set_basis(const std::string& name, const PcaCompressor& pca);
 
@@ -175,6 +177,7 @@ class Aggregator : public std::enable_shared_from_this<Aggregator> {
   void update_bases_checksum();
   void finish_bucket(BucketPlan& plan, const std::vector<at::Tensor>& gathered);
   Layer* find_layer(const at::Tensor& parameter);
+  Layer& layer_named(const std::string& name, const char* where) const;
 
   c10::intrusive_ptr<c10d::ProcessGroup> pg_;
   AggregatorOptions options_;

@@ -161,6 +161,7 @@ PYBIND11_MODULE(_C, m) {
       .def("step_stats", &Aggregator::step_stats)
       .def("save_state", &Aggregator::save_state)
       .def("load_state", &Aggregator::load_state, py::arg("state"))
+      .def("basis", &Aggregator::basis, py::arg("name"))
       .def("set_basis", &Aggregator::set_basis, py::arg("name"), py::arg("pca"))
       // The Python-callable hook body: same engine, returns a torch.futures-compatible future.
       .def("run_bucket",

@@ -1,0 +1,114 @@
+"""Training loops run by the multi-process tests (importable, so spawned ranks can pickle them by name)."""
+import contextlib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import gradiveq
+from gradiveq.models import SmallCNN
+
+
+class CnnWithUnusedBranch(nn.Module):
+    """SmallCNN plus a conv that never takes part in forward (needs find_unused_parameters)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = SmallCNN()
+        self.unused = nn.Conv2d(16, 16, 3)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def make_data(rank: int, step: int, batch: int = 16):
+    """Learnable synthetic 1x28x28 data: the label picks one of 10 fixed templates, plus noise. Depends only on
+    (rank, step), so a resumed run sees the same batches."""
+    coarse = torch.randn(10, 1, 7, 7, generator=torch.Generator().manual_seed(1234))
+    templates = 2.0 * F.interpolate(coarse, size=28, mode="bilinear", align_corners=False)
+    g = torch.Generator().manual_seed(10_000 * rank + step)
+    y = torch.randint(0, 10, (batch,), generator=g)
+    x = templates[y] + 0.8 * torch.randn(batch, 1, 28, 28, generator=g)
+    return x, y
+
+
+def train(rank: int, world_size: int, cfg: dict) -> dict:
+    """Trains for cfg["steps"] synchronised steps and returns per-step losses, gradients and phases, the final
+    parameters and the hook's stats.
+
+    cfg keys: hook ("plain" | "cpp" | "py"), state (GradiVeQState kwargs), steps, lr, bucket_cap_mb,
+    static_graph, unused_branch, accumulate (micro-batches per step, all but the last under no_sync),
+    inf_at (step at which rank 0's conv2 gradient gets an inf), corrupt_at (step before which rank 1 replaces
+    conv2's basis), save_at / save_path (checkpoint after that step), load_path (resume from a checkpoint),
+    grad_scaler (use torch.amp.GradScaler("cpu")).
+    """
+    torch.manual_seed(cfg.get("model_seed", 0))
+    model = CnnWithUnusedBranch() if cfg.get("unused_branch") else SmallCNN()
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        model, bucket_cap_mb=cfg.get("bucket_cap_mb", 25), static_graph=cfg.get("static_graph", False),
+        find_unused_parameters=cfg.get("unused_branch", False))
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.get("lr", 0.01), momentum=0.9)
+    state = None
+    hook = cfg.get("hook", "plain")
+    if hook != "plain":
+        state = gradiveq.GradiVeQState(**cfg.get("state", {}), model=ddp if hook == "py" else None)
+        if hook == "py":
+            ddp.register_comm_hook(state, gradiveq.hook)
+        else:
+            gradiveq.register_hook(ddp, state)
+    start = 0
+    if cfg.get("load_path"):
+        ckpt = torch.load(cfg["load_path"].format(rank=rank), weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        state.load_state_dict(ckpt["gradiveq"])
+        start = ckpt["step"]
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0) if cfg.get("grad_scaler") else None
+    conv2 = model.body.conv2 if cfg.get("unused_branch") else model.conv2
+
+    out = {"losses": [], "grads": [], "phases": [], "finite": [], "scales": []}
+    accumulate = cfg.get("accumulate", 1)
+    for step in range(start, start + cfg.get("steps", 10)):
+        if cfg.get("corrupt_at") == step and rank == 1:
+            state._engine.set_basis("conv2.weight", perturbed(state._engine.basis("conv2.weight")))
+        handle = None
+        if cfg.get("inf_at") == step and rank == 0:
+            handle = conv2.weight.register_hook(lambda g: g + float("inf"))
+        opt.zero_grad(set_to_none=True)
+        for micro in range(accumulate):
+            x, y = make_data(rank, step * accumulate + micro)
+            # DDP decides at forward time whether the backward synchronises: no_sync wraps both.
+            with ddp.no_sync() if micro < accumulate - 1 else contextlib.nullcontext():
+                loss = F.cross_entropy(ddp(x), y)
+                if scaler is not None:
+                    loss = scaler.scale(loss)
+                loss.backward()
+        if handle is not None:
+            handle.remove()
+        out["losses"].append(loss.item())
+        out["grads"].append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+        out["finite"].append(all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None))
+        if state is not None:
+            out["phases"].append(state.stats()["step"]["phase"])
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+            out["scales"].append(scaler.get_scale())
+        else:
+            opt.step()
+        if cfg.get("save_at") == step + 1:
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1,
+                        "gradiveq": state.state_dict()}, cfg["save_path"].format(rank=rank))
+    out["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    if state is not None:
+        out["stats"] = state.stats()
+    if not cfg.get("keep_grads", True):
+        out.pop("grads")
+    return out
+
+
+def perturbed(pca: "gradiveq.PcaCompressor") -> "gradiveq.PcaCompressor":
+    """The same basis with one value nudged: what a silently diverged rank would hold."""
+    image = pca.serialize().clone()
+    image[-8] ^= 1
+    return gradiveq.PcaCompressor.deserialize(image)
