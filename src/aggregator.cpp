@@ -9,17 +9,15 @@
 #include <unordered_set>
 
 #include "byte_io.h"
+#include "step_recorder.h"
 #include "gradiveq/errors.h"
 
 namespace gradiveq {
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
-
-double ms_since(Clock::time_point t) {
-  return std::chrono::duration<double, std::milli>(Clock::now() - t).count();
-}
+using detail::Clock;
+using detail::ms_since;
 
 // Glob match: '*' any run of characters (also none), '?' exactly one.
 bool glob_match(const char* pattern, const char* text) {
@@ -186,8 +184,7 @@ Aggregator::Aggregator(c10::intrusive_ptr<c10d::ProcessGroup> process_group,
     by_impl_[p.tensor.unsafeGetTensorImpl()] = layer.get();
     layers_.push_back(std::move(layer));
   }
-  current_step_.iteration = -1;
-  last_step_.iteration = -1;
+  steps_ = std::make_unique<detail::StepRecorder>();
   bases_checksum_ = 0;
 }
 
@@ -208,17 +205,9 @@ uint64_t Aggregator::verification_code(int64_t iter) const {
 }
 
 void Aggregator::begin_iteration() {
-  {
-    std::lock_guard<std::mutex> lock(stats_mutex_);
-    current_step_ = StepStats{};
-    current_step_.iteration = iteration_;
-    step_finished_buckets_ = 0;
-    step_last_issued_ = false;
-    current_step_.phase = phase_name(schedule_.phase(iteration_));
-    current_step_.sampling_aggregation = options_.sample_quantizer == SampleQuantizer::kQsgd4
-                                             ? "all-gather of 4-bit QSGD (not summable)"
-                                             : "all-reduce (uncompressed)";
-  }
+  steps_->begin(iteration_, phase_name(schedule_.phase(iteration_)),
+                options_.sample_quantizer == SampleQuantizer::kQsgd4 ? "all-gather of 4-bit QSGD (not summable)"
+                                                                      : "all-reduce (uncompressed)");
   if (pending_fit_) {
     pending_fit_ = false;
     if (options_.schedule.compress_iters > 0) {
@@ -304,9 +293,8 @@ void Aggregator::refit_and_broadcast() {
   {
     std::lock_guard<std::mutex> lock(stats_mutex_);
     for (auto& l : layers_) l->samples.clear();
-    last_fit_ms_ = ms_since(start);
-    current_step_.fit_ms = last_fit_ms_;
   }
+  steps_->add_fit_ms(ms_since(start));
   update_bases_checksum();
 }
 
@@ -457,17 +445,10 @@ c10::intrusive_ptr<c10::ivalue::Future> Aggregator::aggregate_bucket(const at::T
       wire += (n - 1) * q_len;
     }
   }
-  const double compress_ms = ms_since(plan->start);
-  {
-    std::lock_guard<std::mutex> lock(stats_mutex_);
-    current_step_.buckets += 1;
-    current_step_.collectives += int64_t(futures.size());
-    current_step_.bytes_payload += payload;
-    current_step_.bytes_wire += wire;
-    current_step_.compress_ms += plan->in_place ? 0.0 : compress_ms;
-    for (const auto& e : plan->entries) current_step_.bytes_uncompressed += e.layer->numel * 4;
-    step_last_issued_ = is_last;
-  }
+  int64_t uncompressed = 0;
+  for (const auto& e : plan->entries) uncompressed += e.layer->numel * 4;
+  steps_->issued(int64_t(futures.size()), payload, wire, uncompressed, plan->in_place ? 0.0 : ms_since(plan->start),
+                 is_last);
   if (is_last) {
     if (schedule_.fits_after(iteration_)) pending_fit_ = true;
     ++iteration_;
@@ -559,6 +540,7 @@ void Aggregator::finish_bucket(BucketPlan& plan, const std::vector<at::Tensor>& 
     }
   }
   const double decompress_ms = ms_since(start);
+  {
   std::lock_guard<std::mutex> lock(stats_mutex_);
   for (auto& e : plan.entries) {
     auto& st = e.layer->stats;
@@ -584,12 +566,8 @@ void Aggregator::finish_bucket(BucketPlan& plan, const std::vector<at::Tensor>& 
       }
     }
   }
-  current_step_.decompress_ms += plan.in_place ? 0.0 : decompress_ms;
-  current_step_.aggregation_ms += ms_since(plan.start);
-  // The step is complete once its last bucket was issued and every issued bucket has finished (callbacks of
-  // different buckets may complete in any order).
-  ++step_finished_buckets_;
-  if (step_last_issued_ && step_finished_buckets_ == current_step_.buckets) last_step_ = current_step_;
+  }
+  steps_->finished(plan.in_place ? 0.0 : decompress_ms, plan.start);
 }
 
 std::vector<LayerStats> Aggregator::layer_stats() const {
@@ -610,10 +588,7 @@ std::vector<LayerStats> Aggregator::layer_stats() const {
   return out;
 }
 
-StepStats Aggregator::step_stats() const {
-  std::lock_guard<std::mutex> lock(stats_mutex_);
-  return last_step_;
-}
+StepStats Aggregator::step_stats() const { return steps_->last(); }
 
 at::Tensor Aggregator::save_state() const {
   std::lock_guard<std::mutex> lock(stats_mutex_);

@@ -4,12 +4,12 @@
 
 namespace gradiveq {
 
-c10::intrusive_ptr<c10::ivalue::Future> run_bucket(Aggregator& aggregator, c10d::GradBucket& bucket) {
+c10::intrusive_ptr<c10::ivalue::Future> run_bucket(BucketAggregator& aggregator, c10d::GradBucket& bucket) {
   return aggregator.aggregate_bucket(bucket.getBufferRef(), bucket.getGradients(), bucket.getParameters(),
                                      int64_t(bucket.getIndex()), bucket.isLast());
 }
 
-GradiVeQCommHook::GradiVeQCommHook(std::shared_ptr<Aggregator> aggregator) : aggregator_(std::move(aggregator)) {
+GradiVeQCommHook::GradiVeQCommHook(std::shared_ptr<BucketAggregator> aggregator) : aggregator_(std::move(aggregator)) {
   GVQ_CHECK_ARG(aggregator_ != nullptr, "GradiVeQCommHook", "aggregator", "is null");
 }
 

@@ -23,7 +23,6 @@
 #include <ATen/core/ivalue.h>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
-#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -31,12 +30,17 @@
 #include <unordered_map>
 #include <vector>
 
+#include "gradiveq/bucket_aggregator.h"
 #include "gradiveq/conv_layout.h"
 #include "gradiveq/pca_compressor.h"
 #include "gradiveq/qsgd.h"
 #include "gradiveq/schedule.h"
 
 namespace gradiveq {
+
+namespace detail {
+class StepRecorder;
+}
 
 /// How the sampling window is aggregated.
 enum class SampleQuantizer {
@@ -109,23 +113,7 @@ struct LayerStats {
   int64_t basis_bytes = 0;           ///< memory of U and mu
 };
 
-/// Statistics of the last completed step (all buckets of one iteration), summed over its buckets.
-struct StepStats {
-  int64_t iteration = -1;
-  std::string phase;
-  int64_t buckets = 0;
-  int64_t collectives = 0;
-  int64_t bytes_uncompressed = 0;  ///< float32 bytes of all gradients aggregated
-  int64_t bytes_payload = 0;       ///< bytes this rank contributed to collectives
-  int64_t bytes_wire = 0;          ///< bytes this rank sends on a ring: 2(N-1)/N per all-reduce byte, N-1 per all-gather byte
-  double aggregation_ms = 0.0;     ///< sum over buckets of (bucket handed over -> its future completed)
-  double compress_ms = 0.0;        ///< packing and compressing, in the hook call
-  double decompress_ms = 0.0;      ///< unpacking and decompressing, in the callbacks
-  double fit_ms = 0.0;             ///< fitting and broadcasting bases (only on steps that fit)
-  std::string sampling_aggregation;
-};
-
-class Aggregator : public std::enable_shared_from_this<Aggregator> {
+class Aggregator : public BucketAggregator, public std::enable_shared_from_this<Aggregator> {
  public:
   /// `parameters`: every parameter that may appear in a bucket, with unique names. They are recognised in
   /// buckets by tensor identity, so bucket rebuilds and any bucket order work.
@@ -133,23 +121,20 @@ class Aggregator : public std::enable_shared_from_this<Aggregator> {
                                             std::vector<NamedParameter> parameters, AggregatorOptions options);
   ~Aggregator();
 
-  /// Aggregates one bucket. `buffer` is the bucket's flat gradient buffer, `gradients` views of it (one per
-  /// parameter, in `parameters` order), `index` the bucket's position in this step (0 first) and `is_last`
-  /// whether it is the step's last bucket. Issues the bucket's collectives now and returns a future that
-  /// completes with `buffer` holding the averaged gradients.
+  /// See BucketAggregator::aggregate_bucket.
   c10::intrusive_ptr<c10::ivalue::Future> aggregate_bucket(const at::Tensor& buffer,
                                                            const std::vector<at::Tensor>& gradients,
                                                            const std::vector<at::Tensor>& parameters,
-                                                           int64_t index, bool is_last);
+                                                           int64_t index, bool is_last) override;
 
   const AggregatorOptions& options() const { return options_; }
-  int64_t iteration() const { return iteration_; }
+  int64_t iteration() const override { return iteration_; }
   Phase phase() const { return schedule_.phase(iteration_); }
   int64_t world_size() const { return world_size_; }
   int64_t rank() const { return rank_; }
 
   std::vector<LayerStats> layer_stats() const;
-  StepStats step_stats() const;
+  StepStats step_stats() const override;
 
   /// Versioned binary image of the state: iteration, pending fit, per-layer bases (identical on all ranks)
   /// and the current window's samples, keyed by parameter name.
@@ -191,11 +176,8 @@ class Aggregator : public std::enable_shared_from_this<Aggregator> {
   bool pending_fit_ = false;
   uint64_t bases_checksum_ = 0;  // combined over all layers, updated whenever a basis changes
 
-  mutable std::mutex stats_mutex_;  // guards stats and samples, written from Gloo/NCCL callback threads
-  StepStats current_step_, last_step_;
-  int64_t step_finished_buckets_ = 0;
-  bool step_last_issued_ = false;
-  double last_fit_ms_ = 0.0;
+  mutable std::mutex stats_mutex_;  // guards layer stats and samples, written from Gloo/NCCL callback threads
+  std::unique_ptr<detail::StepRecorder> steps_;
 };
 
 }  // namespace gradiveq

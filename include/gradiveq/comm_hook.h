@@ -1,4 +1,5 @@
-// The DDP communication hook: a c10d::CommHookInterface that hands every bucket to an Aggregator.
+// The DDP communication hook: a c10d::CommHookInterface that hands every bucket to a BucketAggregator
+// (GradiVeQ or QSGD).
 //
 // Register it on `ddp_model.reducer` (Python: gradiveq.register_hook). DDP then calls runHook once per bucket,
 // in bucket order, on the autograd thread, and copies the returned tensor back into the parameters' .grad.
@@ -8,23 +9,23 @@
 
 #include <memory>
 
-#include "gradiveq/aggregator.h"
+#include "gradiveq/bucket_aggregator.h"
 
 namespace gradiveq {
 
 /// Runs one DDP bucket through `aggregator`: the shared body of the C++ hook and the Python-callable hook.
-c10::intrusive_ptr<c10::ivalue::Future> run_bucket(Aggregator& aggregator, c10d::GradBucket& bucket);
+c10::intrusive_ptr<c10::ivalue::Future> run_bucket(BucketAggregator& aggregator, c10d::GradBucket& bucket);
 
 class GradiVeQCommHook : public c10d::CommHookInterface {
  public:
-  explicit GradiVeQCommHook(std::shared_ptr<Aggregator> aggregator);
+  explicit GradiVeQCommHook(std::shared_ptr<BucketAggregator> aggregator);
 
   c10::intrusive_ptr<c10::ivalue::Future> runHook(c10d::GradBucket& bucket) override;
   /// The future holds the bucket buffer (a Tensor); lists are accepted too.
   at::Tensor parseHookResult(const c10::IValue& result) override;
 
  private:
-  std::shared_ptr<Aggregator> aggregator_;
+  std::shared_ptr<BucketAggregator> aggregator_;
 };
 
 }  // namespace gradiveq

@@ -7,5 +7,6 @@
 #include "gradiveq/errors.h"
 #include "gradiveq/pca_compressor.h"
 #include "gradiveq/qsgd.h"
+#include "gradiveq/qsgd_aggregator.h"
 #include "gradiveq/schedule.h"
 #include "gradiveq/version.h"

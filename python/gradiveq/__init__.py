@@ -6,7 +6,7 @@ The compiled core lives in ``gradiveq._C``; this package re-exports it.
 import torch  # noqa: F401  (loads libtorch before the extension, which links against it)
 import torch.distributed  # noqa: F401  (registers c10d's pybind11 types the extension accepts)
 
-from gradiveq.state import GradiVeQState, hook, register_hook  # noqa: E402
+from gradiveq.state import GradiVeQState, QsgdState, hook, register_hook  # noqa: E402
 from gradiveq._C import (  # noqa: E402
     ConvSliceLayout,
     InvalidArgument,
@@ -20,6 +20,7 @@ from gradiveq._C import (  # noqa: E402
 
 __all__ = [
     "GradiVeQState",
+    "QsgdState",
     "hook",
     "register_hook",
     "ConvSliceLayout",

@@ -144,7 +144,30 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("fit_ms", &StepStats::fit_ms)
       .def_readonly("sampling_aggregation", &StepStats::sampling_aggregation);
 
-  py::class_<Aggregator, std::shared_ptr<Aggregator>>(m, "Aggregator")
+  py::class_<BucketAggregator, std::shared_ptr<BucketAggregator>>(m, "BucketAggregator")
+      .def_property_readonly("iteration", &BucketAggregator::iteration)
+      .def("step_stats", &BucketAggregator::step_stats)
+      // The Python-callable hook body: same engine, returns a torch.futures-compatible future.
+      .def("run_bucket",
+           [](BucketAggregator& self, c10d::GradBucket& bucket) {
+             return std::make_shared<torch::jit::PythonFutureWrapper>(run_bucket(self, bucket));
+           },
+           py::arg("bucket"), py::call_guard<py::gil_scoped_release>());
+
+  py::class_<QsgdAggregator, BucketAggregator, std::shared_ptr<QsgdAggregator>>(m, "QsgdAggregator")
+      .def(py::init([](c10d::ProcessGroup& pg, int64_t levels, int64_t bucket_size, const std::string& norm,
+                       int64_t min_numel, uint64_t seed) {
+             QsgdAggregatorOptions o;
+             o.codec = QsgdOptions{levels, bucket_size, parse_qsgd_norm(norm)};
+             o.min_numel = min_numel;
+             o.seed = seed;
+             return QsgdAggregator::create(c10::intrusive_ptr<c10d::ProcessGroup>::reclaim_copy(&pg), o);
+           }),
+           py::arg("process_group"), py::arg("levels"), py::arg("bucket_size"), py::arg("norm"),
+           py::arg("min_numel"), py::arg("seed"))
+      .def_property_readonly("bits_per_value", [](const QsgdAggregator& a) { return a.codec().bits_per_value(); });
+
+  py::class_<Aggregator, BucketAggregator, std::shared_ptr<Aggregator>>(m, "Aggregator")
       .def(py::init([](c10d::ProcessGroup& pg, const std::vector<std::pair<std::string, at::Tensor>>& params,
                        const AggregatorOptions& options) {
              std::vector<NamedParameter> named;
@@ -153,25 +176,17 @@ PYBIND11_MODULE(_C, m) {
                                        std::move(named), options);
            }),
            py::arg("process_group"), py::arg("parameters"), py::arg("options"))
-      .def_property_readonly("iteration", &Aggregator::iteration)
       .def_property_readonly("phase", &Aggregator::phase)
       .def_property_readonly("world_size", &Aggregator::world_size)
       .def_property_readonly("rank", &Aggregator::rank)
       .def("layer_stats", &Aggregator::layer_stats)
-      .def("step_stats", &Aggregator::step_stats)
       .def("save_state", &Aggregator::save_state)
       .def("load_state", &Aggregator::load_state, py::arg("state"))
       .def("basis", &Aggregator::basis, py::arg("name"))
-      .def("set_basis", &Aggregator::set_basis, py::arg("name"), py::arg("pca"))
-      // The Python-callable hook body: same engine, returns a torch.futures-compatible future.
-      .def("run_bucket",
-           [](Aggregator& self, c10d::GradBucket& bucket) {
-             return std::make_shared<torch::jit::PythonFutureWrapper>(run_bucket(self, bucket));
-           },
-           py::arg("bucket"), py::call_guard<py::gil_scoped_release>());
+      .def("set_basis", &Aggregator::set_basis, py::arg("name"), py::arg("pca"));
 
   m.def("register_comm_hook",
-        [](c10d::Reducer& reducer, std::shared_ptr<Aggregator> aggregator) {
+        [](c10d::Reducer& reducer, std::shared_ptr<BucketAggregator> aggregator) {
           reducer.register_comm_hook(std::make_unique<GradiVeQCommHook>(std::move(aggregator)));
         },
         py::arg("reducer"), py::arg("aggregator"), py::call_guard<py::gil_scoped_release>(),

@@ -50,7 +50,10 @@ def train(rank: int, world_size: int, cfg: dict) -> dict:
     opt = torch.optim.SGD(model.parameters(), lr=cfg.get("lr", 0.01), momentum=0.9)
     state = None
     hook = cfg.get("hook", "plain")
-    if hook != "plain":
+    if hook == "qsgd":
+        state = gradiveq.QsgdState(**cfg.get("state", {}))
+        gradiveq.register_hook(ddp, state)
+    elif hook != "plain":
         state = gradiveq.GradiVeQState(**cfg.get("state", {}), model=ddp if hook == "py" else None)
         if hook == "py":
             ddp.register_comm_hook(state, gradiveq.hook)
@@ -76,7 +79,7 @@ def train(rank: int, world_size: int, cfg: dict) -> dict:
             handle = conv2.weight.register_hook(lambda g: g + float("inf"))
         opt.zero_grad(set_to_none=True)
         for micro in range(accumulate):
-            x, y = make_data(rank, step * accumulate + micro)
+            x, y = make_data(rank, 0 if cfg.get("fixed_batch") else step * accumulate + micro)
             # DDP decides at forward time whether the backward synchronises: no_sync wraps both.
             with ddp.no_sync() if micro < accumulate - 1 else contextlib.nullcontext():
                 loss = F.cross_entropy(ddp(x), y)
@@ -90,6 +93,7 @@ def train(rank: int, world_size: int, cfg: dict) -> dict:
         out["finite"].append(all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None))
         if state is not None:
             out["phases"].append(state.stats()["step"]["phase"])
+            out.setdefault("step_stats", []).append(state.stats()["step"])
         if scaler is not None:
             scaler.step(opt)
             scaler.update()

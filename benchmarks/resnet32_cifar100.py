@@ -1,0 +1,530 @@
+"""ResNet-32 / CIFAR-100 data-parallel benchmark: GradiVeQ against plain all-reduce, fp16, PowerSGD and QSGD.
+
+Starts W local ranks itself (or runs under torchrun), trains the CIFAR ResNet-32 with each method in turn, and
+reports per method: median / p90 step time, exposed aggregation (step minus the no-communication floor),
+aggregation time (bucket handed to the hook -> its future completed, summed per step), bytes sent per step per
+rank, compression ratio, loss, and test accuracy when real CIFAR-100 is given.
+
+    python benchmarks/resnet32_cifar100.py --bandwidth-mbit 50            # the demo setting (needs root to shape)
+    python benchmarks/resnet32_cifar100.py --methods plain,gradiveq --iters 30 --bandwidth-mbit 0
+    torchrun --nproc-per-node 2 benchmarks/resnet32_cifar100.py --methods plain,gradiveq
+
+--bandwidth-mbit R runs all ranks in a network namespace whose loopback is shaped to R Mbit/s with tc tbf. All
+ranks then share ONE link, so the ring all-reduce floor printed is N x (bytes each rank sends) / R.
+Without --data DIR (CIFAR-100 binary: train.bin, test.bin) the data are SYNTHETIC, and every output says so.
+"""
+
+import argparse
+import datetime
+import json
+import math
+import os
+import pickle
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "python"))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook  # noqa: E402
+
+import gradiveq  # noqa: E402
+from gradiveq.data import SyntheticCifar100  # noqa: E402
+from gradiveq.datasets import CIFAR100_MEAN, CIFAR100_STD, read_cifar100_bin  # noqa: E402
+from gradiveq.models import resnet32  # noqa: E402
+
+ALL_METHODS = ["nocomm", "plain", "fp16", "powersgd1", "powersgd2", "qsgd4", "gradiveq"]
+PAPER_SCHEDULE = (2500, 100, 400)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Measuring torch's hooks: time from hand-over to completion, and the bytes their collectives carry.
+class _CountingDist:
+    """Stands in for torch.distributed inside torch's hook modules and counts the bytes they all-reduce."""
+
+    def __init__(self, real):
+        self._real = real
+        self.bytes = 0
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def all_reduce(self, tensor, *args, **kwargs):
+        self.bytes += tensor.numel() * tensor.element_size()
+        return self._real.all_reduce(tensor, *args, **kwargs)
+
+
+def _timed(hook_fn, record):
+    def wrapper(state, bucket):
+        start = time.perf_counter()
+        fut = hook_fn(state, bucket)
+
+        def done(f):
+            record.append(time.perf_counter() - start)
+            return f.value()
+        return fut.then(done)
+    return wrapper
+
+
+def _noop_hook(_, bucket):
+    fut = torch.futures.Future()
+    fut.set_result(bucket.buffer())
+    return fut
+
+
+# ---------------------------------------------------------------------------------------------------------
+class Data:
+    def __init__(self, args, rank, world):
+        self.synthetic = args.data is None
+        self.batch = args.batch
+        if self.synthetic:
+            self.stream = SyntheticCifar100(args.batch, seed=args.seed, rank=rank)
+            self.test = None
+            return
+        images, labels, _ = read_cifar100_bin(os.path.join(args.data, "train.bin"))
+        self.images, self.labels = images[rank::world], labels[rank::world]
+        self.gen = torch.Generator().manual_seed(args.seed * 1000 + rank)
+        self.order, self.pos = torch.randperm(len(self.labels), generator=self.gen), 0
+        timages, tlabels, _ = read_cifar100_bin(os.path.join(args.data, "test.bin"))
+        self.test = (self._norm(timages), tlabels)
+
+    @staticmethod
+    def _norm(images):
+        mean = torch.tensor(CIFAR100_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(CIFAR100_STD).view(1, 3, 1, 1)
+        return (images.float() / 255.0 - mean) / std
+
+    def batch_(self):
+        if self.synthetic:
+            return self.stream.batch()
+        if self.pos + self.batch > len(self.order):
+            self.order, self.pos = torch.randperm(len(self.labels), generator=self.gen), 0
+        idx = self.order[self.pos:self.pos + self.batch]
+        self.pos += self.batch
+        x = self._norm(self.images[idx])
+        if torch.rand(1, generator=self.gen).item() < 0.5:  # random horizontal flip
+            x = x.flip(3)
+        return x, self.labels[idx]
+
+
+def _scaled_schedule(args):
+    """GradiVeQ's schedule: --schedule W,S,C, else the paper's 2500/100/400 x --schedule-scale (at least 2 sampling
+    iterations, since a fit needs 2 samples)."""
+    if args.schedule:
+        return tuple(args.schedule)
+    w, s, c = (max(1, round(v * args.schedule_scale)) for v in PAPER_SCHEDULE)
+    return w, max(2, s), c
+
+
+def run_method(rank, world, args, method):
+    """Trains `method` for args.warmup_steps + args.iters steps on this rank; returns rank 0's measurements."""
+    torch.manual_seed(args.seed)
+    model = resnet32()
+    single_bucket = method.startswith("powersgd")  # torch's PowerSGD hook is unsafe with several buckets on Gloo
+    ddp_kwargs = {}
+    if args.bucket_cap_mb is not None:
+        ddp_kwargs["bucket_cap_mb"] = args.bucket_cap_mb
+    if single_bucket:
+        ddp_kwargs["bucket_cap_mb"] = 1024
+    ddp = torch.nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[int(0.5 * args.total), int(0.75 * args.total)])
+    hook_times, counter, state = [], None, None
+    warmup_steps = args.warmup_steps
+    if method == "nocomm":
+        ddp.register_comm_hook(None, _timed(_noop_hook, hook_times))
+    elif method == "plain":
+        counter = _CountingDist(dist)
+        default_hooks.dist = counter
+        ddp.register_comm_hook(None, _timed(default_hooks.allreduce_hook, hook_times))
+    elif method == "fp16":
+        counter = _CountingDist(dist)
+        default_hooks.dist = counter
+        ddp.register_comm_hook(None, _timed(default_hooks.fp16_compress_hook, hook_times))
+    elif method.startswith("powersgd"):
+        counter = _CountingDist(dist)
+        powerSGD_hook.dist = counter
+        default_hooks.dist = counter
+        rank_r = int(method[len("powersgd"):])
+        state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=rank_r,
+                                            start_powerSGD_iter=2, use_error_feedback=True, warm_start=True)
+        ddp.register_comm_hook(state, _timed(powerSGD_hook.powerSGD_hook, hook_times))
+        warmup_steps = max(warmup_steps, 3)
+    elif method == "qsgd4":
+        state = gradiveq.QsgdState(levels=7, bucket_size=512, seed=args.seed)
+        gradiveq.register_hook(ddp, state)
+    elif method == "gradiveq":
+        warm, sample, compress = _scaled_schedule(args)
+        state = gradiveq.GradiVeQState(warmup_iters=warm, sample_iters=sample, compress_iters=compress,
+                                       coeff_dtype=getattr(torch, args.coeff_dtype), seed=args.seed)
+        gradiveq.register_hook(ddp, state)
+        warmup_steps = max(warmup_steps, warm)  # measure GradiVeQ after its uncompressed warm-up
+    else:
+        raise ValueError(f"unknown method {method!r}; choose from {ALL_METHODS}")
+
+    data = Data(args, rank, world)
+    steps = warmup_steps + args.iters
+    rows = []
+    progress = None
+    if rank == 0 and not args.no_progress:
+        try:
+            from tqdm import tqdm
+            progress = tqdm(total=steps, desc=f"{method:>10}", leave=False, file=sys.stderr, disable=None)
+        except ImportError:
+            progress = None
+    t_start = time.perf_counter()
+    for step in range(steps):
+        x, y = data.batch_()
+        hook_times.clear()
+        bytes_before = counter.bytes if counter else 0
+        dist.barrier() if args.barrier else None
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(ddp(x), y)
+        loss.backward()
+        opt.step()
+        sched.step()
+        t1 = time.perf_counter()
+        row = dict(step=step, time=t1 - t0, wall=t1 - t_start, loss=loss.item())
+        if method in ("qsgd4", "gradiveq"):
+            st = state.stats()["step"]
+            row.update(agg=st["aggregation_ms"] / 1e3, bytes=st["bytes_payload"], wire=st["bytes_wire"],
+                       uncompressed=st["bytes_uncompressed"], phase=st["phase"], fit=st["fit_ms"] / 1e3,
+                       codec=(st["compress_ms"] + st["decompress_ms"]) / 1e3)
+        else:
+            sent = (counter.bytes - bytes_before) if counter else 0
+            row.update(agg=sum(hook_times), bytes=sent, wire=sent * 2 * (world - 1) / world,
+                       uncompressed=sum(p.numel() * 4 for p in model.parameters()), phase="")
+        rows.append(row)
+        if progress is not None:
+            progress.update(1)
+    if progress is not None:
+        progress.close()
+    default_hooks.dist = dist
+    powerSGD_hook.dist = dist
+
+    result = dict(method=method, rows=rows, warmup_steps=warmup_steps, synthetic=data.synthetic)
+    if method == "gradiveq":
+        st = state.stats()
+        result["gradiveq"] = dict(summary=st["summary"], schedule=_scaled_schedule(args),
+                                  layers={n: {k: v[k] for k in ("K", "d", "ratio", "relative_error", "basis_bytes")}
+                                          for n, v in st["layers"].items() if v["compressible"]})
+    if data.test is not None:
+        result["test_accuracy"] = evaluate(model, *data.test)
+    return result
+
+
+@torch.no_grad()
+def evaluate(model, images, labels, batch=500):
+    model.eval()
+    correct = 0
+    for i in range(0, len(labels), batch):
+        correct += (model(images[i:i + batch]).argmax(1) == labels[i:i + batch]).sum().item()
+    model.train()
+    return correct / len(labels)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launching: W local ranks per method (fresh processes, so no state leaks between methods), or torchrun.
+def _rank_entry(rank, world, port, args, method, out_path):
+    torch.set_num_threads(args.threads)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=args.timeout))
+    try:
+        result = run_method(rank, world, args, method)
+        if rank == 0:
+            with open(out_path, "wb") as f:
+                pickle.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_all_local(args):
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for rep in range(args.repeats):
+            for method in args.methods:
+                out = os.path.join(tmp, f"{method}_{rep}.pkl")
+                mp.start_processes(_rank_entry, args=(args.world_size, _free_port(), args, method, out),
+                                   nprocs=args.world_size, start_method="spawn")
+                with open(out, "rb") as f:
+                    res = pickle.load(f)
+                res["repeat"] = rep
+                results.append(res)
+                print(f"  {summarize(res, args)['line']}", flush=True)
+    return results
+
+
+def run_all_torchrun(args):
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=args.timeout))
+    torch.set_num_threads(args.threads)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    args.world_size = world
+    results = []
+    for rep in range(args.repeats):
+        for method in args.methods:
+            res = run_method(rank, world, args, method)
+            res["repeat"] = rep
+            results.append(res)
+            if rank == 0:
+                print(f"  {summarize(res, args)['line']}", flush=True)
+    dist.destroy_process_group()
+    return results if rank == 0 else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+def _pct(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))]
+
+
+def summarize(res, args):
+    rows = res["rows"][res["warmup_steps"]:]
+    times = [r["time"] for r in rows]
+    s = dict(method=res["method"], median=statistics.median(times), p90=_pct(times, 0.9), mean=statistics.mean(times),
+             agg=statistics.median([r["agg"] for r in rows]), bytes=statistics.mean([r["bytes"] for r in rows]),
+             wire=statistics.mean([r["wire"] for r in rows]), uncompressed=rows[0]["uncompressed"],
+             loss=statistics.mean([r["loss"] for r in rows[-10:]]), steps=len(rows))
+    s["ratio"] = s["uncompressed"] / s["bytes"] if s["bytes"] else float("inf")
+    if res["method"] == "gradiveq":
+        by_phase = {}
+        for r in rows:
+            by_phase.setdefault(r["phase"], []).append(r["time"])
+        s["phase_median"] = {p: statistics.median(v) for p, v in by_phase.items()}
+        s["codec"] = statistics.median([r["codec"] for r in rows if r["phase"] == "compressed"] or [0.0])
+    if "test_accuracy" in res:
+        s["test_accuracy"] = res["test_accuracy"]
+    s["line"] = (f"{s['method']:>10}: step median {1e3 * s['median']:7.1f} ms (p90 {1e3 * s['p90']:7.1f}), "
+                 f"aggregation {1e3 * s['agg']:7.1f} ms, {s['bytes'] / 1e3:8.1f} KB/step/rank, ratio {s['ratio']:6.1f}, "
+                 f"loss {s['loss']:.3f}")
+    return s
+
+
+def report(results, args):
+    per_method = {}
+    for res in results:
+        per_method.setdefault(res["method"], []).append(summarize(res, args))
+    def med(method, key):
+        return statistics.median(x[key] for x in per_method[method])
+    floor = med("nocomm", "median") if "nocomm" in per_method else None
+    plain = med("plain", "median") if "plain" in per_method else None
+    bw = args.bandwidth_mbit_effective
+    synthetic = results[0]["synthetic"]
+    lines = []
+    title = (f"ResNet-32, {'SYNTHETIC CIFAR-100-shaped data' if synthetic else 'CIFAR-100'}, {args.world_size} ranks, "
+             f"batch {args.batch}/rank, Gloo, {args.threads} thread(s)/rank, "
+             f"{'link shaped to %g Mbit/s (one loopback shared by all ranks)' % bw if bw else 'unshaped loopback'}, "
+             f"{args.iters} measured steps x {args.repeats} repeat(s)")
+    lines.append(f"# {title}\n")
+    lines.append(f"Command: `{args.command}`  \nDate: {datetime.datetime.now().isoformat(timespec='seconds')}, "
+                 f"torch {torch.__version__}\n")
+    header = ("| method | step median ms | p90 ms | spread of medians ms | exposed ms | x plain | aggregation ms | "
+              "KB/step/rank | ratio | link floor ms | loss (last 10) |")
+    lines.append(header)
+    lines.append("|---" * (header.count("|") - 1) + "|")
+    for method in args.methods:
+        if method not in per_method:
+            continue
+        xs = per_method[method]
+        m = med(method, "median")
+        spread = f"{1e3 * min(x['median'] for x in xs):.0f}-{1e3 * max(x['median'] for x in xs):.0f}"
+        exposed = f"{1e3 * (m - floor):.0f}" if floor is not None else "-"
+        vs_plain = f"{m / plain:.2f}" if plain else "-"
+        link_floor = f"{1e3 * args.world_size * med(method, 'wire') * 8 / (bw * 1e6):.0f}" if bw else "-"
+        lines.append(f"| {method} | {1e3 * m:.0f} | {1e3 * med(method, 'p90'):.0f} | {spread} | {exposed} | {vs_plain} | "
+                     f"{1e3 * med(method, 'agg'):.0f} | {med(method, 'bytes') / 1e3:.1f} | {med(method, 'ratio'):.1f} | "
+                     f"{link_floor} | {med(method, 'loss'):.3f} |")
+    if "gradiveq" in per_method:
+        g = per_method["gradiveq"][0]
+        res = next(r for r in results if r["method"] == "gradiveq")
+        w, s_, c = res["gradiveq"]["schedule"]
+        summ = res["gradiveq"]["summary"]
+        lines.append("")
+        lines.append(f"GradiVeQ: schedule warm-up {w} / sampling {s_} / compressed {c} (paper: 2500/100/400); "
+                     f"coefficients {args.coeff_dtype}; median step by phase: " +
+                     ", ".join(f"{p} {1e3 * v:.0f} ms" for p, v in g["phase_median"].items()) +
+                     f"; codec {1e3 * g['codec']:.1f} ms per compressed step; conv layers "
+                     f"{summ['conv_bytes_in'] / 1e3:.0f} KB -> {summ['conv_bytes_out'] / 1e3:.1f} KB per step "
+                     f"(ratio {summ.get('conv_ratio', float('nan')):.1f}); bases {summ['basis_bytes'] / 1e6:.1f} MB.")
+    if any("test_accuracy" in x for xs in per_method.values() for x in xs):
+        lines.append("")
+        lines.append("Test accuracy: " + ", ".join(f"{m} {statistics.median(x['test_accuracy'] for x in xs):.4f}"
+                                                   for m, xs in per_method.items() if "test_accuracy" in xs[0]))
+    lines.append("")
+    lines.append("Columns: step = forward + backward (with aggregation) + optimizer step on rank 0, after each "
+                 "method's warm-up; exposed = step - no-communication step (aggregation time compute did not hide); "
+                 "aggregation = sum over buckets of (bucket handed to the hook -> its future completed), median "
+                 "step; KB = payload this rank put into collectives; link floor = N x ring bytes per rank / "
+                 "bandwidth (all ranks share one shaped link).")
+    text = "\n".join(lines) + "\n"
+    return text, per_method
+
+
+def plot(results, per_method, args, path_prefix):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plots")
+        return []
+    methods = [m for m in args.methods if m in per_method]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    meds = [1e3 * statistics.median(x["median"] for x in per_method[m]) for m in methods]
+    lo = [1e3 * min(x["median"] for x in per_method[m]) for m in methods]
+    hi = [1e3 * max(x["p90"] for x in per_method[m]) for m in methods]
+    ax.bar(methods, meds, yerr=[[a - b for a, b in zip(meds, lo)], [b - a for a, b in zip(meds, hi)]],
+           capsize=4, color=["#999999" if m in ("nocomm", "plain") else "#4477aa" if m != "gradiveq" else "#cc3311"
+                             for m in methods])
+    ax.set_ylabel("step time, ms (median; bars: min median .. max p90)")
+    bw = args.bandwidth_mbit_effective
+    ax.set_title(f"ResNet-32, {args.world_size} ranks, {'%g Mbit/s' % bw if bw else 'unshaped'}"
+                 f"{', synthetic data' if results[0]['synthetic'] else ''}")
+    fig.tight_layout()
+    bars = path_prefix + "_steptime.png"
+    fig.savefig(bars, dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for m in methods:
+        res = next(r for r in results if r["method"] == m)
+        ax.plot([r["wall"] for r in res["rows"]], [r["loss"] for r in res["rows"]], label=m, lw=1)
+    ax.set_xlabel("wall-clock time, s")
+    ax.set_ylabel("training loss (rank 0)")
+    ax.legend()
+    fig.tight_layout()
+    curves = path_prefix + "_loss.png"
+    fig.savefig(curves, dpi=110)
+    plt.close(fig)
+    return [bars, curves]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Network shaping: re-run this script inside a namespace whose loopback is limited with tc tbf.
+def shaped_rerun(args, argv):
+    name = f"gvq{os.getpid()}"
+    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc"):
+        print(f"cannot shape the link to {args.bandwidth_mbit} Mbit/s (needs root, ip and tc): running UNSHAPED")
+        return None
+    cmds = [["ip", "netns", "add", name], ["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"],
+            ["ip", "netns", "exec", name, "tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate",
+             f"{args.bandwidth_mbit}mbit", "burst", "256kb", "latency", "50ms"]]
+    def cleanup(*_):
+        subprocess.run(["ip", "netns", "del", name], stderr=subprocess.DEVNULL)
+    old = signal.signal(signal.SIGTERM, lambda *a: (cleanup(), sys.exit(143)))
+    try:
+        for c in cmds:
+            if subprocess.run(c, stderr=subprocess.PIPE, text=True).returncode != 0:
+                print(f"cannot shape the link ({' '.join(c)} failed): running UNSHAPED")
+                return None
+        env = dict(os.environ, GRADIVEQ_NETNS=name)
+        return subprocess.run(["ip", "netns", "exec", name, sys.executable] + argv, env=env).returncode
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        cleanup()
+        signal.signal(signal.SIGTERM, old)
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma list from {ALL_METHODS}")
+    ap.add_argument("--world-size", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=30, help="measured steps per method (after its warm-up)")
+    ap.add_argument("--warmup-steps", type=int, default=5, help="unmeasured steps per method")
+    ap.add_argument("--repeats", type=int, default=1, help="repeat the whole sweep to report the spread")
+    ap.add_argument("--batch", type=int, default=32, help="batch per rank")
+    ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--bandwidth-mbit", type=float, default=0, help="shape the loopback (0: unshaped)")
+    ap.add_argument("--data", default=None, help="directory with CIFAR-100 binary train.bin / test.bin")
+    ap.add_argument("--schedule-scale", type=float, default=0.1,
+                    help="GradiVeQ schedule = paper's 2500/100/400 x this (default 0.1: 250/10/40)")
+    ap.add_argument("--schedule", default=None, help="GradiVeQ schedule as W,S,C (overrides --schedule-scale)")
+    ap.add_argument("--coeff-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--bucket-cap-mb", type=float, default=None, help="DDP bucket cap (default: DDP's)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--timeout", type=float, default=300, help="process group timeout, s")
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"), help="results directory")
+    ap.add_argument("--tag", default=None, help="results file name stem")
+    ap.add_argument("--barrier", action="store_true", help="barrier before each step (isolates steps)")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--json", default=None, help="also write raw per-step rows here")
+    args = ap.parse_args(argv)
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.schedule:
+        try:
+            args.schedule = [int(v) for v in args.schedule.split(",")]
+            assert len(args.schedule) == 3 and args.schedule[0] >= 0 and args.schedule[1] >= 2 and args.schedule[2] >= 0
+        except (ValueError, AssertionError):
+            ap.error(f"argument --schedule: expected W,S,C with W >= 0, S >= 2, C >= 0, got {args.schedule!r}")
+    for m in args.methods:
+        if m not in ALL_METHODS:
+            ap.error(f"argument --methods: unknown method {m!r}; choose from {ALL_METHODS}")
+    if args.world_size < 2:
+        ap.error("argument --world-size: must be >= 2")
+    if args.iters < 1 or args.repeats < 1:
+        ap.error("arguments --iters and --repeats must be >= 1")
+    if args.bandwidth_mbit < 0:
+        ap.error("argument --bandwidth-mbit: must be >= 0")
+    return args
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    args.command = "python benchmarks/resnet32_cifar100.py " + " ".join(argv)
+    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if args.bandwidth_mbit and not os.environ.get("GRADIVEQ_NETNS") and not under_torchrun:
+        rc = shaped_rerun(args, [os.path.abspath(__file__)] + argv)
+        if rc is not None:
+            return rc
+        args.bandwidth_mbit = 0
+    args.bandwidth_mbit_effective = args.bandwidth_mbit
+    warm, sample, compress = _scaled_schedule(args)
+    args.total = max(args.warmup_steps, warm) + args.iters
+    data_note = "SYNTHETIC CIFAR-100-shaped data (no --data given)" if args.data is None else f"CIFAR-100 from {args.data}"
+    if not under_torchrun:
+        print(f"ResNet-32 benchmark: {args.world_size} ranks, {data_note}, "
+              f"{'%g Mbit/s shaped loopback' % args.bandwidth_mbit if args.bandwidth_mbit else 'unshaped loopback'}, "
+              f"methods {','.join(args.methods)}", flush=True)
+        results = run_all_local(args)
+    else:
+        results = run_all_torchrun(args)
+        if results is None:
+            return 0
+    text, per_method = report(results, args)
+    print()
+    print(text)
+    os.makedirs(args.out, exist_ok=True)
+    tag = args.tag or f"resnet32_{int(args.bandwidth_mbit_effective)}mbit"
+    md = os.path.join(args.out, tag + ".md")
+    pngs = plot(results, per_method, args, os.path.join(args.out, tag))
+    with open(md, "w") as f:
+        f.write(text)
+        for p in pngs:
+            f.write(f"\n![{os.path.basename(p)}]({os.path.basename(p)})\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f)
+    print(f"results: {md}" + "".join(f", {p}" for p in pngs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+// Private: per-step statistics shared by the aggregators. Buckets are issued on the hook thread and finish on
+// communication threads in any order; a step's stats become visible once its last bucket was issued and every
+// issued bucket has finished.
+#pragma once
+
+#include <chrono>
+#include <mutex>
+#include <string>
+
+#include "gradiveq/bucket_aggregator.h"
+
+namespace gradiveq::detail {
+
+using Clock = std::chrono::steady_clock;
+
+inline double ms_since(Clock::time_point t) {
+  return std::chrono::duration<double, std::milli>(Clock::now() - t).count();
+}
+
+class StepRecorder {
+ public:
+  void begin(int64_t iteration, const std::string& phase, const std::string& sampling_aggregation) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    current_ = StepStats{};
+    current_.iteration = iteration;
+    current_.phase = phase;
+    current_.sampling_aggregation = sampling_aggregation;
+    finished_ = 0;
+    last_issued_ = false;
+  }
+  void add_fit_ms(double ms) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    current_.fit_ms += ms;
+  }
+  void issued(int64_t collectives, int64_t payload, int64_t wire, int64_t uncompressed, double compress_ms,
+              bool is_last) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    current_.buckets += 1;
+    current_.collectives += collectives;
+    current_.bytes_payload += payload;
+    current_.bytes_wire += wire;
+    current_.bytes_uncompressed += uncompressed;
+    current_.compress_ms += compress_ms;
+    last_issued_ = last_issued_ || is_last;
+  }
+  void finished(double decompress_ms, Clock::time_point bucket_start) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    current_.decompress_ms += decompress_ms;
+    current_.aggregation_ms += ms_since(bucket_start);
+    ++finished_;
+    if (last_issued_ && finished_ == current_.buckets) last_ = current_;
+  }
+  StepStats last() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return last_;
+  }
+
+ private:
+  mutable std::mutex mutex_;
+  StepStats current_, last_;
+  int64_t finished_ = 0;
+  bool last_issued_ = false;
+};
+
+}  // namespace gradiveq::detail
