@@ -28,11 +28,17 @@ build: configure
 test: build
 	@bash scripts/run_tests.sh $(BUILD_DIR) $(PYTHON)
 
+# A short run of the ResNet-32 benchmark: 2 ranks, synthetic data, every method, 50 Mbit/s when it can shape.
 demo: build
-	PYTHONPATH=python OMP_NUM_THREADS=2 $(PYTHON) examples/python/compressor_demo.py
+	$(PYTHON) benchmarks/resnet32_cifar100.py --bandwidth-mbit 50 --iters 25 --warmup-steps 3 \
+	  --schedule 5,10,40 --out $(BUILD_DIR)/demo-results --tag demo_50mbit
 
+# The long version, written to benchmarks/results/, plus the codec micro-benchmarks.
 bench: build
-	bash benchmarks/run_codec_bench.sh $(BUILD_DIR)
+	$(PYTHON) benchmarks/resnet32_cifar100.py --bandwidth-mbit 50 --iters 60 --repeats 3 --schedule 5,10,40
+	$(PYTHON) benchmarks/resnet32_cifar100.py --bandwidth-mbit 200 --iters 60 --repeats 3 --schedule 5,10,40
+	$(BUILD_DIR)/benchmarks/gradiveq_codec_bench --benchmark_min_time=0.5 --benchmark_repetitions=5 \
+	  --benchmark_report_aggregates_only=true
 
 format:
 	clang-format -i include/gradiveq/*.h src/*.cpp tests/*.cpp tests/*.h benchmarks/*.cpp python/src/*.cpp

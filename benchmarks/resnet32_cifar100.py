@@ -329,7 +329,7 @@ def report(results, args):
     lines = []
     title = (f"ResNet-32, {'SYNTHETIC CIFAR-100-shaped data' if synthetic else 'CIFAR-100'}, {args.world_size} ranks, "
              f"batch {args.batch}/rank, Gloo, {args.threads} thread(s)/rank, "
-             f"{'link shaped to %g Mbit/s (one loopback shared by all ranks)' % bw if bw else 'unshaped loopback'}, "
+             f"{'link shaped to %g Mbit/s, tbf burst %d KB (one loopback shared by all ranks)' % (bw, args.burst_kb) if bw else 'unshaped loopback'}, "
              f"{args.iters} measured steps x {args.repeats} repeat(s)")
     lines.append(f"# {title}\n")
     lines.append(f"Command: `{args.command}`  \nDate: {datetime.datetime.now().isoformat(timespec='seconds')}, "
@@ -423,7 +423,9 @@ def shaped_rerun(args, argv):
         return None
     cmds = [["ip", "netns", "add", name], ["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"],
             ["ip", "netns", "exec", name, "tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate",
-             f"{args.bandwidth_mbit}mbit", "burst", "256kb", "latency", "50ms"]]
+             f"{args.bandwidth_mbit}mbit", "burst", f"{args.burst_kb}kb", "latency", "50ms"]]
+    if args.mtu:
+        cmds.insert(1, ["ip", "netns", "exec", name, "ip", "link", "set", "lo", "mtu", str(args.mtu)])
     def cleanup(*_):
         subprocess.run(["ip", "netns", "del", name], stderr=subprocess.DEVNULL)
     old = signal.signal(signal.SIGTERM, lambda *a: (cleanup(), sys.exit(143)))
@@ -432,7 +434,8 @@ def shaped_rerun(args, argv):
             if subprocess.run(c, stderr=subprocess.PIPE, text=True).returncode != 0:
                 print(f"cannot shape the link ({' '.join(c)} failed): running UNSHAPED")
                 return None
-        env = dict(os.environ, GRADIVEQ_NETNS=name)
+        # c10d warns that it cannot resolve host names inside the namespace; that is expected here.
+        env = dict(os.environ, GRADIVEQ_NETNS=name, TORCH_CPP_LOG_LEVEL=os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR"))
         return subprocess.run(["ip", "netns", "exec", name, sys.executable] + argv, env=env).returncode
     except KeyboardInterrupt:
         return 130
@@ -451,6 +454,9 @@ def parse_args(argv):
     ap.add_argument("--batch", type=int, default=32, help="batch per rank")
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--bandwidth-mbit", type=float, default=0, help="shape the loopback (0: unshaped)")
+    ap.add_argument("--burst-kb", type=int, default=256,
+                    help="tc tbf burst in KB (default 256, as in design.md; must exceed the loopback MTU)")
+    ap.add_argument("--mtu", type=int, default=0, help="loopback MTU inside the namespace (0: keep 65536)")
     ap.add_argument("--data", default=None, help="directory with CIFAR-100 binary train.bin / test.bin")
     ap.add_argument("--schedule-scale", type=float, default=0.1,
                     help="GradiVeQ schedule = paper's 2500/100/400 x this (default 0.1: 250/10/40)")

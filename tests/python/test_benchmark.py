@@ -1,0 +1,41 @@
+"""The ResNet-32 benchmark runs end to end in a tiny configuration (every method, unshaped) with sane output."""
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_benchmark_tiny_run_reports_every_method(tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks/resnet32_cifar100.py"), "--iters", "3", "--warmup-steps",
+           "1", "--schedule", "1,2,3", "--batch", "8", "--no-progress", "--out", str(tmp_path), "--tag", "tiny"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "SYNTHETIC" in out.stdout
+    md = (tmp_path / "tiny.md").read_text()
+    rows = {}
+    for line in md.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 11 and cells[0] in ("nocomm", "plain", "fp16", "powersgd1", "powersgd2", "qsgd4", "gradiveq"):
+            rows[cells[0]] = cells
+    assert set(rows) == {"nocomm", "plain", "fp16", "powersgd1", "powersgd2", "qsgd4", "gradiveq"}
+    for method, cells in rows.items():
+        assert float(cells[1]) > 0, method  # median step ms
+        assert float(cells[3 + 4]) >= 0  # KB/step/rank
+    ratio = {m: float(c[8]) for m, c in rows.items() if m != "nocomm"}
+    assert ratio["plain"] == 1.0 and ratio["fp16"] == 2.0
+    assert 7.0 < ratio["qsgd4"] < 8.0  # 4 bits + a float32 scale per 512 values on the big tensors
+    assert ratio["powersgd2"] > 8 and ratio["gradiveq"] > 1.5
+    kb = {m: float(c[7]) for m, c in rows.items()}
+    assert abs(kb["plain"] - 4 * sum_params() / 1e3) < 0.2
+    assert re.search(r"GradiVeQ: schedule warm-up 1 / sampling 2 / compressed 3", md)
+    for png in ("tiny_steptime.png", "tiny_loss.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+
+
+def sum_params():
+    sys.path.insert(0, os.path.join(ROOT, "python"))
+    from gradiveq.models import resnet32
+    return sum(p.numel() for p in resnet32().parameters())
