@@ -130,6 +130,7 @@ struct Aggregator::BucketPlan {
   uint64_t verify_code = 0;
   bool is_last = false;
   Clock::time_point start;
+  std::shared_ptr<Aggregator> owner;  // keeps the aggregator alive until the callback runs
 };
 
 std::shared_ptr<Aggregator> Aggregator::create(c10::intrusive_ptr<c10d::ProcessGroup> process_group,
@@ -462,12 +463,16 @@ c10::intrusive_ptr<c10::ivalue::Future> Aggregator::aggregate_bucket(const at::T
     for (auto& f : futures) list.push_back(f);
     all = c10::collectAll(list);
   }
-  auto self = shared_from_this();
+  // The callback keeps the aggregator alive while it runs and lets go of it before it returns: were the closure
+  // to hold the last reference when the communication thread destroys it, ~ProcessGroupGloo would join that
+  // very thread. (Whoever owns the aggregator waits for the future, which completes only after the body.)
+  plan->owner = shared_from_this();
   return all->then(
-      [self, plan](c10::ivalue::Future& f) {
+      [plan](c10::ivalue::Future& f) {
+        auto release = std::move(plan->owner);
         f.value();  // rethrows a failed collective
         c10::NoGradGuard no_grad;
-        self->finish_bucket(*plan, plan->gathered);
+        release->finish_bucket(*plan, plan->gathered);
         return c10::IValue(plan->buffer);
       },
       c10::TensorType::get());

@@ -95,9 +95,11 @@ c10::intrusive_ptr<c10::ivalue::Future> QsgdAggregator::aggregate_bucket(const a
     for (auto& f : futures) list.push_back(f);
     all = c10::collectAll(list);
   }
-  auto self = shared_from_this();
+  // As in Aggregator: the closure lets go of the aggregator before it returns (see aggregator.cpp).
   return all->then(
-      [self, parts, raw, gathered, buffer, start, n](c10::ivalue::Future& f) {
+      [owner = std::make_shared<std::shared_ptr<QsgdAggregator>>(shared_from_this()), parts, raw, gathered, buffer,
+       start, n](c10::ivalue::Future& f) {
+        auto self = std::move(*owner);
         f.value();  // rethrows a failed collective
         c10::NoGradGuard no_grad;
         const auto t0 = Clock::now();

@@ -1,0 +1,295 @@
+// Data-parallel ResNet-32 training on CIFAR-100 with GradiVeQ, in C++ only (no Python, no DDP).
+//
+//   train_resnet32 --world-size 2 --iters 200 [--data DIR] [--log-every 20]
+//
+// Without --rank it is the launcher: it starts W copies of itself on this machine (ranks 0..W-1, a TCPStore on
+// 127.0.0.1 at a free port) and waits for them. Each rank builds a Gloo process group, the CIFAR ResNet-32, SGD
+// with momentum, and a gradiveq::GradientSynchronizer, and prints loss, step time, aggregation time and bytes
+// sent. With --data DIR it reads the CIFAR-100 binary files DIR/train.bin and DIR/test.bin; otherwise it trains
+// on SYNTHETIC CIFAR-100-shaped data and says so.
+#include <gradiveq/gradiveq.h>
+#include <netinet/in.h>
+#include <spawn.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <torch/torch.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <string>
+
+#include "cifar100.h"
+
+extern char** environ;
+
+namespace F = torch::nn::functional;
+
+// ---- ResNet-32 (He et al. 2016, CIFAR variant; option-A shortcuts: no 1x1 convs) ------------------------------
+struct BasicBlockImpl : torch::nn::Module {
+  torch::nn::Conv2d conv1{nullptr}, conv2{nullptr};
+  torch::nn::BatchNorm2d bn1{nullptr}, bn2{nullptr};
+  int64_t stride, pad;
+  BasicBlockImpl(int64_t in, int64_t planes, int64_t stride_) : stride(stride_), pad(planes - in) {
+    conv1 = register_module("conv1", torch::nn::Conv2d(torch::nn::Conv2dOptions(in, planes, 3).stride(stride).padding(1).bias(false)));
+    bn1 = register_module("bn1", torch::nn::BatchNorm2d(planes));
+    conv2 = register_module("conv2", torch::nn::Conv2d(torch::nn::Conv2dOptions(planes, planes, 3).padding(1).bias(false)));
+    bn2 = register_module("bn2", torch::nn::BatchNorm2d(planes));
+  }
+  torch::Tensor forward(torch::Tensor x) {
+    torch::Tensor out = torch::relu(bn1(conv1(x)));
+    out = bn2(conv2(out));
+    if (stride != 1 || pad != 0) {
+      using torch::indexing::Slice;
+      x = x.index({Slice(), Slice(), Slice(torch::indexing::None, torch::indexing::None, stride),
+                   Slice(torch::indexing::None, torch::indexing::None, stride)});
+      x = F::pad(x, F::PadFuncOptions({0, 0, 0, 0, pad / 2, pad - pad / 2}));
+    }
+    return torch::relu(out + x);
+  }
+};
+TORCH_MODULE(BasicBlock);
+
+struct ResNet32Impl : torch::nn::Module {
+  torch::nn::Conv2d conv1{nullptr};
+  torch::nn::BatchNorm2d bn1{nullptr};
+  torch::nn::Sequential layers;
+  torch::nn::Linear fc{nullptr};
+  explicit ResNet32Impl(int64_t classes) {
+    conv1 = register_module("conv1", torch::nn::Conv2d(torch::nn::Conv2dOptions(3, 16, 3).padding(1).bias(false)));
+    bn1 = register_module("bn1", torch::nn::BatchNorm2d(16));
+    int64_t in = 16;
+    for (auto [planes, stride] : {std::pair<int64_t, int64_t>{16, 1}, {32, 2}, {64, 2}}) {
+      for (int i = 0; i < 5; ++i) {
+        layers->push_back(BasicBlock(in, planes, i == 0 ? stride : 1));
+        in = planes;
+      }
+    }
+    register_module("layers", layers);
+    fc = register_module("fc", torch::nn::Linear(64, classes));
+    for (auto& m : modules(false)) {
+      if (auto* c = m->as<torch::nn::Conv2d>()) torch::nn::init::kaiming_normal_(c->weight, 0, torch::kFanOut, torch::kReLU);
+    }
+  }
+  torch::Tensor forward(torch::Tensor x) {
+    x = torch::relu(bn1(conv1(x)));
+    x = layers->forward(x);
+    return fc(F::adaptive_avg_pool2d(x, F::AdaptiveAvgPool2dFuncOptions(1)).flatten(1));
+  }
+};
+TORCH_MODULE(ResNet32);
+
+// ---- Arguments ------------------------------------------------------------------------------------------------
+struct Args {
+  int world_size = 2, rank = -1, iters = 100, batch = 32, log_every = 10, threads = 1;
+  int store_port = 0;
+  std::string data, save, load;
+  double lr = 0.1, energy = 0.99;
+  int64_t warmup = 20, sample = 10, compress = 40;
+  uint64_t seed = 0;
+};
+
+[[noreturn]] void usage(const std::string& error) {
+  std::cerr << "train_resnet32: " << error << "\n"
+            << "usage: train_resnet32 [--world-size W] [--iters N] [--batch B] [--data DIR] [--log-every N]\n"
+            << "       [--lr LR] [--energy E] [--schedule W,S,C] [--threads T] [--seed S] [--save FILE] [--load FILE]\n";
+  std::exit(2);
+}
+
+Args parse(int argc, char** argv) {
+  Args a;
+  std::map<std::string, std::string> kv;
+  for (int i = 1; i < argc; ++i) {
+    std::string key = argv[i];
+    if (key.rfind("--", 0) != 0 || i + 1 >= argc) usage("bad argument '" + key + "'");
+    kv[key.substr(2)] = argv[++i];
+  }
+  auto num = [&](const std::string& k, auto& out) {
+    if (!kv.count(k)) return;
+    try {
+      out = static_cast<std::decay_t<decltype(out)>>(std::stod(kv[k]));
+    } catch (...) {
+      usage("argument --" + k + " must be a number, got '" + kv[k] + "'");
+    }
+    kv.erase(k);
+  };
+  num("world-size", a.world_size), num("rank", a.rank), num("iters", a.iters), num("batch", a.batch);
+  num("log-every", a.log_every), num("threads", a.threads), num("store-port", a.store_port);
+  num("lr", a.lr), num("energy", a.energy), num("seed", a.seed);
+  for (const char* k : {"data", "save", "load"}) {
+    if (kv.count(k)) (std::string(k) == "data" ? a.data : std::string(k) == "save" ? a.save : a.load) = kv[k], kv.erase(k);
+  }
+  if (kv.count("schedule")) {
+    if (std::sscanf(kv["schedule"].c_str(), "%ld,%ld,%ld", &a.warmup, &a.sample, &a.compress) != 3) {
+      usage("argument --schedule must be W,S,C, got '" + kv["schedule"] + "'");
+    }
+    kv.erase("schedule");
+  }
+  if (!kv.empty()) usage("unknown argument --" + kv.begin()->first);
+  if (a.world_size < 1) usage("argument --world-size must be >= 1");
+  if (a.iters < 1 || a.batch < 1 || a.log_every < 1) usage("arguments --iters, --batch, --log-every must be >= 1");
+  return a;
+}
+
+// ---- Launcher: W local ranks ----------------------------------------------------------------------------------
+int free_port() {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+  socklen_t len = sizeof(addr);
+  getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len);
+  close(fd);
+  return ntohs(addr.sin_port);
+}
+
+int launch(int argc, char** argv, const Args& a) {
+  const std::string port = std::to_string(free_port());
+  std::vector<pid_t> pids;
+  for (int r = 0; r < a.world_size; ++r) {
+    std::vector<std::string> args(argv, argv + argc);
+    for (const std::string& s : {std::string("--rank"), std::to_string(r), std::string("--store-port"), port}) args.push_back(s);
+    std::vector<char*> cargs;
+    for (auto& s : args) cargs.push_back(s.data());
+    cargs.push_back(nullptr);
+    pid_t pid;
+    if (posix_spawn(&pid, "/proc/self/exe", nullptr, nullptr, cargs.data(), environ) != 0) {
+      std::cerr << "train_resnet32: could not start rank " << r << "\n";
+      return 1;
+    }
+    pids.push_back(pid);
+  }
+  int failed = 0;
+  for (size_t r = 0; r < pids.size(); ++r) {
+    int status = 0;
+    waitpid(pids[r], &status, 0);
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+      std::cerr << "train_resnet32: rank " << r << " failed (status " << status << ")\n";
+      failed = 1;
+    }
+  }
+  return failed;
+}
+
+// ---- One rank -------------------------------------------------------------------------------------------------
+int train(const Args& a) {
+  torch::set_num_threads(a.threads);
+  auto store = gradiveq::connect_store({"127.0.0.1", uint16_t(a.store_port)}, a.rank, a.world_size,
+                                       std::chrono::seconds(60));
+  auto pg = gradiveq::make_gloo_process_group(store, a.rank, a.world_size, std::chrono::seconds(120));
+
+  torch::manual_seed(a.seed);
+  ResNet32 model(100);
+  torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(a.lr).momentum(0.9).weight_decay(5e-4));
+  std::vector<gradiveq::NamedParameter> params;
+  for (auto& p : model->named_parameters()) params.push_back({p.key(), p.value()});
+  gradiveq::SynchronizerOptions options;
+  options.gradiveq.fit.energy = a.energy;
+  options.gradiveq.schedule = {a.warmup, a.sample, a.compress};
+  options.gradiveq.seed = a.seed;
+  gradiveq::GradientSynchronizer sync(pg, params, options);
+
+  int start = 0;
+  if (!a.load.empty()) {
+    torch::load(model, a.load + ".model");
+    std::ifstream in(a.load + ".gradiveq", std::ios::binary | std::ios::ate);
+    if (!in) throw std::runtime_error("--load: cannot open '" + a.load + ".gradiveq'");
+    std::vector<char> bytes(static_cast<size_t>(in.tellg()));
+    in.seekg(0).read(bytes.data(), bytes.size());
+    sync.aggregator().load_state(at::from_blob(bytes.data(), {int64_t(bytes.size())}, at::kByte).clone());
+    start = int(sync.aggregator().iteration());
+  }
+
+  // Data: real CIFAR-100 when --data is given, otherwise synthetic images with a class-dependent template.
+  cifar100::Split train_split, test_split;
+  const bool synthetic = a.data.empty();
+  at::Tensor templates;
+  if (synthetic) {
+    torch::manual_seed(a.seed + 1);
+    templates = F::interpolate(torch::randn({100, 3, 8, 8}),
+                               F::InterpolateFuncOptions().size(std::vector<int64_t>{32, 32}).mode(torch::kBilinear).align_corners(false));
+  } else {
+    std::tie(train_split, test_split) = cifar100::read_dir(a.data);
+  }
+  auto gen = at::detail::createCPUGenerator(1000 * a.seed + a.rank + 1);
+  auto next_batch = [&]() -> std::pair<torch::Tensor, torch::Tensor> {
+    if (synthetic) {
+      torch::Tensor y = torch::randint(0, 100, {a.batch}, gen);
+      return {templates.index_select(0, y) + torch::randn({a.batch, 3, 32, 32}, gen), y};
+    }
+    torch::Tensor idx = torch::randint(0, train_split.fine.size(0), {a.batch}, gen);
+    return {cifar100::normalize(train_split.images.index_select(0, idx)), train_split.fine.index_select(0, idx)};
+  };
+  if (a.rank == 0) {
+    std::printf("ResNet-32 in LibTorch + GradiVeQ: %d ranks (Gloo, 127.0.0.1), %s, batch %d/rank, schedule %ld/%ld/%ld, "
+                "energy %.3g, %ld buckets\n",
+                a.world_size, synthetic ? "SYNTHETIC CIFAR-100-shaped data (no --data given)" : ("CIFAR-100 from " + a.data).c_str(),
+                a.batch, a.warmup, a.sample, a.compress, a.energy, long(sync.num_buckets()));
+  }
+  double step_ms_sum = 0, agg_ms_sum = 0, loss_sum = 0;
+  int64_t bytes_sum = 0;
+  int window = 0;
+  for (int it = start; it < start + a.iters; ++it) {
+    auto [x, y] = next_batch();
+    const auto t0 = std::chrono::steady_clock::now();
+    opt.zero_grad();
+    torch::Tensor loss = F::cross_entropy(model->forward(x), y);
+    loss.backward();
+    sync.synchronize();
+    opt.step();
+    const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    const auto st = sync.aggregator().step_stats();
+    step_ms_sum += ms, agg_ms_sum += st.aggregation_ms, bytes_sum += st.bytes_payload, loss_sum += loss.item<double>();
+    ++window;
+    if (a.rank == 0 && ((it + 1) % a.log_every == 0 || it + 1 == start + a.iters)) {
+      std::printf("iter %5d  phase %-10s  loss %.3f  step %7.1f ms  aggregation %7.1f ms  sent %8.1f KB/step  "
+                  "(uncompressed %.1f KB)\n",
+                  it + 1, st.phase.c_str(), loss_sum / window, step_ms_sum / window, agg_ms_sum / window,
+                  double(bytes_sum) / window / 1e3, double(st.bytes_uncompressed) / 1e3);
+      std::fflush(stdout);
+      step_ms_sum = agg_ms_sum = loss_sum = 0, bytes_sum = 0, window = 0;
+    }
+  }
+  if (!synthetic && a.rank == 0) {
+    torch::NoGradGuard ng;
+    model->eval();
+    int64_t correct = 0, n = test_split.fine.size(0);
+    for (int64_t i = 0; i < n; i += 500) {
+      const int64_t m = std::min<int64_t>(500, n - i);
+      auto logits = model->forward(cifar100::normalize(test_split.images.narrow(0, i, m)));
+      correct += logits.argmax(1).eq(test_split.fine.narrow(0, i, m)).sum().item<int64_t>();
+    }
+    std::printf("test accuracy %.4f\n", double(correct) / double(n));
+  }
+  if (!a.save.empty() && a.rank == 0) {
+    torch::save(model, a.save + ".model");
+    at::Tensor state = sync.aggregator().save_state();
+    std::ofstream(a.save + ".gradiveq", std::ios::binary).write(reinterpret_cast<const char*>(state.data_ptr()), state.numel());
+    std::printf("saved %s.model and %s.gradiveq at iteration %ld\n", a.save.c_str(), a.save.c_str(),
+                long(sync.aggregator().iteration()));
+  }
+  if (a.rank == 0) {
+    for (const auto& l : sync.aggregator().layer_stats()) {
+      if (l.compressible && l.name == "layers.14.conv2.weight") {
+        std::printf("layers.14.conv2.weight: K %ld, d %ld, ratio %.1f, local relative error %.3f, fits %ld\n",
+                    long(l.slice_len), long(l.num_components), l.compression_ratio, l.relative_error, long(l.fits));
+      }
+    }
+  }
+  return 0;
+}
+
+int main(int argc, char** argv) {
+  Args a = parse(argc, argv);
+  try {
+    if (a.rank < 0) return launch(argc, argv, a);
+    return train(a);
+  } catch (const std::exception& e) {
+    std::cerr << "train_resnet32 (rank " << a.rank << "): " << e.what() << "\n";
+    return 1;
+  }
+}

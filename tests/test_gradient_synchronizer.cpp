@@ -1,0 +1,243 @@
+// Multi-rank tests of include/gradiveq/gradient_synchronizer.h and process_group.h: 2 to 4 ranks, each a thread
+// with its own FileStore client and Gloo process group on 127.0.0.1.
+#include "gradiveq/gradient_synchronizer.h"
+
+#include <chrono>
+#include <cstdio>
+#include <functional>
+#include <mutex>
+#include <thread>
+
+#include "gradiveq/process_group.h"
+#include "test_helpers.h"
+
+namespace gradiveq {
+namespace {
+
+using testing::expect_invalid;
+using testing::rel_error;
+
+std::string fresh_store_path() {
+  static int counter = 0;
+  char name[256];
+  std::snprintf(name, sizeof(name), "/tmp/gradiveq_test_store_%d_%d_%lld", int(getpid()), counter++,
+                (long long)std::chrono::steady_clock::now().time_since_epoch().count());
+  std::remove(name);
+  return name;
+}
+
+// Runs fn(rank, pg) on `world` threads joined by one FileStore; rethrows the first rank's failure.
+void run_ranks(int world, const std::function<void(int, c10::intrusive_ptr<c10d::ProcessGroup>)>& fn,
+               std::string store_path = "") {
+  if (store_path.empty()) store_path = fresh_store_path();
+  std::vector<std::thread> threads;
+  std::vector<std::exception_ptr> errors(world);
+  for (int r = 0; r < world; ++r) {
+    threads.emplace_back([&, r] {
+      try {
+        auto store = connect_store({"", 0, store_path}, r, world);
+        fn(r, make_gloo_process_group(store, r, world, std::chrono::seconds(30)));
+      } catch (...) {
+        errors[r] = std::current_exception();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  std::remove(store_path.c_str());
+  for (auto& e : errors) {
+    if (e) std::rethrow_exception(e);
+  }
+}
+
+// A small CNN written with ATen ops: two 3x3 convs, bias, a linear head.
+struct TinyNet {
+  std::vector<NamedParameter> params;
+  explicit TinyNet(uint64_t seed) {
+    auto gen = at::detail::createCPUGenerator(seed);
+    auto make = [&](const char* name, at::IntArrayRef shape, double scale) {
+      params.push_back({name, (at::randn(shape, gen) * scale).set_requires_grad(true)});
+    };
+    make("conv1.weight", {8, 3, 3, 3}, 0.3);
+    make("conv2.weight", {16, 8, 3, 3}, 0.15);
+    make("conv2.bias", {16}, 0.1);
+    make("fc.weight", {10, 16}, 0.3);
+  }
+  at::Tensor& p(size_t i) { return params[i].tensor; }
+  at::Tensor loss(const at::Tensor& x, const at::Tensor& y) {
+    at::Tensor h = at::relu(at::conv2d(x, p(0), {}, 1, 1));
+    h = at::relu(at::conv2d(h, p(1), p(2), 1, 1));
+    return at::cross_entropy_loss(at::matmul(h.mean({2, 3}), p(3).t()), y);
+  }
+  void zero_grad() {
+    for (auto& np : params) np.tensor.mutable_grad() = at::Tensor();
+  }
+  void sgd(double lr) {
+    c10::NoGradGuard g;
+    for (auto& np : params) np.tensor.sub_(np.tensor.grad() * lr);
+  }
+};
+
+std::pair<at::Tensor, at::Tensor> batch(int rank, int step) {
+  auto gen = at::detail::createCPUGenerator(1000 * rank + step + 1);
+  return {at::randn({4, 3, 8, 8}, gen), at::randint(0, 10, {4}, gen)};
+}
+
+SynchronizerOptions exact_options() {
+  SynchronizerOptions o;
+  o.gradiveq.fit.energy = 1.0;
+  o.gradiveq.schedule = {1, 2, 3};
+  o.gradiveq.sample_quantizer = SampleQuantizer::kNone;
+  o.gradiveq.policy.min_numel = 100;
+  o.bucket_cap_bytes = 4000;  // several buckets
+  return o;
+}
+
+class SynchronizerRanks : public ::testing::TestWithParam<int> {};
+
+TEST_P(SynchronizerRanks, FullRankEqualsPlainAllReduceAverageInEveryPhase) {
+  const int world = GetParam();
+  run_ranks(world, [&](int rank, c10::intrusive_ptr<c10d::ProcessGroup> pg) {
+    TinyNet net(7), reference(7);
+    GradientSynchronizer sync(pg, net.params, exact_options());
+    ASSERT_GT(sync.num_buckets(), 1);
+    for (int step = 0; step < 9; ++step) {  // warm-up 1, sampling 2, compressed 3, sampling 2, compressed 1
+      auto [x, y] = batch(rank, step);
+      net.zero_grad();
+      reference.zero_grad();
+      net.loss(x, y).backward();
+      reference.loss(x, y).backward();
+      sync.synchronize();
+      for (size_t i = 0; i < net.params.size(); ++i) {
+        std::vector<at::Tensor> t{reference.p(i).grad().clone()};
+        pg->allreduce(t)->wait();
+        EXPECT_LT(rel_error(net.p(i).grad(), t[0] / double(world)), 1e-5)
+            << "rank " << rank << " step " << step << " " << net.params[i].name;
+      }
+      if (step == 0) EXPECT_GT(sync.buckets_launched_in_backward(), 0);  // overlap with backward happened
+    }
+    EXPECT_EQ(sync.aggregator().iteration(), 9);
+    EXPECT_EQ(sync.aggregator().layer_stats()[1].fits, 2);  // conv2 fitted after each sampling window
+  });
+}
+
+INSTANTIATE_TEST_SUITE_P(World, SynchronizerRanks, ::testing::Values(2, 3, 4));
+
+TEST(GradientSynchronizer, RanksHoldIdenticalParametersAfterTraining) {
+  const int world = 2;
+  std::vector<std::vector<at::Tensor>> final_params(world);
+  run_ranks(world, [&](int rank, c10::intrusive_ptr<c10d::ProcessGroup> pg) {
+    TinyNet net(3);
+    SynchronizerOptions o;
+    o.gradiveq.schedule = {2, 3, 4};
+    o.gradiveq.policy.min_numel = 100;
+    GradientSynchronizer sync(pg, net.params, o);  // energy 0.99, 4-bit QSGD sampling
+    for (int step = 0; step < 14; ++step) {
+      auto [x, y] = batch(rank, step);
+      net.zero_grad();
+      net.loss(x, y).backward();
+      sync.synchronize();
+      net.sgd(0.1);
+    }
+    for (auto& np : net.params) final_params[rank].push_back(np.tensor.detach().clone());
+    EXPECT_EQ(sync.aggregator().step_stats().phase, "compressed");
+  });
+  for (size_t i = 0; i < final_params[0].size(); ++i) EXPECT_TRUE(at::equal(final_params[0][i], final_params[1][i]));
+}
+
+TEST(GradientSynchronizer, SavedStateContinuesIdenticallyInANewProcessGroup) {
+  const int world = 2, steps = 12, cut = 5;  // cut inside the first sampling window: samples are saved too
+  SynchronizerOptions o;
+  o.gradiveq.schedule = {2, 4, 4};
+  o.gradiveq.fit.energy = 0.95;
+  o.gradiveq.policy.min_numel = 100;
+  auto train = [&](TinyNet& net, GradientSynchronizer& sync, int rank, int from, int to) {
+    for (int step = from; step < to; ++step) {
+      auto [x, y] = batch(rank, step);
+      net.zero_grad();
+      net.loss(x, y).backward();
+      sync.synchronize();
+      net.sgd(0.1);
+    }
+  };
+  std::vector<std::vector<at::Tensor>> straight(world), resumed(world);
+  std::vector<std::vector<at::Tensor>> saved_params(world);
+  std::vector<at::Tensor> saved_state(world);
+  run_ranks(world, [&](int rank, c10::intrusive_ptr<c10d::ProcessGroup> pg) {
+    TinyNet net(5);
+    GradientSynchronizer sync(pg, net.params, o);
+    train(net, sync, rank, 0, steps);
+    for (auto& np : net.params) straight[rank].push_back(np.tensor.detach().clone());
+  });
+  run_ranks(world, [&](int rank, c10::intrusive_ptr<c10d::ProcessGroup> pg) {
+    TinyNet net(5);
+    GradientSynchronizer sync(pg, net.params, o);
+    train(net, sync, rank, 0, cut);
+    for (auto& np : net.params) saved_params[rank].push_back(np.tensor.detach().clone());
+    saved_state[rank] = sync.aggregator().save_state();
+  });
+  run_ranks(world, [&](int rank, c10::intrusive_ptr<c10d::ProcessGroup> pg) {  // a new group, new objects
+    TinyNet net(99);
+    {
+      c10::NoGradGuard g;
+      for (size_t i = 0; i < net.params.size(); ++i) net.p(i).copy_(saved_params[rank][i]);
+    }
+    GradientSynchronizer sync(pg, net.params, o);
+    sync.aggregator().load_state(saved_state[rank]);
+    EXPECT_EQ(sync.aggregator().iteration(), cut);
+    train(net, sync, rank, cut, steps);
+    for (auto& np : net.params) resumed[rank].push_back(np.tensor.detach().clone());
+  });
+  for (int r = 0; r < world; ++r) {
+    for (size_t i = 0; i < straight[r].size(); ++i) {
+      EXPECT_TRUE(at::equal(straight[r][i], resumed[r][i])) << "rank " << r << " param " << i;
+    }
+  }
+  // A state saved with 2 ranks does not load into a group of another size.
+  run_ranks(1, [&](int, c10::intrusive_ptr<c10d::ProcessGroup> pg) {
+    TinyNet net(5);
+    GradientSynchronizer sync(pg, net.params, o);
+    expect_invalid([&] { sync.aggregator().load_state(saved_state[0]); }, {"world size 2", "1 ranks"});
+    TinyNet other(5);
+    other.params.pop_back();  // a different model
+    GradientSynchronizer sync2(pg, other.params, o);
+    expect_invalid([&] { sync2.aggregator().load_state(saved_state[0]); }, {"state"});
+    at::Tensor truncated = saved_state[0].narrow(0, 0, saved_state[0].numel() / 2);
+    expect_invalid([&] { sync.aggregator().load_state(truncated); }, {"state"});
+    EXPECT_EQ(sync.aggregator().iteration(), 0);  // failed loads leave the state untouched
+  });
+}
+
+TEST(GradientSynchronizer, RejectsBadInput) {
+  run_ranks(1, [&](int, c10::intrusive_ptr<c10d::ProcessGroup> pg) {
+    std::vector<NamedParameter> mixed{{"a", at::zeros({4, 4, 3, 3}).set_requires_grad(true)},
+                                      {"b", at::empty({4}, at::TensorOptions().device(at::kMeta)).set_requires_grad(true)}};
+    expect_invalid([&] { GradientSynchronizer(pg, mixed); }, {"parameters", "mixed devices", "meta"});
+    std::vector<NamedParameter> frozen{{"a", at::zeros({4})}};
+    expect_invalid([&] { GradientSynchronizer(pg, frozen); }, {"parameters", "requires grad"});
+    std::vector<NamedParameter> dup{{"a", at::zeros({4}).set_requires_grad(true)},
+                                    {"a", at::zeros({4}).set_requires_grad(true)}};
+    expect_invalid([&] { GradientSynchronizer(pg, dup); }, {"parameters", "'a' twice"});
+    SynchronizerOptions bad;
+    bad.bucket_cap_bytes = 0;
+    expect_invalid([&] { GradientSynchronizer(pg, {{"a", at::zeros({4}).set_requires_grad(true)}}, bad); },
+                   {"bucket_cap_bytes"});
+  });
+  expect_invalid([] { connect_store({}, 2, 2); }, {"rank", "[0, 2)", "got 2"});
+  expect_invalid([] { connect_store({}, 0, 0); }, {"world_size"});
+}
+
+TEST(ProcessGroup, UnreachableStoreFailsWithinTheTimeout) {
+  const auto start = std::chrono::steady_clock::now();
+  try {
+    // Rank 1 of 2 looks for a store that nobody hosts (port 9 on loopback: discard, not listening).
+    connect_store({"127.0.0.1", 9}, 1, 2, std::chrono::seconds(2));
+    ADD_FAILURE() << "connect_store returned without a store";
+  } catch (const std::runtime_error& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("could not reach the TCPStore at 127.0.0.1:9"), std::string::npos) << msg;
+  }
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(30));
+}
+
+}  // namespace
+}  // namespace gradiveq
