@@ -9,6 +9,10 @@ BUILD_DIR ?= build
 JOBS      ?= $(shell nproc)
 CMAKE_ARGS ?=
 
+# ccache: rewrite absolute paths relative to the checkout, so fresh clones on the same machine hit the cache.
+export CCACHE_BASEDIR := $(CURDIR)
+export CCACHE_NOHASHDIR := true
+
 .PHONY: all setup configure build test demo bench format clean
 
 all: build
