@@ -39,8 +39,8 @@ demo: build
 
 # The long version, written to benchmarks/results/, plus the codec micro-benchmarks.
 bench: build
-	$(PYTHON) benchmarks/resnet32_cifar100.py --bandwidth-mbit 50 --iters 60 --repeats 3 --schedule 5,10,40
-	$(PYTHON) benchmarks/resnet32_cifar100.py --bandwidth-mbit 200 --iters 60 --repeats 3 --schedule 5,10,40
+	$(PYTHON) benchmarks/resnet32_cifar100.py --bandwidth-mbit 50 --iters 50 --repeats 3 --schedule 5,10,40
+	$(PYTHON) benchmarks/resnet32_cifar100.py --bandwidth-mbit 200 --iters 50 --repeats 3 --schedule 5,10,40
 	$(BUILD_DIR)/benchmarks/gradiveq_codec_bench --benchmark_min_time=0.5 --benchmark_repetitions=5 \
 	  --benchmark_report_aggregates_only=true
 

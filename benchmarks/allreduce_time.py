@@ -17,7 +17,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from resnet32_cifar100 import _free_port, shaped_rerun  # noqa: E402
+from methods import free_port, shaped_rerun  # noqa: E402
 
 
 def worker(rank, world, port, reps, numel, out):
@@ -46,7 +46,7 @@ def main(argv=None):
     ap.add_argument("--mtu", type=int, default=0)
     args = ap.parse_args(argv)
     if args.bandwidth_mbit and not os.environ.get("GRADIVEQ_NETNS"):
-        rc = shaped_rerun(args, [os.path.abspath(__file__)] + argv)
+        rc = shaped_rerun(os.path.abspath(__file__), argv, args.bandwidth_mbit, args.burst_kb, args.mtu)
         if rc is not None:
             return rc
         args.bandwidth_mbit = 0
@@ -54,7 +54,7 @@ def main(argv=None):
     numel = sum(p.numel() for p in resnet32().parameters())
     ctx = mp.get_context("spawn")
     q = ctx.SimpleQueue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=worker, args=(r, args.world_size, port, args.reps, numel, q))
              for r in range(args.world_size)]
     for p in procs:

@@ -20,66 +20,27 @@ import json
 import math
 import os
 import pickle
-import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "python"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook  # noqa: E402
 
-import gradiveq  # noqa: E402
 from gradiveq.data import SyntheticCifar100  # noqa: E402
 from gradiveq.datasets import CIFAR100_MEAN, CIFAR100_STD, read_cifar100_bin  # noqa: E402
 from gradiveq.models import resnet32  # noqa: E402
+from methods import GRADIVEQ_CONFIGS, TORCH_METHODS, Method, ddp_kwargs, free_port, shaped_rerun  # noqa: E402
 
-ALL_METHODS = ["nocomm", "plain", "fp16", "powersgd1", "powersgd2", "qsgd4", "gradiveq"]
+ALL_METHODS = TORCH_METHODS + ["qsgd4"] + list(GRADIVEQ_CONFIGS)
 PAPER_SCHEDULE = (2500, 100, 400)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Measuring torch's hooks: time from hand-over to completion, and the bytes their collectives carry.
-class _CountingDist:
-    """Stands in for torch.distributed inside torch's hook modules and counts the bytes they all-reduce."""
-
-    def __init__(self, real):
-        self._real = real
-        self.bytes = 0
-
-    def __getattr__(self, name):
-        return getattr(self._real, name)
-
-    def all_reduce(self, tensor, *args, **kwargs):
-        self.bytes += tensor.numel() * tensor.element_size()
-        return self._real.all_reduce(tensor, *args, **kwargs)
-
-
-def _timed(hook_fn, record):
-    def wrapper(state, bucket):
-        start = time.perf_counter()
-        fut = hook_fn(state, bucket)
-
-        def done(f):
-            record.append(time.perf_counter() - start)
-            return f.value()
-        return fut.then(done)
-    return wrapper
-
-
-def _noop_hook(_, bucket):
-    fut = torch.futures.Future()
-    fut.set_result(bucket.buffer())
-    return fut
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -127,51 +88,16 @@ def _scaled_schedule(args):
 
 
 def run_method(rank, world, args, method):
-    """Trains `method` for args.warmup_steps + args.iters steps on this rank; returns rank 0's measurements."""
+    """Trains `method` for its warm-up + args.iters steps on this rank; returns rank 0's measurements."""
     torch.manual_seed(args.seed)
     model = resnet32()
-    single_bucket = method.startswith("powersgd")  # torch's PowerSGD hook is unsafe with several buckets on Gloo
-    ddp_kwargs = {}
-    if args.bucket_cap_mb is not None:
-        ddp_kwargs["bucket_cap_mb"] = args.bucket_cap_mb
-    if single_bucket:
-        ddp_kwargs["bucket_cap_mb"] = 1024
-    ddp = torch.nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, **ddp_kwargs(method, args.bucket_cap_mb))
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[int(0.5 * args.total), int(0.75 * args.total)])
-    hook_times, counter, state = [], None, None
-    warmup_steps = args.warmup_steps
-    if method == "nocomm":
-        ddp.register_comm_hook(None, _timed(_noop_hook, hook_times))
-    elif method == "plain":
-        counter = _CountingDist(dist)
-        default_hooks.dist = counter
-        ddp.register_comm_hook(None, _timed(default_hooks.allreduce_hook, hook_times))
-    elif method == "fp16":
-        counter = _CountingDist(dist)
-        default_hooks.dist = counter
-        ddp.register_comm_hook(None, _timed(default_hooks.fp16_compress_hook, hook_times))
-    elif method.startswith("powersgd"):
-        counter = _CountingDist(dist)
-        powerSGD_hook.dist = counter
-        default_hooks.dist = counter
-        rank_r = int(method[len("powersgd"):])
-        state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=rank_r,
-                                            start_powerSGD_iter=2, use_error_feedback=True, warm_start=True)
-        ddp.register_comm_hook(state, _timed(powerSGD_hook.powerSGD_hook, hook_times))
-        warmup_steps = max(warmup_steps, 3)
-    elif method == "qsgd4":
-        state = gradiveq.QsgdState(levels=7, bucket_size=512, seed=args.seed)
-        gradiveq.register_hook(ddp, state)
-    elif method == "gradiveq":
-        warm, sample, compress = _scaled_schedule(args)
-        state = gradiveq.GradiVeQState(warmup_iters=warm, sample_iters=sample, compress_iters=compress,
-                                       coeff_dtype=getattr(torch, args.coeff_dtype), seed=args.seed)
-        gradiveq.register_hook(ddp, state)
-        warmup_steps = max(warmup_steps, warm)  # measure GradiVeQ after its uncompressed warm-up
-    else:
-        raise ValueError(f"unknown method {method!r}; choose from {ALL_METHODS}")
-
+    m = Method(ddp, model, method, seed=args.seed, schedule=_scaled_schedule(args),
+               coeff_dtype=getattr(torch, args.coeff_dtype))
+    # Measure each method in its steady state: after PowerSGD's uncompressed start and GradiVeQ's warm-up.
+    warmup_steps = max(args.warmup_steps, m.warmup_steps)
     data = Data(args, rank, world)
     steps = warmup_steps + args.iters
     rows = []
@@ -182,12 +108,13 @@ def run_method(rank, world, args, method):
             progress = tqdm(total=steps, desc=f"{method:>10}", leave=False, file=sys.stderr, disable=None)
         except ImportError:
             progress = None
+    compressed_summary, layers_after_fit = None, None
     t_start = time.perf_counter()
     for step in range(steps):
         x, y = data.batch_()
-        hook_times.clear()
-        bytes_before = counter.bytes if counter else 0
-        dist.barrier() if args.barrier else None
+        m.before_step()
+        if args.barrier:
+            dist.barrier()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(ddp(x), y)
@@ -196,29 +123,24 @@ def run_method(rank, world, args, method):
         sched.step()
         t1 = time.perf_counter()
         row = dict(step=step, time=t1 - t0, wall=t1 - t_start, loss=loss.item())
-        if method in ("qsgd4", "gradiveq"):
-            st = state.stats()["step"]
-            row.update(agg=st["aggregation_ms"] / 1e3, bytes=st["bytes_payload"], wire=st["bytes_wire"],
-                       uncompressed=st["bytes_uncompressed"], phase=st["phase"], fit=st["fit_ms"] / 1e3,
-                       codec=(st["compress_ms"] + st["decompress_ms"]) / 1e3)
-        else:
-            sent = (counter.bytes - bytes_before) if counter else 0
-            row.update(agg=sum(hook_times), bytes=sent, wire=sent * 2 * (world - 1) / world,
-                       uncompressed=sum(p.numel() * 4 for p in model.parameters()), phase="")
+        row.update(m.measure(world))
         rows.append(row)
+        if method.startswith("gradiveq") and row["phase"] == "compressed":
+            st = m.state.stats()
+            compressed_summary = st["summary"]  # conv bytes of a compressed step, not of a sampling one
+            if layers_after_fit is None:
+                layers_after_fit = {n: {k: v[k] for k in ("K", "d", "ratio", "explained_variance", "basis_bytes")}
+                                    for n, v in st["layers"].items() if v["compressible"]}
         if progress is not None:
             progress.update(1)
     if progress is not None:
         progress.close()
-    default_hooks.dist = dist
-    powerSGD_hook.dist = dist
+    m.close()
 
     result = dict(method=method, rows=rows, warmup_steps=warmup_steps, synthetic=data.synthetic)
-    if method == "gradiveq":
-        st = state.stats()
-        result["gradiveq"] = dict(summary=st["summary"], schedule=_scaled_schedule(args),
-                                  layers={n: {k: v[k] for k in ("K", "d", "ratio", "relative_error", "basis_bytes")}
-                                          for n, v in st["layers"].items() if v["compressible"]})
+    if method.startswith("gradiveq"):
+        result["gradiveq"] = dict(summary=compressed_summary or m.state.stats()["summary"],
+                                  schedule=_scaled_schedule(args), layers_after_fit=layers_after_fit or {})
     if data.test is not None:
         result["test_accuracy"] = evaluate(model, *data.test)
     return result
@@ -249,19 +171,13 @@ def _rank_entry(rank, world, port, args, method, out_path):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_all_local(args):
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.repeats):
             for method in args.methods:
                 out = os.path.join(tmp, f"{method}_{rep}.pkl")
-                mp.start_processes(_rank_entry, args=(args.world_size, _free_port(), args, method, out),
+                mp.start_processes(_rank_entry, args=(args.world_size, free_port(), args, method, out),
                                    nprocs=args.world_size, start_method="spawn")
                 with open(out, "rb") as f:
                     res = pickle.load(f)
@@ -302,7 +218,7 @@ def summarize(res, args):
              wire=statistics.mean([r["wire"] for r in rows]), uncompressed=rows[0]["uncompressed"],
              loss=statistics.mean([r["loss"] for r in rows[-10:]]), steps=len(rows))
     s["ratio"] = s["uncompressed"] / s["bytes"] if s["bytes"] else float("inf")
-    if res["method"] == "gradiveq":
+    if res["method"].startswith("gradiveq"):
         by_phase = {}
         for r in rows:
             by_phase.setdefault(r["phase"], []).append(r["time"])
@@ -350,18 +266,26 @@ def report(results, args):
         lines.append(f"| {method} | {1e3 * m:.0f} | {1e3 * med(method, 'p90'):.0f} | {spread} | {exposed} | {vs_plain} | "
                      f"{1e3 * med(method, 'agg'):.0f} | {med(method, 'bytes') / 1e3:.1f} | {med(method, 'ratio'):.1f} | "
                      f"{link_floor} | {med(method, 'loss'):.3f} |")
-    if "gradiveq" in per_method:
-        g = per_method["gradiveq"][0]
-        res = next(r for r in results if r["method"] == "gradiveq")
+    for name in [m for m in args.methods if m.startswith("gradiveq") and m in per_method]:
+        g = per_method[name][0]
+        res = next(r for r in results if r["method"] == name)
         w, s_, c = res["gradiveq"]["schedule"]
         summ = res["gradiveq"]["summary"]
         lines.append("")
-        lines.append(f"GradiVeQ: schedule warm-up {w} / sampling {s_} / compressed {c} (paper: 2500/100/400); "
+        lines.append(f"{name}: schedule warm-up {w} / sampling {s_} / compressed {c} (paper: 2500/100/400); "
                      f"coefficients {args.coeff_dtype}; median step by phase: " +
                      ", ".join(f"{p} {1e3 * v:.0f} ms" for p, v in g["phase_median"].items()) +
                      f"; codec {1e3 * g['codec']:.1f} ms per compressed step; conv layers "
                      f"{summ['conv_bytes_in'] / 1e3:.0f} KB -> {summ['conv_bytes_out'] / 1e3:.1f} KB per step "
-                     f"(ratio {summ.get('conv_ratio', float('nan')):.1f}); bases {summ['basis_bytes'] / 1e6:.1f} MB.")
+                     f"in a compressed step (ratio {summ.get('conv_ratio', float('nan')):.1f}); bases "
+                     f"{summ['basis_bytes'] / 1e6:.1f} MB.")
+        layers = res["gradiveq"]["layers_after_fit"]
+        if layers:
+            lines += ["", f"{name} per conv layer after the first fit (K = slice length, d = kept components):", "",
+                      "| layer | K | d | K/d | explained variance | basis KB |", "|---|---|---|---|---|---|"]
+            for n, v in layers.items():
+                lines.append(f"| {n} | {v['K']} | {v['d']} | {v['ratio']:.1f} | {v['explained_variance']:.3f} | "
+                             f"{v['basis_bytes'] / 1e3:.0f} |")
     if any("test_accuracy" in x for xs in per_method.values() for x in xs):
         lines.append("")
         lines.append("Test accuracy: " + ", ".join(f"{m} {statistics.median(x['test_accuracy'] for x in xs):.4f}"
@@ -390,7 +314,7 @@ def plot(results, per_method, args, path_prefix):
     lo = [1e3 * min(x["median"] for x in per_method[m]) for m in methods]
     hi = [1e3 * max(x["p90"] for x in per_method[m]) for m in methods]
     ax.bar(methods, meds, yerr=[[a - b for a, b in zip(meds, lo)], [b - a for a, b in zip(meds, hi)]],
-           capsize=4, color=["#999999" if m in ("nocomm", "plain") else "#4477aa" if m != "gradiveq" else "#cc3311"
+           capsize=4, color=["#999999" if m in ("nocomm", "plain") else "#cc3311" if m.startswith("gradiveq") else "#4477aa"
                              for m in methods])
     ax.set_ylabel("step time, ms (median; bars: min median .. max p90)")
     bw = args.bandwidth_mbit_effective
@@ -412,36 +336,6 @@ def plot(results, per_method, args, path_prefix):
     fig.savefig(curves, dpi=110)
     plt.close(fig)
     return [bars, curves]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Network shaping: re-run this script inside a namespace whose loopback is limited with tc tbf.
-def shaped_rerun(args, argv):
-    name = f"gvq{os.getpid()}"
-    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc"):
-        print(f"cannot shape the link to {args.bandwidth_mbit} Mbit/s (needs root, ip and tc): running UNSHAPED")
-        return None
-    cmds = [["ip", "netns", "add", name], ["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"],
-            ["ip", "netns", "exec", name, "tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate",
-             f"{args.bandwidth_mbit}mbit", "burst", f"{args.burst_kb}kb", "latency", "50ms"]]
-    if args.mtu:
-        cmds.insert(1, ["ip", "netns", "exec", name, "ip", "link", "set", "lo", "mtu", str(args.mtu)])
-    def cleanup(*_):
-        subprocess.run(["ip", "netns", "del", name], stderr=subprocess.DEVNULL)
-    old = signal.signal(signal.SIGTERM, lambda *a: (cleanup(), sys.exit(143)))
-    try:
-        for c in cmds:
-            if subprocess.run(c, stderr=subprocess.PIPE, text=True).returncode != 0:
-                print(f"cannot shape the link ({' '.join(c)} failed): running UNSHAPED")
-                return None
-        # c10d warns that it cannot resolve host names inside the namespace; that is expected here.
-        env = dict(os.environ, GRADIVEQ_NETNS=name, TORCH_CPP_LOG_LEVEL=os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR"))
-        return subprocess.run(["ip", "netns", "exec", name, sys.executable] + argv, env=env).returncode
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        cleanup()
-        signal.signal(signal.SIGTERM, old)
 
 
 def parse_args(argv):
@@ -497,7 +391,7 @@ def main(argv=None):
     args.command = "python benchmarks/resnet32_cifar100.py " + " ".join(argv)
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if args.bandwidth_mbit and not os.environ.get("GRADIVEQ_NETNS") and not under_torchrun:
-        rc = shaped_rerun(args, [os.path.abspath(__file__)] + argv)
+        rc = shaped_rerun(os.path.abspath(__file__), argv, args.bandwidth_mbit, args.burst_kb, args.mtu)
         if rc is not None:
             return rc
         args.bandwidth_mbit = 0

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+METHODS = ("nocomm", "plain", "fp16", "powersgd1", "powersgd2", "qsgd4", "gradiveq", "gradiveq-pooled")
 
 
 def test_benchmark_tiny_run_reports_every_method(tmp_path):
@@ -18,9 +19,9 @@ def test_benchmark_tiny_run_reports_every_method(tmp_path):
     rows = {}
     for line in md.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 11 and cells[0] in ("nocomm", "plain", "fp16", "powersgd1", "powersgd2", "qsgd4", "gradiveq"):
+        if len(cells) == 11 and cells[0] in METHODS:
             rows[cells[0]] = cells
-    assert set(rows) == {"nocomm", "plain", "fp16", "powersgd1", "powersgd2", "qsgd4", "gradiveq"}
+    assert set(rows) == set(METHODS)
     for method, cells in rows.items():
         assert float(cells[1]) > 0, method  # median step ms
         assert float(cells[3 + 4]) >= 0  # KB/step/rank
@@ -30,7 +31,10 @@ def test_benchmark_tiny_run_reports_every_method(tmp_path):
     assert ratio["powersgd2"] > 8 and ratio["gradiveq"] > 1.5
     kb = {m: float(c[7]) for m, c in rows.items()}
     assert abs(kb["plain"] - 4 * sum_params() / 1e3) < 0.2
-    assert re.search(r"GradiVeQ: schedule warm-up 1 / sampling 2 / compressed 3", md)
+    assert re.search(r"gradiveq: schedule warm-up 1 / sampling 2 / compressed 3", md)
+    assert ratio["gradiveq-pooled"] > 1.5
+    # The per-layer table after the first fit lists ResNet-32's compressible conv layers (30 with >= 1000 values).
+    assert len(re.findall(r"^\| layers\.\d+\.conv[12]\.weight \| 768 \| \d+ \|", md, re.M)) == 10  # the ten 16->16 convs
     for png in ("tiny_steptime.png", "tiny_loss.png"):
         assert (tmp_path / png).stat().st_size > 1000
 

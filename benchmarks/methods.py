@@ -1,0 +1,174 @@
+"""What the benchmarks share: the aggregation methods as DDP hooks with their measurements, and link shaping.
+
+Methods: "nocomm" (a no-op hook: the compute floor), "plain" (all-reduce), "fp16", "powersgd1"/"powersgd2"
+(torch's hooks), "qsgd4" (gradiveq.QsgdState) and GradiVeQ configurations ("gradiveq" = the paper's method; see
+GRADIVEQ_CONFIGS). torch's hooks are wrapped to measure the time from a bucket's hand-over to its future's
+completion and the bytes their collectives carry; ours report the same from C++ (state.stats()).
+"""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+
+import gradiveq
+
+TORCH_METHODS = ["nocomm", "plain", "fp16", "powersgd1", "powersgd2"]
+# GradiVeQ configurations, by name: keyword arguments of GradiVeQState besides the schedule.
+GRADIVEQ_CONFIGS = {
+    "gradiveq": dict(),  # the paper: first-slice fit, K = one kernel row, energy 0.99, 4-bit QSGD sampling
+    "gradiveq-pooled": dict(fit_on="all_slices", slice_layout="kernel_position", energy=0.995),
+}
+
+
+class _CountingDist:
+    """Stands in for torch.distributed inside torch's hook modules and counts the bytes they all-reduce."""
+
+    def __init__(self, real):
+        self._real = real
+        self.bytes = 0
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def all_reduce(self, tensor, *args, **kwargs):
+        self.bytes += tensor.numel() * tensor.element_size()
+        return self._real.all_reduce(tensor, *args, **kwargs)
+
+
+def _timed(hook_fn, record):
+    def wrapper(state, bucket):
+        start = time.perf_counter()
+        fut = hook_fn(state, bucket)
+
+        def done(f):
+            record.append(time.perf_counter() - start)
+            return f.value()
+        return fut.then(done)
+    return wrapper
+
+
+def _noop_hook(_, bucket):
+    fut = torch.futures.Future()
+    fut.set_result(bucket.buffer())
+    return fut
+
+
+def ddp_kwargs(method, bucket_cap_mb=None) -> dict:
+    kwargs = {}
+    if bucket_cap_mb is not None:
+        kwargs["bucket_cap_mb"] = bucket_cap_mb
+    if method.startswith("powersgd"):
+        # torch's PowerSGD hook issues its second all-reduce from a future's callback; with several buckets those
+        # race on Gloo and the ranks' collective order diverges. One bucket avoids it.
+        kwargs["bucket_cap_mb"] = 1024
+    return kwargs
+
+
+class Method:
+    """A method attached to one DDP model; `measure()` after each step returns that step's aggregation numbers."""
+
+    def __init__(self, ddp, model, name, seed=0, schedule=(2500, 100, 400), coeff_dtype=torch.float32,
+                 gradiveq_kwargs=None):
+        self.name, self.model, self.state, self.counter = name, model, None, None
+        self.hook_times = []
+        self.warmup_steps = 0  # steps before the method is in its steady state
+        if name == "nocomm":
+            ddp.register_comm_hook(None, _timed(_noop_hook, self.hook_times))
+        elif name in ("plain", "fp16"):
+            self.counter = _CountingDist(dist)
+            default_hooks.dist = self.counter
+            hook = default_hooks.allreduce_hook if name == "plain" else default_hooks.fp16_compress_hook
+            ddp.register_comm_hook(None, _timed(hook, self.hook_times))
+        elif name.startswith("powersgd"):
+            self.counter = _CountingDist(dist)
+            powerSGD_hook.dist = self.counter
+            default_hooks.dist = self.counter
+            self.state = powerSGD_hook.PowerSGDState(process_group=None,
+                                                     matrix_approximation_rank=int(name[len("powersgd"):]),
+                                                     start_powerSGD_iter=2, use_error_feedback=True, warm_start=True)
+            ddp.register_comm_hook(self.state, _timed(powerSGD_hook.powerSGD_hook, self.hook_times))
+            self.warmup_steps = 3
+        elif name == "qsgd4":
+            self.state = gradiveq.QsgdState(levels=7, bucket_size=512, seed=seed)
+            gradiveq.register_hook(ddp, self.state)
+        elif name in GRADIVEQ_CONFIGS or (gradiveq_kwargs is not None and name.startswith("gradiveq")):
+            kwargs = dict(GRADIVEQ_CONFIGS.get(name, {}))
+            kwargs.update(gradiveq_kwargs or {})
+            warm, sample, compress = schedule
+            self.state = gradiveq.GradiVeQState(warmup_iters=warm, sample_iters=sample, compress_iters=compress,
+                                                coeff_dtype=coeff_dtype, seed=seed, **kwargs)
+            gradiveq.register_hook(ddp, self.state)
+            self.warmup_steps = warm
+        else:
+            raise ValueError(f"unknown method {name!r}")
+        self._bytes_before = 0
+        self._uncompressed = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+
+    @property
+    def ours(self) -> bool:
+        return isinstance(self.state, (gradiveq.GradiVeQState, gradiveq.QsgdState))
+
+    def before_step(self):
+        self.hook_times.clear()
+        self._bytes_before = self.counter.bytes if self.counter else 0
+
+    def measure(self, world_size) -> dict:
+        if self.ours:
+            st = self.state.stats()["step"]
+            return dict(agg=st["aggregation_ms"] / 1e3, bytes=st["bytes_payload"], wire=st["bytes_wire"],
+                        uncompressed=st["bytes_uncompressed"], phase=st["phase"], fit=st["fit_ms"] / 1e3,
+                        codec=(st["compress_ms"] + st["decompress_ms"]) / 1e3)
+        sent = (self.counter.bytes - self._bytes_before) if self.counter else 0
+        return dict(agg=sum(self.hook_times), bytes=sent, wire=sent * 2 * (world_size - 1) / world_size,
+                    uncompressed=self._uncompressed, phase="")
+
+    def close(self):
+        default_hooks.dist = dist
+        powerSGD_hook.dist = dist
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def shaped_rerun(script, argv, mbit, burst_kb=256, mtu=0):
+    """Re-runs `script argv` inside a new network namespace whose loopback is shaped to `mbit` Mbit/s with tc tbf
+    (burst `burst_kb` KB, as in design.md; it must exceed the loopback MTU, 64 KiB unless `mtu` lowers it).
+    Returns the exit code, or None when shaping is impossible (not root, no ip/tc): the caller runs unshaped.
+    The namespace is removed on exit, on Ctrl-C and on SIGTERM."""
+    name = f"gvq{os.getpid()}"
+    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc"):
+        print(f"cannot shape the link to {mbit:g} Mbit/s (needs root, ip and tc): running UNSHAPED", flush=True)
+        return None
+    cmds = [["ip", "netns", "add", name], ["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"]]
+    if mtu:
+        cmds.append(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "mtu", str(mtu)])
+    cmds.append(["ip", "netns", "exec", name, "tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate",
+                 f"{mbit:g}mbit", "burst", f"{burst_kb}kb", "latency", "50ms"])
+
+    def cleanup(*_):
+        subprocess.run(["ip", "netns", "del", name], stderr=subprocess.DEVNULL)
+    old = signal.signal(signal.SIGTERM, lambda *a: (cleanup(), sys.exit(143)))
+    try:
+        for c in cmds:
+            if subprocess.run(c, stderr=subprocess.PIPE, text=True).returncode != 0:
+                print(f"cannot shape the link ({' '.join(c)} failed): running UNSHAPED", flush=True)
+                return None
+        # c10d warns that it cannot resolve host names inside the namespace; that is expected here.
+        env = dict(os.environ, GRADIVEQ_NETNS=name, TORCH_CPP_LOG_LEVEL=os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR"))
+        return subprocess.run(["ip", "netns", "exec", name, sys.executable, script] + argv, env=env).returncode
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        cleanup()
+        signal.signal(signal.SIGTERM, old)
