@@ -31,9 +31,12 @@ import torch.nn.functional as F  # noqa: E402
 
 from gradiveq.datasets import FASHION_MNIST_DIR, load_fashion_mnist  # noqa: E402
 from gradiveq.models import SmallCNN, resnet32  # noqa: E402
-from methods import GRADIVEQ_CONFIGS, TORCH_METHODS, Method, ddp_kwargs, free_port, shaped_rerun  # noqa: E402
+from methods import (GRADIVEQ_CONFIGS, TORCH_METHODS, Method, add_gradiveq_config, ddp_kwargs, free_port,  # noqa: E402
+                     shaped_rerun)
 
-METHODS = [m for m in TORCH_METHODS if m != "nocomm"] + ["qsgd4"] + list(GRADIVEQ_CONFIGS)
+
+def known_methods():
+    return [m for m in TORCH_METHODS if m != "nocomm"] + ["qsgd4"] + list(GRADIVEQ_CONFIGS)
 
 
 def prepare(images, model_name):
@@ -53,6 +56,8 @@ def evaluate(model, images, labels, batch=1000):
 
 def train_rank(rank, world, args, method, seed, out_path):
     torch.set_num_threads(args.threads)
+    for spec in args.config:  # a spawned process starts from the module's own configurations
+        add_gradiveq_config(spec)
     (train_x, train_y), (test_x, test_y) = load_fashion_mnist(args.data)
     if args.train_subset:
         train_x, train_y = train_x[:args.train_subset], train_y[:args.train_subset]
@@ -69,7 +74,7 @@ def train_rank(rank, world, args, method, seed, out_path):
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
     m = Method(ddp, model, method, seed=seed, schedule=args.schedule)
     gen = torch.Generator().manual_seed(seed)
-    rows, evals, rel_errors = [], [], []
+    rows, evals, rel_errors, layer_errors = [], [], [], {}
     t0 = time.perf_counter()
     step = 0
     for epoch in range(args.epochs):
@@ -88,9 +93,12 @@ def train_rank(rank, world, args, method, seed, out_path):
             rows.append(row)
             if rank == 0 and method.startswith("gradiveq") and row["phase"] == "compressed":
                 layers = m.state.stats()["layers"]
-                errs = [v["relative_error"] for v in layers.values() if v["compressible"] and v["relative_error"] >= 0]
+                errs = {n: v["relative_error"] for n, v in layers.items()
+                        if v["compressible"] and v["relative_error"] >= 0}
                 if errs:
-                    rel_errors.append(statistics.mean(errs))
+                    rel_errors.append(statistics.mean(errs.values()))
+                for n, e in errs.items():
+                    layer_errors.setdefault(n, []).append(e)
             if rank == 0 and (step % args.eval_every == 0 or step == total):
                 eval_start = time.perf_counter()
                 acc = evaluate(model, test_x, test_y)
@@ -105,6 +113,11 @@ def train_rank(rank, world, args, method, seed, out_path):
             result["conv_ratio"] = st["summary"].get("conv_ratio")
             conv = [v for v in st["layers"].values() if v["compressible"] and v["d"] > 0]
             result["basis_ratio"] = (statistics.median(v["ratio"] for v in conv) if conv else None)
+            result["restarts"] = st["step"]["window_restarts"]
+            result["layers"] = {n: dict(K=v["K"], d=v["d"], ratio=v["ratio"], basis_bytes=v["basis_bytes"],
+                                        bytes_in=v["bytes_in"],
+                                        error=statistics.mean(layer_errors[n]) if layer_errors.get(n) else None)
+                                for n, v in st["layers"].items() if v["compressible"]}
         with open(out_path, "wb") as f:
             pickle.dump(result, f)
 
@@ -174,7 +187,29 @@ def report(results, args):
                                                  for k, c in GRADIVEQ_CONFIGS.items() if k in args.methods),
               "Conv ratio: the conv layers' uncompressed bytes over the bytes they sent in the last step (compressed "
               "phase). Time to accuracy: training wall-clock seconds (evaluation excluded) per seed, '-' = not reached."]
+    lines += layer_tables(by, args)
     return "\n".join(lines) + "\n", by
+
+
+def layer_tables(by, args):
+    """Per-layer K, d, ratio and held-out relative error for each GradiVeQ configuration (means over seeds)."""
+    out = []
+    for method in args.methods:
+        rs = [r for r in by.get(method, []) if r.get("layers")]
+        if not rs:
+            continue
+        restarts = [r.get("restarts", 0) for r in rs]
+        out += ["", f"#### {method}: per conv layer (held-out relative error: mean over compressed steps, rank 0, "
+                    f"mean over seeds; windows left early by the adaptive window per seed: "
+                    f"{'/'.join(map(str, restarts))})", "",
+                "| layer | K | d | ratio | held-out rel. error | basis KB |", "|---|---|---|---|---|---|"]
+        for name, first in rs[0]["layers"].items():
+            ds = [r["layers"][name]["d"] for r in rs]
+            errs = [r["layers"][name]["error"] for r in rs if r["layers"][name]["error"] is not None]
+            ratio = statistics.mean(r["layers"][name]["ratio"] for r in rs)
+            out.append(f"| {name} | {first['K']} | {'/'.join(map(str, ds))} | {ratio:.1f} | "
+                       f"{f'{statistics.mean(errs):.3f}' if errs else '-'} | {first['basis_bytes'] / 1e3:.0f} |")
+    return out
 
 
 def plot(by, args, prefix):
@@ -210,7 +245,10 @@ def plot(by, args, prefix):
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="cnn", choices=["cnn", "resnet32"])
-    ap.add_argument("--methods", default="plain,fp16,powersgd2,qsgd4,gradiveq,gradiveq-pooled")
+    ap.add_argument("--methods", default="plain,fp16,powersgd2,qsgd4,gradiveq-paper,gradiveq")
+    ap.add_argument("--config", action="append", default=[], metavar="NAME=JSON",
+                    help='extra GradiVeQ configuration, e.g. gradiveq-r16=\'{"fit_on": "all_slices", "target_ratio": 16}\' '
+                         '(repeatable; then name it in --methods)')
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch", type=int, default=64, help="batch per rank")
@@ -227,10 +265,15 @@ def parse_args(argv):
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     ap.add_argument("--tag", default=None)
     args = ap.parse_args(argv)
+    for spec in args.config:
+        try:
+            add_gradiveq_config(spec)
+        except ValueError as e:
+            ap.error(f"argument --config: {e}")
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in args.methods:
-        if m not in METHODS:
-            ap.error(f"argument --methods: unknown method {m!r}; choose from {METHODS}")
+        if m not in known_methods():
+            ap.error(f"argument --methods: unknown method {m!r}; choose from {known_methods()}")
     try:
         args.seeds = [int(s) for s in args.seeds.split(",")]
         args.schedule = tuple(int(v) for v in args.schedule.split(","))

@@ -23,9 +23,24 @@ import gradiveq
 TORCH_METHODS = ["nocomm", "plain", "fp16", "powersgd1", "powersgd2"]
 # GradiVeQ configurations, by name: keyword arguments of GradiVeQState besides the schedule.
 GRADIVEQ_CONFIGS = {
-    "gradiveq": dict(),  # the paper: first-slice fit, K = one kernel row, energy 0.99, 4-bit QSGD sampling
-    "gradiveq-pooled": dict(fit_on="all_slices", slice_layout="kernel_position", energy=0.995),
+    "gradiveq": dict(),  # the library's defaults: GradiVeQState() with the run's schedule
+    # the paper exactly (GradiVeQState.paper()): first-slice fit, K = one kernel row, energy 0.99, 4-bit QSGD sampling
+    "gradiveq-paper": dict(paper=True),
 }
+
+
+def add_gradiveq_config(spec: str) -> str:
+    """Registers a named configuration from 'NAME=JSON' (GradiVeQState keyword arguments; "paper": true starts
+    from the paper's options), e.g. 'gradiveq-r16={"fit_on": "all_slices", "target_ratio": 16}'."""
+    import json
+    name, _, text = spec.partition("=")
+    if not name.startswith("gradiveq-") or not text:
+        raise ValueError(f"configuration {spec!r}: expected NAME=JSON with NAME starting with 'gradiveq-'")
+    options = json.loads(text)
+    if not isinstance(options, dict):
+        raise ValueError(f"configuration {spec!r}: the JSON must be an object of GradiVeQState arguments")
+    GRADIVEQ_CONFIGS[name] = options
+    return name
 
 
 class _CountingDist:
@@ -102,9 +117,10 @@ class Method:
         elif name in GRADIVEQ_CONFIGS or (gradiveq_kwargs is not None and name.startswith("gradiveq")):
             kwargs = dict(GRADIVEQ_CONFIGS.get(name, {}))
             kwargs.update(gradiveq_kwargs or {})
+            make = gradiveq.GradiVeQState.paper if kwargs.pop("paper", False) else gradiveq.GradiVeQState
             warm, sample, compress = schedule
-            self.state = gradiveq.GradiVeQState(warmup_iters=warm, sample_iters=sample, compress_iters=compress,
-                                                coeff_dtype=coeff_dtype, seed=seed, **kwargs)
+            self.state = make(warmup_iters=warm, sample_iters=sample, compress_iters=compress,
+                              coeff_dtype=coeff_dtype, seed=seed, **kwargs)
             gradiveq.register_hook(ddp, self.state)
             self.warmup_steps = warm
         else:

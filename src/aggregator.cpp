@@ -9,6 +9,7 @@
 #include <unordered_set>
 
 #include "byte_io.h"
+#include "collectives.h"
 #include "step_recorder.h"
 #include "gradiveq/errors.h"
 
@@ -68,7 +69,8 @@ uint64_t double_bits(double v) {
 bool is_float_like(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
 
 constexpr char kStateMagic[4] = {'G', 'V', 'Q', 'S'};
-constexpr uint32_t kStateVersion = 1;
+// Version 2 added the adaptive window's schedule shift, restart count and pending vote.
+constexpr uint32_t kStateVersion = 2;
 
 }  // namespace
 
@@ -77,10 +79,31 @@ void AggregatorOptions::validate() const {
   GVQ_CHECK_ARG(fit.energy > 0.0 && fit.energy <= 1.0, kWhere, "energy", "must lie in (0, 1], got ", fit.energy);
   GVQ_CHECK_ARG(fit.max_components >= 0, kWhere, "max_components", "must be >= 0 (0 = no cap), got ",
                 fit.max_components);
+  GVQ_CHECK_ARG(fit.target_ratio == 0.0 || fit.target_ratio >= 1.0, kWhere, "target_ratio",
+                "must be >= 1 or 0 (off), got ", fit.target_ratio);
+  GVQ_CHECK_ARG(fit.min_ratio == 0.0 || fit.min_ratio >= 1.0, kWhere, "min_ratio", "must be >= 1 or 0 (off), got ",
+                fit.min_ratio);
+  GVQ_CHECK_ARG(fit.energy < 1.0 || (fit.min_ratio == 0.0 && fit.target_ratio == 0.0), kWhere, "energy",
+                "is 1.0 (keep all K components: lossless) but min_ratio = ", fit.min_ratio, " and target_ratio = ",
+                fit.target_ratio, " limit d; set both to 0 for a lossless run");
+  GVQ_CHECK_ARG(restart_error_growth == 0.0 || restart_error_growth > 1.0, kWhere, "restart_error_growth",
+                "must be > 1 or 0 (off), got ", restart_error_growth);
   Schedule{schedule};  // validates the schedule
   GVQ_CHECK_ARG(is_float_like(coeff_dtype), kWhere, "coeff_dtype", "must be float32, float16 or bfloat16, got ",
                 coeff_dtype);
   GVQ_CHECK_ARG(policy.min_numel >= 0, kWhere, "min_numel", "must be >= 0, got ", policy.min_numel);
+}
+
+AggregatorOptions AggregatorOptions::paper() {
+  AggregatorOptions o;
+  o.fit = FitOptions{};
+  o.fit.energy = 0.99;
+  o.schedule = ScheduleOptions{2500, 100, 400};
+  o.sample_quantizer = SampleQuantizer::kQsgd4;
+  o.fit_on = FitSamples::kFirstSlice;
+  o.slice_layout = SliceLayoutKind::kKernelRow;
+  o.restart_error_growth = 0.0;
+  return o;
 }
 
 // One parameter the aggregator knows, with its compressor and sampling window.
@@ -202,13 +225,31 @@ uint64_t Aggregator::verification_code(int64_t iter) const {
   h = mix(h, uint64_t(options_.schedule.sample_iters));
   h = mix(h, uint64_t(options_.schedule.compress_iters));
   h = mix(h, double_bits(options_.fit.energy));
+  h = mix(h, uint64_t(schedule_shift_));
   return mix(h, bases_checksum_);
 }
 
+bool Aggregator::first_compressed_at(int64_t iter) const {
+  const auto& o = options_.schedule;
+  const int64_t shifted = iter - schedule_shift_;
+  return shifted >= o.warmup_iters && (shifted - o.warmup_iters) % schedule_.window_len() == o.sample_iters;
+}
+
 void Aggregator::begin_iteration() {
-  steps_->begin(iteration_, phase_name(schedule_.phase(iteration_)),
+  if (restart_vote_.defined()) {
+    // The last step's all-reduced vote: identical on every rank, so every rank restarts at the same iteration.
+    const bool restart = restart_vote_.item<float>() > 0.5f;
+    restart_vote_ = at::Tensor();
+    if (restart && phase_at(iteration_) == Phase::kCompressed) {
+      schedule_shift_ = iteration_ - options_.schedule.warmup_iters;  // iteration_ starts a sampling window
+      ++window_restarts_;
+    }
+  }
+  step_residual_sq_ = step_signal_sq_ = at::Tensor();
+  steps_->begin(iteration_, phase_name(phase_at(iteration_)),
                 options_.sample_quantizer == SampleQuantizer::kQsgd4 ? "all-gather of 4-bit QSGD (not summable)"
                                                                       : "all-reduce (uncompressed)");
+  steps_->set_window_restarts(window_restarts_);
   if (pending_fit_) {
     pending_fit_ = false;
     if (options_.schedule.compress_iters > 0) {
@@ -312,7 +353,7 @@ c10::intrusive_ptr<c10::ivalue::Future> Aggregator::aggregate_bucket(const at::T
   plan->start = Clock::now();
   if (index == 0) begin_iteration();
   plan->iter = iteration_;
-  plan->phase = schedule_.phase(iteration_);
+  plan->phase = phase_at(iteration_);
   plan->buffer = buffer;
   plan->is_last = is_last;
 
@@ -354,18 +395,19 @@ c10::intrusive_ptr<c10::ivalue::Future> Aggregator::aggregate_bucket(const at::T
     plan->entries.push_back(std::move(e));
   }
   const bool verify = options_.verify_bases && index == 0;
+  // The adaptive window's vote rides in the step's last all-reduce of every compressed step.
+  const bool vote = options_.restart_error_growth > 0.0 && is_last && plan->phase == Phase::kCompressed;
   const int64_t n = world_size_;
-  const double ring = 2.0 * double(n - 1) / double(n);
   std::vector<c10::intrusive_ptr<c10::ivalue::Future>> futures;
   int64_t payload = 0, wire = 0;
 
-  if (all_raw && !verify) {
+  if (all_raw && !verify && !vote) {
     // Nothing to compress: the bucket itself is all-reduced in place, exactly like DDP's default.
     plan->in_place = true;
     std::vector<at::Tensor> tensors{buffer};
     futures.push_back(pg_->allreduce(tensors)->getFuture());
     payload += buffer.nbytes();
-    wire += int64_t(ring * double(buffer.nbytes()));
+    wire += detail::ring_allreduce_bytes(buffer.nbytes(), n);
   } else {
     const bool separate_coeffs = options_.coeff_dtype != at::kFloat && coeff_len > 0;
     int64_t packed_len = raw_len + (separate_coeffs ? 0 : coeff_len);
@@ -377,6 +419,8 @@ c10::intrusive_ptr<c10::ivalue::Future> Aggregator::aggregate_bucket(const at::T
       plan->verify_code = verification_code(plan->iter);
       packed_len += plan->verify_len;
     }
+    const int64_t vote_offset = packed_len;
+    if (vote) packed_len += 1;
     const auto fopts = buffer.options().dtype(at::kFloat);
     plan->packed = at::empty({packed_len}, fopts);
     plan->coeffs = separate_coeffs ? at::empty({coeff_len}, fopts.dtype(options_.coeff_dtype))
@@ -404,6 +448,10 @@ c10::intrusive_ptr<c10::ivalue::Future> Aggregator::aggregate_bucket(const at::T
           // ||x - U U^T x||^2 = ||x||^2 - ||U^T x||^2.
           e.residual_sq = (slices - l->pca.mean() / double(n)).pow(2).sum() - c.pow(2).sum();
           e.signal_sq = slices.pow(2).sum();
+          if (options_.restart_error_growth > 0.0) {
+            step_residual_sq_ = step_residual_sq_.defined() ? step_residual_sq_ + e.residual_sq : e.residual_sq;
+            step_signal_sq_ = step_signal_sq_.defined() ? step_signal_sq_ + e.signal_sq : e.signal_sq;
+          }
           break;
         }
         case Mode::kSampledQsgd: {
@@ -424,17 +472,41 @@ c10::intrusive_ptr<c10::ivalue::Future> Aggregator::aggregate_bucket(const at::T
       plan->packed.narrow(0, plan->verify_offset, plan->verify_len)
           .copy_(at::tensor(chunks, at::kFloat));
     }
+    if (vote) {
+      // Device-side arithmetic: no host synchronisation on the per-step path.
+      at::Tensor slot = plan->packed.narrow(0, vote_offset, 1);
+      if (!step_residual_sq_.defined()) {
+        slot.zero_();  // nothing compressed this step (no basis yet): no opinion
+      } else {
+        at::Tensor error = (step_residual_sq_.clamp_min(0.0) / step_signal_sq_.clamp_min(1e-30)).sqrt();
+        if (first_compressed_at(plan->iter) || !window_error_baseline_.defined()) {
+          // A fresh basis: the window's first steps set its scale. One minibatch's E varies by about +-25% on
+          // real data, so the baseline is a mean over kBaselineSteps steps.
+          window_error_baseline_ = error.detach().clone();
+          window_baseline_steps_ = 1;
+          slot.zero_();
+        } else if (window_baseline_steps_ < kBaselineSteps) {
+          window_error_baseline_.add_(error);
+          ++window_baseline_steps_;
+          slot.zero_();
+        } else {
+          const double threshold = options_.restart_error_growth / double(window_baseline_steps_);
+          slot.copy_((error > window_error_baseline_ * threshold).to(at::kFloat).view({1}));
+        }
+      }
+      restart_vote_ = slot;
+    }
     if (packed_len > 0) {
       std::vector<at::Tensor> tensors{plan->packed};
       futures.push_back(pg_->allreduce(tensors)->getFuture());
       payload += plan->packed.nbytes();
-      wire += int64_t(ring * double(plan->packed.nbytes()));
+      wire += detail::ring_allreduce_bytes(plan->packed.nbytes(), n);
     }
     if (separate_coeffs) {
       std::vector<at::Tensor> tensors{plan->coeffs};
       futures.push_back(pg_->allreduce(tensors)->getFuture());
       payload += plan->coeffs.nbytes();
-      wire += int64_t(ring * double(plan->coeffs.nbytes()));
+      wire += detail::ring_allreduce_bytes(plan->coeffs.nbytes(), n);
     }
     if (q_len > 0) {
       for (int64_t r = 0; r < n; ++r) plan->gathered.push_back(at::empty({q_len}, plan->qsgd.options()));
@@ -451,18 +523,11 @@ c10::intrusive_ptr<c10::ivalue::Future> Aggregator::aggregate_bucket(const at::T
   steps_->issued(int64_t(futures.size()), payload, wire, uncompressed, plan->in_place ? 0.0 : ms_since(plan->start),
                  is_last);
   if (is_last) {
-    if (schedule_.fits_after(iteration_)) pending_fit_ = true;
+    if (schedule_.fits_after(iteration_ - schedule_shift_)) pending_fit_ = true;
     ++iteration_;
   }
 
-  c10::intrusive_ptr<c10::ivalue::Future> all;
-  if (futures.size() == 1) {
-    all = futures[0];
-  } else {
-    c10::List<c10::intrusive_ptr<c10::ivalue::Future>> list(c10::FutureType::create(futures[0]->elementType()));
-    for (auto& f : futures) list.push_back(f);
-    all = c10::collectAll(list);
-  }
+  c10::intrusive_ptr<c10::ivalue::Future> all = detail::when_all(futures);
   // The callback keeps the aggregator alive while it runs and lets go of it before it returns: were the closure
   // to hold the last reference when the communication thread destroys it, ~ProcessGroupGloo would join that
   // very thread. (Whoever owns the aggregator waits for the future, which completes only after the body.)
@@ -565,8 +630,9 @@ void Aggregator::finish_bucket(BucketPlan& plan, const std::vector<at::Tensor>& 
       case Mode::kCompressed: {
         st.phase = "compressed";
         st.bytes_out = e.coeff_len * int64_t(c10::elementSize(options_.coeff_dtype)) + e.raw_len * 4;
-        const double signal = e.signal_sq.item<double>();
-        st.relative_error = signal > 0 ? std::sqrt(std::max(0.0, e.residual_sq.item<double>()) / signal) : 0.0;
+        const double signal = e.signal_sq.item<double>(), residual = e.residual_sq.item<double>();
+        st.relative_error = signal > 0 ? std::sqrt(std::max(0.0, residual) / signal) : 0.0;
+        steps_->add_error_terms(residual, signal);
         break;
       }
     }
@@ -603,6 +669,10 @@ at::Tensor Aggregator::save_state() const {
   w.put<int64_t>(world_size_);
   w.put<int64_t>(iteration_);
   w.put<uint8_t>(pending_fit_ ? 1 : 0);
+  w.put<int64_t>(schedule_shift_);
+  w.put<int64_t>(window_restarts_);
+  // The last step's restart vote has completed by the time a step boundary is saved.
+  w.put<uint8_t>(restart_vote_.defined() && restart_vote_.item<float>() > 0.5f ? 1 : 0);
   w.put<int64_t>(int64_t(layers_.size()));
   for (const auto& l : layers_) {
     w.put_string(l->name);
@@ -640,6 +710,11 @@ void Aggregator::load_state(const at::Tensor& image) {
   const auto iteration = in.get<int64_t>();
   const bool pending = in.get<uint8_t>() != 0;
   GVQ_CHECK_ARG(iteration >= 0, kWhere, "state", "holds a negative iteration ", iteration);
+  const auto shift = in.get<int64_t>();
+  const auto restarts = in.get<int64_t>();
+  const bool vote = in.get<uint8_t>() != 0;
+  GVQ_CHECK_ARG(shift >= 0 && shift <= iteration && restarts >= 0, kWhere, "state",
+                "is corrupted: schedule shift ", shift, ", restarts ", restarts, " at iteration ", iteration);
   const auto count = in.get<int64_t>();
   GVQ_CHECK_ARG(count == int64_t(layers_.size()), kWhere, "state", "holds ", count,
                 " parameters but this model has ", layers_.size(), " (a different model?)");
@@ -695,6 +770,11 @@ void Aggregator::load_state(const at::Tensor& image) {
   std::lock_guard<std::mutex> lock(stats_mutex_);
   iteration_ = iteration;
   pending_fit_ = pending;
+  schedule_shift_ = shift;
+  window_restarts_ = restarts;
+  restart_vote_ = vote ? at::ones({1}, at::kFloat) : at::Tensor();
+  window_error_baseline_ = at::Tensor();  // per rank; the next compressed steps set it again
+  window_baseline_steps_ = 0;
   for (size_t i = 0; i < layers_.size(); ++i) {
     Layer& l = *layers_[i];
     if (!l.compressible) continue;

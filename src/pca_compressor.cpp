@@ -90,6 +90,13 @@ PcaCompressor PcaCompressor::fit(const at::Tensor& samples, const FitOptions& op
                 "must lie in (0, 1], got ", options.energy);
   GVQ_CHECK_ARG(options.max_components >= 0, kWhere, "max_components",
                 "must be >= 0 (0 = no cap), got ", options.max_components);
+  GVQ_CHECK_ARG(options.target_ratio == 0.0 || options.target_ratio >= 1.0, kWhere, "target_ratio",
+                "must be >= 1 or 0 (off), got ", options.target_ratio);
+  GVQ_CHECK_ARG(options.min_ratio == 0.0 || options.min_ratio >= 1.0, kWhere, "min_ratio",
+                "must be >= 1 or 0 (off), got ", options.min_ratio);
+  GVQ_CHECK_ARG(options.energy < 1.0 || (options.min_ratio == 0.0 && options.target_ratio == 0.0), kWhere,
+                "energy", "is 1.0 (keep all K components: lossless) but min_ratio = ", options.min_ratio,
+                " and target_ratio = ", options.target_ratio, " limit d; set both to 0 for a lossless fit");
   GVQ_CHECK_ARG(samples.defined(), kWhere, "samples", "is an undefined tensor");
   GVQ_CHECK_ARG(samples.scalar_type() == at::kFloat, kWhere, "samples", "must be float32, got ",
                 samples.scalar_type());
@@ -128,10 +135,13 @@ PcaCompressor PcaCompressor::fit(const at::Tensor& samples, const FitOptions& op
   }
   const int64_t r = variances.numel();
 
-  // d: the smallest count whose eigenvalues reach the energy threshold (paper eq. 6).
+  // d: the smallest count whose eigenvalues reach the energy threshold (paper eq. 6), or the count that gives
+  // the target ratio.
   int64_t d = 0;
   const double total = variances.sum().item<double>();
-  if (options.energy >= 1.0) {
+  if (options.target_ratio > 0.0) {
+    d = std::min<int64_t>(int64_t(std::ceil(double(k) / options.target_ratio - 1e-9)), std::max<int64_t>(r, 1));
+  } else if (options.energy >= 1.0) {
     d = k;
   } else if (total <= 0.0) {
     d = 1;  // no variance at all: one direction is as good as any; the mean carries the signal
@@ -140,6 +150,7 @@ PcaCompressor PcaCompressor::fit(const at::Tensor& samples, const FitOptions& op
     d = (cumulative < options.energy * total).sum().item<int64_t>() + 1;
     d = std::min(d, r);
   }
+  if (options.min_ratio > 0.0) d = std::min<int64_t>(d, int64_t(std::floor(double(k) / options.min_ratio + 1e-9)));
   if (options.max_components > 0) d = std::min(d, options.max_components);
   d = std::max<int64_t>(d, 1);
 

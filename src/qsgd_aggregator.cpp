@@ -3,6 +3,7 @@
 #include <c10/core/GradMode.h>
 
 #include "gradiveq/errors.h"
+#include "collectives.h"
 #include "step_recorder.h"
 
 namespace gradiveq {
@@ -72,7 +73,7 @@ c10::intrusive_ptr<c10::ivalue::Future> QsgdAggregator::aggregate_bucket(const a
     std::vector<at::Tensor> t{raw};
     futures.push_back(pg_->allreduce(t)->getFuture());
     sent += raw.nbytes();
-    wire += int64_t(2.0 * double(n - 1) / double(n) * double(raw.nbytes()));
+    wire += detail::ring_allreduce_bytes(raw.nbytes(), n);
   }
   if (q_len > 0) {
     at::Tensor local = payload.to(buffer.device());
@@ -87,14 +88,7 @@ c10::intrusive_ptr<c10::ivalue::Future> QsgdAggregator::aggregate_bucket(const a
   steps_->issued(int64_t(futures.size()), sent, wire, uncompressed, ms_since(start), is_last);
   if (is_last) ++iteration_;
 
-  c10::intrusive_ptr<c10::ivalue::Future> all;
-  if (futures.size() == 1) {
-    all = futures[0];
-  } else {
-    c10::List<c10::intrusive_ptr<c10::ivalue::Future>> list(c10::FutureType::create(futures[0]->elementType()));
-    for (auto& f : futures) list.push_back(f);
-    all = c10::collectAll(list);
-  }
+  c10::intrusive_ptr<c10::ivalue::Future> all = detail::when_all(futures);
   // As in Aggregator: the closure lets go of the aggregator before it returns (see aggregator.cpp).
   return all->then(
       [owner = std::make_shared<std::shared_ptr<QsgdAggregator>>(shared_from_this()), parts, raw, gathered, buffer,

@@ -3,7 +3,9 @@
 // issued bucket has finished.
 #pragma once
 
+#include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <mutex>
 #include <string>
 
@@ -27,6 +29,8 @@ class StepRecorder {
     current_.sampling_aggregation = sampling_aggregation;
     finished_ = 0;
     last_issued_ = false;
+    residual_sq_ = signal_sq_ = 0.0;
+    has_error_ = false;
   }
   void add_fit_ms(double ms) {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -43,8 +47,22 @@ class StepRecorder {
     current_.compress_ms += compress_ms;
     last_issued_ = last_issued_ || is_last;
   }
+  void set_window_restarts(int64_t restarts) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    current_.window_restarts = restarts;
+  }
+  /// Adds one compressed layer's eq. 7 loss terms (squared residual and squared gradient norms).
+  void add_error_terms(double residual_sq, double signal_sq) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    residual_sq_ += residual_sq;
+    signal_sq_ += signal_sq;
+    has_error_ = true;
+  }
   void finished(double decompress_ms, Clock::time_point bucket_start) {
     std::lock_guard<std::mutex> lock(mutex_);
+    if (has_error_) {
+      current_.relative_error = signal_sq_ > 0 ? std::sqrt(std::max(0.0, residual_sq_) / signal_sq_) : 0.0;
+    }
     current_.decompress_ms += decompress_ms;
     current_.aggregation_ms += ms_since(bucket_start);
     ++finished_;
@@ -60,6 +78,8 @@ class StepRecorder {
   StepStats current_, last_;
   int64_t finished_ = 0;
   bool last_issued_ = false;
+  double residual_sq_ = 0.0, signal_sq_ = 0.0;
+  bool has_error_ = false;
 };
 
 }  // namespace gradiveq::detail

@@ -77,6 +77,46 @@ TEST(PcaCompressor, EnergyRulePicksTheSmallestD) {
   EXPECT_NEAR(PcaCompressor::fit(x, {0.99}).explained_variance(), 110.0 / 111.0, 1e-5);
 }
 
+TEST(PcaCompressor, TargetRatioAndMinRatioSetD) {
+  auto gen = seeded(21);
+  const int64_t k = 64;
+  at::Tensor x = at::randn({300, k}, gen);  // isotropic: the energy rule would keep almost everything
+  FitOptions target;
+  target.target_ratio = 8.0;
+  EXPECT_EQ(PcaCompressor::fit(x, target).num_components(), 8);
+  target.target_ratio = 3.0;
+  EXPECT_EQ(PcaCompressor::fit(x, target).num_components(), 22);  // ceil(64 / 3)
+  target.target_ratio = 1.0;
+  EXPECT_EQ(PcaCompressor::fit(x, target).num_components(), k);
+  // Never more than the samples' rank: 5 centred samples span 4 directions.
+  target.target_ratio = 2.0;
+  EXPECT_EQ(PcaCompressor::fit(x.narrow(0, 0, 5), target).num_components(), 4);
+
+  FitOptions capped{0.9999};
+  const int64_t uncapped = PcaCompressor::fit(x, capped).num_components();
+  EXPECT_GT(uncapped, 60);
+  capped.min_ratio = 8.0;
+  EXPECT_EQ(PcaCompressor::fit(x, capped).num_components(), 8);
+  EXPECT_GE(PcaCompressor::fit(x, capped).compression_ratio(), 8.0);
+  capped.min_ratio = 100.0;
+  EXPECT_EQ(PcaCompressor::fit(x, capped).num_components(), 1);  // at least one component
+  // The cap does not raise d: a spectrum that needs 2 components keeps 2.
+  at::Tensor low = low_rank_samples(100, k, 2, 0.0, gen);
+  FitOptions low_opts{0.99};
+  low_opts.min_ratio = 4.0;
+  EXPECT_EQ(PcaCompressor::fit(low, low_opts).num_components(), 2);
+
+  FitOptions bad;
+  bad.target_ratio = 0.5;
+  expect_invalid([&] { PcaCompressor::fit(x, bad); }, {"target_ratio", ">= 1", "0.5"});
+  bad = FitOptions{};
+  bad.min_ratio = -2.0;
+  expect_invalid([&] { PcaCompressor::fit(x, bad); }, {"min_ratio", "-2"});
+  bad = FitOptions{1.0};
+  bad.min_ratio = 8.0;  // lossless and capped at once: say so rather than silently dropping one
+  expect_invalid([&] { PcaCompressor::fit(x, bad); }, {"energy", "lossless", "min_ratio"});
+}
+
 TEST(PcaCompressor, CoefficientsFromNRanksSumToTheCompressedSum) {
   const int64_t k = 192, ranks = 4, slices = 6;
   auto pca = PcaCompressor::fit(low_rank_samples(80, k, 10, 0.05, seeded(5)), {0.95});

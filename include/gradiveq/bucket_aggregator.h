@@ -28,6 +28,10 @@ struct StepStats {
   double decompress_ms = 0.0;      ///< unpacking and decompressing, in the callbacks
   double fit_ms = 0.0;             ///< fitting and distributing bases (only on steps that fit)
   std::string sampling_aggregation;
+  /// This rank's local loss (eq. 7) over the layers it compressed in the step, sqrt(sum of squared residuals /
+  /// sum of squared gradients); -1 when nothing was compressed.
+  double relative_error = -1.0;
+  int64_t window_restarts = 0;  ///< compressed windows left early by the adaptive window, so far
 };
 
 class BucketAggregator {

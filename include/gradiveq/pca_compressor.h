@@ -26,6 +26,14 @@ struct FitOptions {
   double energy = 0.99;
   /// Upper bound on d; 0 means no cap.
   int64_t max_components = 0;
+  /// If > 0, d is chosen for this compression ratio instead of by energy: d = ceil(K / target_ratio)
+  /// (energy is then ignored). Must be >= 1 or 0 (off).
+  double target_ratio = 0.0;
+  /// If > 0, caps d at floor(K / min_ratio) (at least 1) after the energy rule, so every layer compresses at
+  /// least this much however flat its spectrum is. Must be >= 1 or 0 (off).
+  double min_ratio = 0.0;
+  // Whatever the rule, d never exceeds the rank of the samples (n - 1 centred samples span at most n - 1
+  // directions; more would be directions of zero variance in the window) unless energy is 1.0, which keeps K.
 };
 
 class PcaCompressor {

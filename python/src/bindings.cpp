@@ -35,9 +35,11 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<PcaCompressor>(m, "PcaCompressor")
       .def(py::init<>())
-      .def_static("fit", [](const at::Tensor& samples, double energy, int64_t max_components) {
-            return PcaCompressor::fit(samples, FitOptions{energy, max_components});
+      .def_static("fit", [](const at::Tensor& samples, double energy, int64_t max_components, double target_ratio,
+                            double min_ratio) {
+            return PcaCompressor::fit(samples, FitOptions{energy, max_components, target_ratio, min_ratio});
           }, py::arg("samples"), py::arg("energy") = 0.99, py::arg("max_components") = 0,
+          py::arg("target_ratio") = 0.0, py::arg("min_ratio") = 0.0,
           py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("is_fitted", &PcaCompressor::is_fitted)
       .def_property_readonly("slice_len", &PcaCompressor::slice_len)
@@ -90,9 +92,11 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init([](double energy, int64_t max_components, int64_t warmup_iters, int64_t sample_iters,
                        int64_t compress_iters, SampleQuantizer sample_quantizer, FitSamples fit_on,
                        SliceLayoutKind slice_layout, at::ScalarType coeff_dtype, std::vector<std::string> include,
-                       std::vector<std::string> exclude, int64_t min_numel, bool verify_bases, uint64_t seed) {
+                       std::vector<std::string> exclude, int64_t min_numel, bool verify_bases, uint64_t seed,
+                       double target_ratio, double min_ratio, double restart_error_growth) {
              AggregatorOptions o;
-             o.fit = FitOptions{energy, max_components};
+             o.fit = FitOptions{energy, max_components, target_ratio, min_ratio};
+             o.restart_error_growth = restart_error_growth;
              o.schedule = ScheduleOptions{warmup_iters, sample_iters, compress_iters};
              o.sample_quantizer = sample_quantizer;
              o.fit_on = fit_on;
@@ -107,7 +111,28 @@ PYBIND11_MODULE(_C, m) {
            py::arg("energy"), py::arg("max_components"), py::arg("warmup_iters"), py::arg("sample_iters"),
            py::arg("compress_iters"), py::arg("sample_quantizer"), py::arg("fit_on"), py::arg("slice_layout"),
            py::arg("coeff_dtype"), py::arg("include"), py::arg("exclude"), py::arg("min_numel"),
-           py::arg("verify_bases"), py::arg("seed"));
+           py::arg("verify_bases"), py::arg("seed"), py::arg("target_ratio") = 0.0, py::arg("min_ratio") = 0.0,
+           py::arg("restart_error_growth") = 0.0)
+      // The C++ defaults and the paper's options, so Python can check that its signature matches them.
+      .def_static("defaults", [] { return AggregatorOptions{}; })
+      .def_static("paper", &AggregatorOptions::paper)
+      .def("as_dict", [](const AggregatorOptions& o) {
+        py::dict d;
+        d["energy"] = o.fit.energy;
+        d["max_components"] = o.fit.max_components;
+        d["target_ratio"] = o.fit.target_ratio;
+        d["min_ratio"] = o.fit.min_ratio;
+        d["warmup_iters"] = o.schedule.warmup_iters;
+        d["sample_iters"] = o.schedule.sample_iters;
+        d["compress_iters"] = o.schedule.compress_iters;
+        d["sample_quantizer"] = o.sample_quantizer == SampleQuantizer::kQsgd4 ? "qsgd4" : "none";
+        d["fit_on"] = o.fit_on == FitSamples::kFirstSlice ? "first_slice" : "all_slices";
+        d["slice_layout"] = o.slice_layout == SliceLayoutKind::kKernelRow ? "kernel_row" : "kernel_position";
+        d["min_numel"] = o.policy.min_numel;
+        d["verify_bases"] = o.verify_bases;
+        d["restart_error_growth"] = o.restart_error_growth;
+        return d;
+      });
 
   py::class_<LayerStats>(m, "LayerStats")
       .def_readonly("name", &LayerStats::name)
@@ -140,6 +165,8 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("bytes_wire", &StepStats::bytes_wire)
       .def_readonly("aggregation_ms", &StepStats::aggregation_ms)
       .def_readonly("compress_ms", &StepStats::compress_ms)
+      .def_readonly("relative_error", &StepStats::relative_error)
+      .def_readonly("window_restarts", &StepStats::window_restarts)
       .def_readonly("decompress_ms", &StepStats::decompress_ms)
       .def_readonly("fit_ms", &StepStats::fit_ms)
       .def_readonly("sampling_aggregation", &StepStats::sampling_aggregation);
@@ -179,6 +206,7 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("phase", &Aggregator::phase)
       .def_property_readonly("world_size", &Aggregator::world_size)
       .def_property_readonly("rank", &Aggregator::rank)
+      .def_property_readonly("window_restarts", &Aggregator::window_restarts)
       .def("layer_stats", &Aggregator::layer_stats)
       .def("save_state", &Aggregator::save_state)
       .def("load_state", &Aggregator::load_state, py::arg("state"))

@@ -38,7 +38,8 @@ def train(rank: int, world_size: int, cfg: dict) -> dict:
 
     cfg keys: hook ("plain" | "cpp" | "py"), state (GradiVeQState kwargs), steps, lr, bucket_cap_mb,
     static_graph, unused_branch, accumulate (micro-batches per step, all but the last under no_sync),
-    inf_at (step at which rank 0's conv2 gradient gets an inf), corrupt_at (step before which rank 1 replaces
+    inf_at (step at which rank 0's conv2 gradient gets an inf), noise_at (step at which rank 1's conv2 and conv3
+    gradients are replaced by large noise), corrupt_at (step before which rank 1 replaces
     conv2's basis), save_at / save_path (checkpoint after that step), load_path (resume from a checkpoint),
     grad_scaler (use torch.amp.GradScaler("cpu")).
     """
@@ -77,6 +78,13 @@ def train(rank: int, world_size: int, cfg: dict) -> dict:
         handle = None
         if cfg.get("inf_at") == step and rank == 0:
             handle = conv2.weight.register_hook(lambda g: g + float("inf"))
+        noise_handles = []
+        if cfg.get("noise_at") == step and rank == 1:
+            # A gradient unlike anything in the window: the basis explains little of it (eq. 7 loss near 1).
+            for conv in (model.conv2, model.conv3):
+                noise_handles.append(conv.weight.register_hook(
+                    lambda g: torch.randn(g.shape, generator=torch.Generator().manual_seed(7)) * 10 * g.norm()
+                    / g.numel() ** 0.5))
         opt.zero_grad(set_to_none=True)
         for micro in range(accumulate):
             x, y = make_data(rank, 0 if cfg.get("fixed_batch") else step * accumulate + micro)
@@ -88,6 +96,8 @@ def train(rank: int, world_size: int, cfg: dict) -> dict:
                 loss.backward()
         if handle is not None:
             handle.remove()
+        for h in noise_handles:
+            h.remove()
         out["losses"].append(loss.item())
         out["grads"].append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
         out["finite"].append(all(bool(torch.isfinite(p.grad).all()) for p in model.parameters() if p.grad is not None))

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-METHODS = ("nocomm", "plain", "fp16", "powersgd1", "powersgd2", "qsgd4", "gradiveq", "gradiveq-pooled")
+METHODS = ("nocomm", "plain", "fp16", "powersgd1", "powersgd2", "qsgd4", "gradiveq", "gradiveq-paper")
 
 
 def test_benchmark_tiny_run_reports_every_method(tmp_path):
@@ -32,7 +32,7 @@ def test_benchmark_tiny_run_reports_every_method(tmp_path):
     kb = {m: float(c[7]) for m, c in rows.items()}
     assert abs(kb["plain"] - 4 * sum_params() / 1e3) < 0.2
     assert re.search(r"gradiveq: schedule warm-up 1 / sampling 2 / compressed 3", md)
-    assert ratio["gradiveq-pooled"] > 1.5
+    assert ratio["gradiveq-paper"] > 1.5
     # The per-layer table after the first fit lists ResNet-32's compressible conv layers (30 with >= 1000 values).
     assert len(re.findall(r"^\| layers\.\d+\.conv[12]\.weight \| 768 \| \d+ \|", md, re.M)) == 10  # the ten 16->16 convs
     for png in ("tiny_steptime.png", "tiny_loss.png"):

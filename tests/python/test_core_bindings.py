@@ -79,3 +79,14 @@ def test_demo_runs_on_real_resnet32_gradients():
         k, d, ratio, expl, err = row.split()[2:]
         assert int(k) % int(d) >= 0 and 1 <= int(d) <= 5  # at most samples - 1 = 5 components
         assert 0.0 <= float(err) < 1.5 and 0.9 <= float(expl) <= 1.0 + 1e-6
+
+
+def test_python_defaults_and_paper_options_match_the_cpp_ones():
+    for py_state, cpp in ((gradiveq.GradiVeQState(), gradiveq._C.AggregatorOptions.defaults()),
+                          (gradiveq.GradiVeQState.paper(), gradiveq._C.AggregatorOptions.paper())):
+        for key, value in cpp.as_dict().items():
+            assert py_state.options[key] == value, (key, py_state.options[key], value)
+    paper = gradiveq.GradiVeQState.paper(warmup_iters=10).options
+    assert (paper["fit_on"], paper["slice_layout"], paper["energy"], paper["sample_quantizer"]) == (
+        "first_slice", "kernel_row", 0.99, "qsgd4")
+    assert (paper["warmup_iters"], paper["sample_iters"], paper["compress_iters"]) == (10, 100, 400)

@@ -10,7 +10,7 @@ from ddp_workers import train
 
 # 2 warm-up, 3 sampling, 4 compressed iterations per window: 13 steps cover every phase and a re-fit.
 SHORT = dict(warmup_iters=2, sample_iters=3, compress_iters=4, min_numel=100)
-EXACT = dict(SHORT, energy=1.0, sample_quantizer="none")
+EXACT = dict(SHORT, energy=1.0, min_ratio=0, sample_quantizer="none")
 PHASES = ["warmup"] * 2 + ["sampling"] * 3 + ["compressed"] * 4 + ["sampling"] * 3 + ["compressed"]
 
 
@@ -70,7 +70,8 @@ def test_ranks_hold_identical_parameters_after_50_steps_and_loss_falls_like_plai
 
 
 def test_phases_switch_at_configured_iterations():
-    res = no_errors(run_ranks(train, 2, dict(hook="cpp", state=dict(SHORT, energy=0.9), steps=13, lr=0.0)))
+    res = no_errors(run_ranks(train, 2, dict(hook="cpp", state=dict(SHORT, energy=0.9, sample_quantizer="qsgd4"),
+                                             steps=13, lr=0.0)))
     assert res[0]["phases"] == PHASES and res[1]["phases"] == PHASES
     stats = res[0]["stats"]
     assert stats["iteration"] == 13 and stats["layers"]["conv2.weight"]["fits"] == 2
@@ -99,6 +100,60 @@ def test_checkpoint_and_resume_in_new_processes_reproduces_the_run(tmp_path):
             for n, p in full[r]["params"].items():
                 torch.testing.assert_close(resumed[r]["params"][n], p, rtol=0, atol=0, msg=f"k={k} rank {r} {n}")
         assert resumed[0]["stats"]["iteration"] == 16
+
+
+def test_kernel_position_pooled_layout_equals_plain_at_full_rank():
+    cfg = dict(steps=13, lr=0.0, bucket_cap_mb=0.02)
+    plain = no_errors(run_ranks(train, 2, dict(cfg, hook="plain")))
+    ours = no_errors(run_ranks(train, 2, dict(cfg, hook="cpp", state=dict(
+        EXACT, slice_layout="kernel_position", fit_on="all_slices"))))
+    conv2 = ours[0]["stats"]["layers"]["conv2.weight"]
+    assert (conv2["K"], conv2["slices"], conv2["tail"]) == (16 * 32, 9, 0)
+    for step in range(13):
+        assert max_rel_diff(ours[0]["grads"][step], plain[0]["grads"][step]) < 1e-5, step
+
+
+def test_fit_options_set_d_as_they_claim():
+    # 3 sampled iterations; conv2 is 32x16x3x3, conv3 32x32x3x3.
+    def layers(**state):
+        res = no_errors(run_ranks(train, 2, dict(hook="cpp", state=dict(SHORT, **state), steps=6, keep_grads=False)))
+        return {n: v for n, v in res[0]["stats"]["layers"].items() if v["compressible"]}
+
+    # Samples span at most (samples - 1) directions: first slice -> 3 samples, pooled -> 3 x slices.
+    exact = dict(energy=0.999999, min_ratio=0, sample_quantizer="none")
+    first = layers(fit_on="first_slice", slice_layout="kernel_row", **exact)
+    pooled = layers(fit_on="all_slices", slice_layout="kernel_row", **exact)
+    pooled_kp = layers(fit_on="all_slices", slice_layout="kernel_position", **exact)
+    for name in ("conv2.weight", "conv3.weight"):
+        assert first[name]["d"] <= 2, first[name]
+        assert pooled[name]["slices"] == 3 and 2 < pooled[name]["d"] <= 3 * 3 - 1, pooled[name]
+        assert pooled_kp[name]["slices"] == 9 and 8 < pooled_kp[name]["d"] <= 3 * 9 - 1, pooled_kp[name]
+    # A target ratio sets d = ceil(K / ratio) (here below the samples' rank); a minimum ratio caps the energy rule.
+    target = layers(fit_on="all_slices", slice_layout="kernel_position", target_ratio=64, min_ratio=0)
+    capped = layers(fit_on="all_slices", slice_layout="kernel_position", energy=0.999999, min_ratio=100)
+    for name in ("conv2.weight", "conv3.weight"):
+        K = target[name]["K"]
+        assert target[name]["d"] == -(-K // 64), target[name]
+        assert capped[name]["d"] == K // 100 and capped[name]["ratio"] >= 100, capped[name]
+
+
+def test_adaptive_window_restarts_on_every_rank_at_the_same_iteration():
+    # 2 warm-up, 10 sampling, then up to 20 compressed steps (12, 13, 14 set each rank's baseline error). At step
+    # 15 rank 1's conv gradients turn to noise; only rank 1's loss jumps, yet both ranks sample again from step 16.
+    state = dict(warmup_iters=2, sample_iters=10, compress_iters=20, min_numel=100, fit_on="all_slices",
+                 slice_layout="kernel_position", energy=0.99, restart_error_growth=1.6)
+    quiet = no_errors(run_ranks(train, 2, dict(hook="cpp", state=state, steps=28, keep_grads=False)))
+    noisy = no_errors(run_ranks(train, 2, dict(hook="cpp", state=state, steps=28, noise_at=15, keep_grads=False)))
+    assert quiet[0]["phases"] == ["warmup"] * 2 + ["sampling"] * 10 + ["compressed"] * 16
+    expected = ["warmup"] * 2 + ["sampling"] * 10 + ["compressed"] * 4 + ["sampling"] * 10 + ["compressed"] * 2
+    errors = [[round(s["relative_error"], 3) for s in r["step_stats"]] for r in noisy]
+    for r in range(2):
+        assert noisy[r]["phases"] == expected, (r, noisy[r]["phases"], errors)
+        assert noisy[r]["stats"]["step"]["window_restarts"] == 1
+        assert quiet[r]["stats"]["step"]["window_restarts"] == 0
+    baseline = [sum(e[12:15]) / 3 for e in errors]
+    assert errors[1][15] > 1.6 * baseline[1] and errors[0][15] < 1.6 * baseline[0], errors
+    assert noisy[0]["stats"]["layers"]["conv2.weight"]["fits"] == 2
 
 
 @pytest.mark.parametrize("variant", ["no_sync", "static_graph", "unused_parameters"])
@@ -145,6 +200,12 @@ def test_non_finite_gradients_stay_non_finite_and_grad_scaler_skips():
     (dict(fit_on="middle"), ["fit_on"]),
     (dict(min_numel=-5), ["min_numel"]),
     (dict(warmup_iters=2.5), ["warmup_iters", "int"]),
+    (dict(target_ratio=0.5), ["target_ratio", ">= 1"]),
+    (dict(min_ratio=-1), ["min_ratio"]),
+    (dict(restart_error_growth=0.9), ["restart_error_growth", "> 1"]),
+    (dict(energy=1.0), ["energy", "min_ratio", "lossless"]),
+    (dict(target_ratio="8"), ["target_ratio", "number"]),
+    (dict(slice_layout="row"), ["slice_layout", "row"]),
 ])
 def test_bad_options_raise(kwargs, words):
     with pytest.raises(ValueError) as err:
