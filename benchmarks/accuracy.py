@@ -15,6 +15,7 @@ import argparse
 import datetime
 import os
 import pickle
+import shlex
 import statistics
 import sys
 import tempfile
@@ -75,6 +76,7 @@ def train_rank(rank, world, args, method, seed, out_path):
     m = Method(ddp, model, method, seed=seed, schedule=args.schedule)
     gen = torch.Generator().manual_seed(seed)
     rows, evals, rel_errors, layer_errors = [], [], [], {}
+    compressed_ratio = None  # conv-layer ratio of the last compressed step
     t0 = time.perf_counter()
     step = 0
     for epoch in range(args.epochs):
@@ -99,6 +101,7 @@ def train_rank(rank, world, args, method, seed, out_path):
                     rel_errors.append(statistics.mean(errs.values()))
                 for n, e in errs.items():
                     layer_errors.setdefault(n, []).append(e)
+                compressed_ratio = m.state.stats()["summary"].get("conv_ratio", compressed_ratio)
             if rank == 0 and (step % args.eval_every == 0 or step == total):
                 eval_start = time.perf_counter()
                 acc = evaluate(model, test_x, test_y)
@@ -110,7 +113,7 @@ def train_rank(rank, world, args, method, seed, out_path):
                       rel_error=statistics.mean(rel_errors) if rel_errors else None)
         if method.startswith("gradiveq"):
             st = m.state.stats()
-            result["conv_ratio"] = st["summary"].get("conv_ratio")
+            result["conv_ratio"] = compressed_ratio
             conv = [v for v in st["layers"].values() if v["compressible"] and v["d"] > 0]
             result["basis_ratio"] = (statistics.median(v["ratio"] for v in conv) if conv else None)
             result["restarts"] = st["step"]["window_restarts"]
@@ -136,9 +139,12 @@ def run_all(args):
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
             for method in args.methods:
-                out = os.path.join(tmp, f"{method}_{seed}.pkl")
-                mp.start_processes(_entry, args=(2, free_port(), args, method, seed, out), nprocs=2,
-                                   start_method="spawn")
+                out = os.path.join(args.runs_dir or tmp, f"{args.model}_{method}_{seed}.pkl")
+                if not (args.report_only and os.path.exists(out)):
+                    if args.report_only:
+                        continue
+                    mp.start_processes(_entry, args=(2, free_port(), args, method, seed, out), nprocs=2,
+                                       start_method="spawn")
                 with open(out, "rb") as f:
                     res = pickle.load(f)
                 results.append(res)
@@ -183,12 +189,20 @@ def report(results, args):
                      f"{(f'{statistics.mean(diffs):+.2f}' if diffs else '-') if method != 'plain' else '-'} | "
                      f"{f'{statistics.median(ratio):.1f}' if ratio else '-'} | {kb:.1f} | "
                      f"{f'{statistics.mean(errs):.3f}' if errs else '-'} | {tta_s} |")
-    lines += ["", "Configurations: " + "; ".join(f"{k} = GradiVeQState({', '.join(f'{a}={v!r}' for a, v in c.items()) or 'paper defaults'})"
-                                                 for k, c in GRADIVEQ_CONFIGS.items() if k in args.methods),
-              "Conv ratio: the conv layers' uncompressed bytes over the bytes they sent in the last step (compressed "
-              "phase). Time to accuracy: training wall-clock seconds (evaluation excluded) per seed, '-' = not reached."]
+    lines += ["", "Configurations: " + "; ".join(f"{k} = {describe_config(c)}" for k, c in GRADIVEQ_CONFIGS.items()
+                                                 if k in args.methods),
+              "Conv ratio: the conv layers' uncompressed bytes over the bytes they sent in the last compressed step "
+              "(rank 0). Time to accuracy: training wall-clock seconds (evaluation excluded) per seed, '-' = not reached."]
     lines += layer_tables(by, args)
     return "\n".join(lines) + "\n", by
+
+
+def describe_config(options: dict) -> str:
+    rest = {k: v for k, v in options.items() if k != "paper"}
+    args = ", ".join(f"{k}={v!r}" for k, v in rest.items())
+    if options.get("paper"):
+        return f"GradiVeQState.paper({args})"
+    return f"GradiVeQState({args})" + ("" if args else " (the library's defaults)")
 
 
 def layer_tables(by, args):
@@ -264,6 +278,9 @@ def parse_args(argv):
     ap.add_argument("--quick", action="store_true", help="tiny subset (8192 images), 2 epochs, 1 seed: a smoke run for CI")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
     ap.add_argument("--tag", default=None)
+    ap.add_argument("--runs-dir", default=None, help="keep each run's result here (one pickle per model, method, seed)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="no training: report the runs already in --runs-dir (missing ones are left out)")
     args = ap.parse_args(argv)
     for spec in args.config:
         try:
@@ -290,7 +307,8 @@ def parse_args(argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    args.command = "python benchmarks/accuracy.py " + " ".join(argv)
+    # Shell-quoted, and without --report-only: the command that trains these runs.
+    args.command = "python benchmarks/accuracy.py " + " ".join(shlex.quote(a) for a in argv if a != "--report-only")
     if args.bandwidth_mbit and not os.environ.get("GRADIVEQ_NETNS"):
         rc = shaped_rerun(os.path.abspath(__file__), argv, args.bandwidth_mbit, args.burst_kb)
         if rc is not None:

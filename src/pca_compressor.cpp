@@ -3,11 +3,14 @@
 #include <c10/core/GradMode.h>
 
 #include <Eigen/Eigenvalues>
+#include <Eigen/QR>
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "byte_io.h"
+#include "cpu_codec_kernels.h"
 #include "gradiveq/errors.h"
 
 namespace gradiveq {
@@ -23,40 +26,55 @@ constexpr size_t kHeaderBytes = 4 + 4 + 8 + 8 + 8;
 // corresponding direction is rounding noise, and dividing by its square root would amplify it.
 constexpr double kRankTolerance = 1e-10;
 
-// Symmetric eigen-decomposition of `sym` (m x m, double): eigenvalues decreasing, vectors in matching columns.
-void symmetric_eigen(const at::Tensor& sym, at::Tensor& values, at::Tensor& vectors) {
-  const int64_t m = sym.size(0);
-  using RowMajor = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-  Eigen::Map<const RowMajor> a(sym.data_ptr<double>(), m, m);
-  Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> solver(a);
+// The fit runs in Eigen rather than at::matmul / at::linalg_qr: every rank fits the same samples and must get
+// bit-identical bases (their checksums are compared), and MKL's results may depend on memory alignment and thread
+// count (see cpu_codec_kernels.h). Eigen's single-threaded products depend only on the shapes.
+using MatD = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using MatF = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+// Symmetric eigen-decomposition of `sym` (m x m): eigenvalues decreasing, vectors in matching columns.
+void symmetric_eigen(const MatD& sym, Eigen::VectorXd& values, MatD& vectors) {
+  Eigen::SelfAdjointEigenSolver<MatD> solver(sym);
   GVQ_ASSERT(solver.info() == Eigen::Success, "eigen-solver did not converge");
   // Eigen returns increasing order; reverse into decreasing.
-  Eigen::VectorXd vals = solver.eigenvalues().reverse();
-  RowMajor vecs = solver.eigenvectors().rowwise().reverse();
-  values = at::empty({m}, at::kDouble);
-  vectors = at::empty({m, m}, at::kDouble);
-  std::memcpy(values.data_ptr<double>(), vals.data(), sizeof(double) * m);
-  std::memcpy(vectors.data_ptr<double>(), vecs.data(), sizeof(double) * m * m);
+  values = solver.eigenvalues().reverse();
+  vectors = solver.eigenvectors().rowwise().reverse();
 }
 
-// Orthonormalises the columns of `u` (K x r, double) with a reduced QR, keeping each column's direction.
-at::Tensor orthonormalize(const at::Tensor& u) {
-  auto [q, r] = at::linalg_qr(u, "reduced");
-  at::Tensor signs = at::sign(r.diagonal());
-  signs.masked_fill_(signs == 0, 1.0);
-  return q * signs.view({1, -1});
+// Orthonormalises the columns of `u` (K x r) with a Householder QR, keeping each column's direction.
+MatD orthonormalize(const MatD& u) {
+  const Eigen::Index k = u.rows(), r = u.cols();
+  Eigen::HouseholderQR<MatD> qr(u);
+  MatD q = qr.householderQ() * MatD::Identity(k, r);
+  for (Eigen::Index j = 0; j < r; ++j) {
+    if (qr.matrixQR()(j, j) < 0) q.col(j) *= -1.0;
+  }
+  return q;
 }
 
 // d columns: the r columns of `u` (K x r, orthonormal) followed by d - r orthonormal columns spanning part of
 // its orthogonal complement. Only needed when more components are requested than the samples have directions
 // (energy 1.0, or samples without variance).
-at::Tensor complete_basis(const at::Tensor& u, int64_t d) {
-  const int64_t k = u.size(0), r = u.size(1);
-  if (r >= d) return u.narrow(1, 0, d);
-  if (r == 0) return at::eye(k, at::kDouble).narrow(1, 0, d).contiguous();
-  auto [q, unused] = at::linalg_qr(u, "complete");  // q's first r columns span u; the rest its complement
-  return at::cat({u, q.narrow(1, r, d - r)}, 1);
+MatD complete_basis(const MatD& u, int64_t d) {
+  const Eigen::Index k = u.rows(), r = u.cols();
+  if (r >= d) return u.leftCols(d);
+  if (r == 0) return MatD::Identity(k, d);
+  Eigen::HouseholderQR<MatD> qr(u);
+  MatD q = qr.householderQ() * MatD::Identity(k, d);  // q's first r columns span u; the rest its complement
+  MatD out(k, d);
+  out.leftCols(r) = u;
+  out.rightCols(d - r) = q.rightCols(d - r);
+  return out;
 }
+
+at::Tensor to_float_tensor(const MatD& m) {
+  at::Tensor t = at::empty({int64_t(m.rows()), int64_t(m.cols())}, at::kFloat);
+  Eigen::Map<MatF>(t.data_ptr<float>(), m.rows(), m.cols()) = m.cast<float>();
+  return t;
+}
+
+// Converts `t` to float32 if needed and returns a contiguous view.
+at::Tensor contiguous_float(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
 template <typename T>
 T get(const uint8_t* p) {
@@ -109,36 +127,47 @@ PcaCompressor PcaCompressor::fit(const at::Tensor& samples, const FitOptions& op
                 "contains non-finite values (NaN or inf); such a window must not be fitted");
 
   c10::NoGradGuard no_grad;
-  at::Tensor x = samples.to(at::kCPU, at::kDouble);
-  at::Tensor mean = x.mean(0);
-  at::Tensor xc = x - mean;
+  const at::Tensor x = samples.to(at::kCPU, at::kDouble).contiguous();
+  const Eigen::Map<const MatD> xs(x.data_ptr<double>(), n, k);
+  const Eigen::RowVectorXd mean = xs.colwise().mean();
+  const MatD xc = xs.rowwise() - mean;
 
-  at::Tensor variances;  // eigenvalues of the sample covariance, decreasing
-  at::Tensor u;          // K x r orthonormal principal directions with non-zero variance
+  Eigen::VectorXd variances;  // eigenvalues of the sample covariance, decreasing
+  MatD u;                     // K x r orthonormal principal directions with non-zero variance
+  // Number of eigenvalues above the rank tolerance (0 when the top one is not positive).
+  auto numerical_rank = [](const Eigen::VectorXd& vals) -> int64_t {
+    const double top = std::max(vals(0), 0.0);
+    if (top <= 0) return 0;
+    return (vals.array() > kRankTolerance * top).count();
+  };
   if (n <= k) {
     // Gram path: xc xc^T = V L V^T  =>  principal directions xc^T V L^-1/2, variances L / (n - 1).
-    at::Tensor gram_vals, gram_vecs;
-    symmetric_eigen(at::matmul(xc, xc.t()).contiguous(), gram_vals, gram_vecs);
-    const double top = std::max(gram_vals[0].item<double>(), 0.0);
-    const int64_t r = (gram_vals > kRankTolerance * top).sum().item<int64_t>() * (top > 0 ? 1 : 0);
-    variances = gram_vals.narrow(0, 0, r) / double(n - 1);
-    u = r > 0 ? orthonormalize(at::matmul(xc.t(), gram_vecs.narrow(1, 0, r)) /
-                               gram_vals.narrow(0, 0, r).sqrt().view({1, -1}))
-              : at::empty({k, 0}, at::kDouble);
+    Eigen::VectorXd gram_vals;
+    MatD gram_vecs;
+    symmetric_eigen(xc * xc.transpose(), gram_vals, gram_vecs);
+    const int64_t r = numerical_rank(gram_vals);
+    variances = gram_vals.head(r) / double(n - 1);
+    if (r > 0) {
+      MatD directions = xc.transpose() * gram_vecs.leftCols(r);
+      directions *= gram_vals.head(r).cwiseSqrt().cwiseInverse().asDiagonal();
+      u = orthonormalize(directions);
+    } else {
+      u = MatD(k, 0);
+    }
   } else {
-    at::Tensor cov_vals, cov_vecs;
-    symmetric_eigen((at::matmul(xc.t(), xc) / double(n - 1)).contiguous(), cov_vals, cov_vecs);
-    const double top = std::max(cov_vals[0].item<double>(), 0.0);
-    const int64_t r = (cov_vals > kRankTolerance * top).sum().item<int64_t>() * (top > 0 ? 1 : 0);
-    variances = cov_vals.narrow(0, 0, r);
-    u = cov_vecs.narrow(1, 0, r);
+    Eigen::VectorXd cov_vals;
+    MatD cov_vecs;
+    symmetric_eigen((xc.transpose() * xc) / double(n - 1), cov_vals, cov_vecs);
+    const int64_t r = numerical_rank(cov_vals);
+    variances = cov_vals.head(r);
+    u = cov_vecs.leftCols(r);
   }
-  const int64_t r = variances.numel();
+  const int64_t r = variances.size();
 
   // d: the smallest count whose eigenvalues reach the energy threshold (paper eq. 6), or the count that gives
   // the target ratio.
   int64_t d = 0;
-  const double total = variances.sum().item<double>();
+  const double total = variances.sum();
   if (options.target_ratio > 0.0) {
     d = std::min<int64_t>(int64_t(std::ceil(double(k) / options.target_ratio - 1e-9)), std::max<int64_t>(r, 1));
   } else if (options.energy >= 1.0) {
@@ -146,8 +175,12 @@ PcaCompressor PcaCompressor::fit(const at::Tensor& samples, const FitOptions& op
   } else if (total <= 0.0) {
     d = 1;  // no variance at all: one direction is as good as any; the mean carries the signal
   } else {
-    at::Tensor cumulative = variances.cumsum(0);
-    d = (cumulative < options.energy * total).sum().item<int64_t>() + 1;
+    double cumulative = 0.0;
+    for (int64_t i = 0; i < r && cumulative + variances(i) < options.energy * total; ++i) {
+      cumulative += variances(i);
+      d = i + 1;
+    }
+    d += 1;
     d = std::min(d, r);
   }
   if (options.min_ratio > 0.0) d = std::min<int64_t>(d, int64_t(std::floor(double(k) / options.min_ratio + 1e-9)));
@@ -155,17 +188,22 @@ PcaCompressor PcaCompressor::fit(const at::Tensor& samples, const FitOptions& op
   d = std::max<int64_t>(d, 1);
 
   PcaCompressor pca;
-  pca.mean_ = mean.to(at::kFloat);
-  pca.basis_ = complete_basis(u, d).to(at::kFloat).contiguous();
+  pca.mean_ = to_float_tensor(mean).view({k});
+  pca.basis_ = to_float_tensor(complete_basis(u, d));
   pca.eigenvalues_ = at::zeros({k}, at::kFloat);
-  if (r > 0) pca.eigenvalues_.narrow(0, 0, r).copy_(variances.clamp_min(0.0));
+  for (int64_t i = 0; i < r; ++i) pca.eigenvalues_.data_ptr<float>()[i] = float(std::max(variances(i), 0.0));
   pca.num_samples_ = n;
   pca.finish_init();
   return pca;
 }
 
 void PcaCompressor::finish_init() {
-  mean_proj_ = at::matmul(mean_.view({1, -1}), basis_).view({-1});
+  const at::Tensor mean = contiguous_float(mean_.to(at::kCPU)), basis = contiguous_float(basis_.to(at::kCPU));
+  const int64_t k = basis.size(0), d = basis.size(1);
+  const std::vector<float> no_offset(d, 0.0f);
+  mean_proj_ = at::empty({d}, at::kFloat);
+  detail::cpu_compress(mean.data_ptr<float>(), basis.data_ptr<float>(), no_offset.data(), mean_proj_.data_ptr<float>(), 1, k, d);
+  mean_proj_ = mean_proj_.to(basis_.device());
 }
 
 void PcaCompressor::check_fitted(const char* where) const {
@@ -209,6 +247,15 @@ void PcaCompressor::compress_into(const at::Tensor& slices, int64_t world_size, 
                 out.scalar_type());
   c10::NoGradGuard no_grad;
   const at::Tensor offset = (mean_proj_ * (-1.0 / double(world_size))).view({1, -1});
+  if (slices.device().is_cpu()) {
+    const at::Tensor g = contiguous_float(slices);
+    const bool direct = out.scalar_type() == at::kFloat && out.is_contiguous();
+    at::Tensor target = direct ? out : at::empty(out.sizes(), at::kFloat);
+    detail::cpu_compress(g.data_ptr<float>(), basis_.data_ptr<float>(), offset.data_ptr<float>(), target.data_ptr<float>(),
+                 g.size(0), g.size(1), num_components());
+    if (!direct) out.copy_(target);
+    return;
+  }
   const at::Tensor g = slices.scalar_type() == at::kFloat ? slices : slices.to(at::kFloat);
   if (out.scalar_type() == at::kFloat && out.is_contiguous()) {
     at::addmm_out(out, offset, g, basis_);
@@ -239,6 +286,16 @@ void PcaCompressor::decompress_into(const at::Tensor& coeffs, at::Tensor out) co
   GVQ_CHECK_ARG(out.dim() == 2 && out.size(0) == coeffs.size(0) && out.size(1) == slice_len(), kWhere, "out",
                 "must be (S, K) = [", coeffs.size(0), ", ", slice_len(), "], got shape ", out.sizes());
   c10::NoGradGuard no_grad;
+  if (coeffs.device().is_cpu()) {
+    const at::Tensor c = contiguous_float(coeffs);
+    // Rows may be strided (a view into a gradient); elements within a row must be adjacent.
+    const bool direct = out.scalar_type() == at::kFloat && out.stride(1) == 1;
+    at::Tensor target = direct ? out : at::empty(out.sizes(), at::kFloat);
+    detail::cpu_decompress(c.data_ptr<float>(), basis_.data_ptr<float>(), mean_.data_ptr<float>(), target.data_ptr<float>(),
+                   target.stride(0), c.size(0), slice_len(), num_components());
+    if (!direct) out.copy_(target);
+    return;
+  }
   const at::Tensor c = coeffs.scalar_type() == at::kFloat ? coeffs : coeffs.to(at::kFloat);
   if (out.scalar_type() == at::kFloat && out.is_contiguous()) {
     at::addmm_out(out, mean_.view({1, -1}), c, basis_.t());

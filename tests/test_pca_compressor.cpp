@@ -1,6 +1,8 @@
 // Unit tests for include/gradiveq/pca_compressor.h
 #include "gradiveq/pca_compressor.h"
 
+#include <ATen/Parallel.h>
+
 #include "gradiveq/conv_layout.h"
 #include "test_helpers.h"
 
@@ -137,6 +139,44 @@ TEST(PcaCompressor, CoefficientsFromNRanksSumToTheCompressedSum) {
   at::Tensor full_sum = at::zeros({slices, k});
   for (const auto& g : grads) full_sum += full.compress(g, ranks);
   EXPECT_LT(rel_error(full.decompress(full_sum), grad_sum), kF32RelTol);
+}
+
+// Every rank must decode the summed coefficients to the same bits (DDP replicas must not drift), whatever its
+// thread count or where its buffers happen to sit in memory; and the result must be the right product.
+TEST(PcaCompressor, CpuCodecIsBitIdenticalAcrossThreadCountsAndAlignments) {
+  const int64_t k = 1000, slices = 9;  // K not a multiple of the vector widths
+  auto pca = PcaCompressor::fit(low_rank_samples(300, k, 60, 0.1, seeded(21)), {0.99, 0, 8.0});  // target ratio 8: d = 125
+  const int64_t d = pca.num_components();
+  ASSERT_EQ(d, k / 8);
+  at::Tensor g = at::randn({slices, k});
+  const int threads_before = at::get_num_threads();
+  at::Tensor ref_c, ref_x;
+  for (int threads : {1, 2, 3}) {
+    at::set_num_threads(threads);
+    for (int64_t shift : {0, 1, 3}) {  // offsets of 4 and 12 bytes break 16/32-byte alignment
+      at::Tensor gbuf = at::empty({slices * k + shift}).narrow(0, shift, slices * k).view({slices, k});
+      gbuf.copy_(g);
+      at::Tensor c = at::empty({slices * d + shift}).narrow(0, shift, slices * d).view({slices, d});
+      pca.compress_into(gbuf, 2, c);
+      // Decompress into a strided view, as into a gradient: rows k + 5 apart.
+      at::Tensor xbuf = at::zeros({slices, k + 5 + shift});
+      at::Tensor x = xbuf.narrow(1, shift, k);
+      pca.decompress_into(c, x);
+      if (!ref_c.defined()) {
+        ref_c = c.clone();
+        ref_x = x.clone();
+        continue;
+      }
+      EXPECT_TRUE(at::equal(c, ref_c)) << "compress differs: threads " << threads << ", shift " << shift;
+      EXPECT_TRUE(at::equal(x, ref_x)) << "decompress differs: threads " << threads << ", shift " << shift;
+    }
+  }
+  at::set_num_threads(threads_before);
+  // Against a double-precision reference of U^T (g - mu / 2) and U c + mu.
+  at::Tensor u = pca.basis().to(at::kDouble), mu = pca.mean().to(at::kDouble);
+  at::Tensor want_c = (g.to(at::kDouble) - mu / 2).matmul(u);
+  EXPECT_LT(rel_error(ref_c.to(at::kDouble), want_c), kF32RelTol);
+  EXPECT_LT(rel_error(ref_x.to(at::kDouble), ref_c.to(at::kDouble).matmul(u.t()) + mu), kF32RelTol);
 }
 
 TEST(PcaCompressor, CorrelatedGradientsCompressEightfoldWithSmallError) {

@@ -28,13 +28,16 @@ def test_benchmark_tiny_run_reports_every_method(tmp_path):
     ratio = {m: float(c[8]) for m, c in rows.items() if m != "nocomm"}
     assert ratio["plain"] == 1.0 and ratio["fp16"] == 2.0
     assert 7.0 < ratio["qsgd4"] < 8.0  # 4 bits + a float32 scale per 512 values on the big tensors
-    assert ratio["powersgd2"] > 8 and ratio["gradiveq"] > 1.5
+    # 2 of the 3 measured steps sample (uncompressed by default, 4-bit QSGD for the paper), 1 is compressed.
+    assert ratio["powersgd2"] > 8 and ratio["gradiveq"] > 1.4
     kb = {m: float(c[7]) for m, c in rows.items()}
     assert abs(kb["plain"] - 4 * sum_params() / 1e3) < 0.2
     assert re.search(r"gradiveq: schedule warm-up 1 / sampling 2 / compressed 3", md)
     assert ratio["gradiveq-paper"] > 1.5
     # The per-layer table after the first fit lists ResNet-32's compressible conv layers (30 with >= 1000 values).
-    assert len(re.findall(r"^\| layers\.\d+\.conv[12]\.weight \| 768 \| \d+ \|", md, re.M)) == 10  # the ten 16->16 convs
+    # The ten 16->16 convs: K = W*D*F = 768 in the paper's layout, K = D*F = 256 in the default one.
+    assert len(re.findall(r"^\| layers\.\d+\.conv[12]\.weight \| 768 \| \d+ \|", md, re.M)) == 10
+    assert len(re.findall(r"^\| layers\.\d+\.conv[12]\.weight \| 256 \| \d+ \|", md, re.M)) == 10
     for png in ("tiny_steptime.png", "tiny_loss.png"):
         assert (tmp_path / png).stat().st_size > 1000
 
