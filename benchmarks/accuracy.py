@@ -32,8 +32,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from gradiveq.datasets import FASHION_MNIST_DIR, load_fashion_mnist  # noqa: E402
 from gradiveq.models import SmallCNN, resnet32  # noqa: E402
-from methods import (GRADIVEQ_CONFIGS, TORCH_METHODS, Method, add_gradiveq_config, ddp_kwargs, free_port,  # noqa: E402
-                     shaped_rerun)
+from methods import (GRADIVEQ_CONFIGS, TORCH_METHODS, Method, add_gradiveq_config, ddp_kwargs,  # noqa: E402
+                     free_port, run_rank_process, shaped_rerun)
 
 
 def known_methods():
@@ -126,12 +126,7 @@ def train_rank(rank, world, args, method, seed, out_path):
 
 
 def _entry(rank, world, port, args, method, seed, out_path):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=300))
-    try:
-        train_rank(rank, world, args, method, seed, out_path)
-    finally:
-        dist.destroy_process_group()
+    run_rank_process(rank, world, port, 300, lambda: train_rank(rank, world, args, method, seed, out_path))
 
 
 def run_all(args):

@@ -6,6 +6,8 @@ GRADIVEQ_CONFIGS). torch's hooks are wrapped to measure the time from a bucket's
 completion and the bytes their collectives carry; ours report the same from C++ (state.stats()).
 """
 
+import datetime
+import gc
 import os
 import shutil
 import signal
@@ -149,6 +151,25 @@ class Method:
     def close(self):
         default_hooks.dist = dist
         powerSGD_hook.dist = dist
+
+
+def run_rank_process(rank, world, port, timeout_s, body):
+    """Body of one spawned rank: init Gloo on 127.0.0.1:port, run body(), destroy the group, then leave with
+    os._exit(0) once the body has succeeded. Skipping interpreter finalisation avoids a torch/Gloo teardown race:
+    Gloo's worker threads can still hold work objects with Python references when the interpreter is torn
+    down, which aborts the process ("terminate called without an active exception", pytorch/pytorch#190489) and
+    made a finished benchmark method fail at random (seen once in CI, after powersgd1). A failing body still
+    raises, so torch.multiprocessing reports it."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        body()
+    finally:
+        dist.destroy_process_group()
+    gc.collect()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def free_port() -> int:

@@ -37,7 +37,8 @@ import torch.nn.functional as F  # noqa: E402
 from gradiveq.data import SyntheticCifar100  # noqa: E402
 from gradiveq.datasets import CIFAR100_MEAN, CIFAR100_STD, read_cifar100_bin  # noqa: E402
 from gradiveq.models import resnet32  # noqa: E402
-from methods import GRADIVEQ_CONFIGS, TORCH_METHODS, Method, ddp_kwargs, free_port, shaped_rerun  # noqa: E402
+from methods import (GRADIVEQ_CONFIGS, TORCH_METHODS, Method, ddp_kwargs, free_port, run_rank_process,  # noqa: E402
+                     shaped_rerun)
 
 ALL_METHODS = TORCH_METHODS + ["qsgd4"] + list(GRADIVEQ_CONFIGS)
 PAPER_SCHEDULE = (2500, 100, 400)
@@ -160,15 +161,13 @@ def evaluate(model, images, labels, batch=500):
 # Launching: W local ranks per method (fresh processes, so no state leaks between methods), or torchrun.
 def _rank_entry(rank, world, port, args, method, out_path):
     torch.set_num_threads(args.threads)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=args.timeout))
-    try:
+
+    def body():
         result = run_method(rank, world, args, method)
         if rank == 0:
             with open(out_path, "wb") as f:
                 pickle.dump(result, f)
-    finally:
-        dist.destroy_process_group()
+    run_rank_process(rank, world, port, args.timeout, body)
 
 
 def run_all_local(args):
