@@ -1,7 +1,7 @@
 # Two commands on a fresh Debian 12 machine:
 #   make test   set everything up (idempotent), build, run every C++ and Python test suite
 #   make demo   set everything up, build, run the demo
-# Other targets: make setup | build | bench | format | clean
+# Other targets: make setup | build | test-sanitize | bench | format | clean
 
 VENV      ?= .venv
 PYTHON    := $(VENV)/bin/python
@@ -13,7 +13,7 @@ CMAKE_ARGS ?=
 export CCACHE_BASEDIR := $(CURDIR)
 export CCACHE_NOHASHDIR := true
 
-.PHONY: all setup configure build test demo bench format clean
+.PHONY: all setup configure build test test-sanitize demo bench format clean
 
 all: build
 
@@ -43,6 +43,18 @@ bench: build
 	$(PYTHON) benchmarks/resnet32_cifar100.py --bandwidth-mbit 200 --iters 50 --repeats 3 --schedule 5,10,40
 	$(BUILD_DIR)/benchmarks/gradiveq_codec_bench --benchmark_min_time=0.5 --benchmark_repetitions=5 \
 	  --benchmark_report_aggregates_only=true
+
+# The C++ library and its GoogleTest suite under AddressSanitizer + UndefinedBehaviorSanitizer (own build dir;
+# no Python module: the interpreter is not ASan-built). Leak checking is off: torch's static initialisation
+# leaves reachable allocations that LeakSanitizer reports as leaks of libtorch, not of this project.
+SANITIZE_DIR ?= build-sanitize
+test-sanitize: setup
+	cmake -S . -B $(SANITIZE_DIR) -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DGRADIVEQ_SANITIZE=ON \
+	  -DGRADIVEQ_BUILD_PYTHON=OFF -DGRADIVEQ_BUILD_BENCHMARKS=OFF -DGRADIVEQ_ENABLE_CUDA=OFF \
+	  -DPython3_EXECUTABLE=$(abspath $(PYTHON)) $(CMAKE_ARGS)
+	cmake --build $(SANITIZE_DIR) -j $(JOBS) --target gradiveq_tests
+	ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  $(SANITIZE_DIR)/tests/gradiveq_tests
 
 format:
 	clang-format -i include/gradiveq/*.h src/*.cpp tests/*.cpp tests/*.h benchmarks/*.cpp python/src/*.cpp

@@ -1,5 +1,7 @@
 """Training loops run by the multi-process tests (importable, so spawned ranks can pickle them by name)."""
 import contextlib
+import os
+import signal
 
 import torch
 import torch.nn as nn
@@ -41,7 +43,8 @@ def train(rank: int, world_size: int, cfg: dict) -> dict:
     inf_at (step at which rank 0's conv2 gradient gets an inf), noise_at (step at which rank 1's conv2 and conv3
     gradients are replaced by large noise), corrupt_at (step before which rank 1 replaces
     conv2's basis), save_at / save_path (checkpoint after that step), load_path (resume from a checkpoint),
-    grad_scaler (use torch.amp.GradScaler("cpu")).
+    grad_scaler (use torch.amp.GradScaler("cpu")), die_at / die_rank (that rank SIGKILLs itself in the middle of
+    that step's backward, once the last layer's gradient exists and before any bucket is reduced).
     """
     torch.manual_seed(cfg.get("model_seed", 0))
     model = CnnWithUnusedBranch() if cfg.get("unused_branch") else SmallCNN()
@@ -85,6 +88,10 @@ def train(rank: int, world_size: int, cfg: dict) -> dict:
                 noise_handles.append(conv.weight.register_hook(
                     lambda g: torch.randn(g.shape, generator=torch.Generator().manual_seed(7)) * 10 * g.norm()
                     / g.numel() ** 0.5))
+        if cfg.get("die_at") == step and rank == cfg.get("die_rank", 1):
+            # Mid-step: the head's gradient is the first one backward produces.
+            (model.body if cfg.get("unused_branch") else model).fc.weight.register_hook(
+                lambda g: os.kill(os.getpid(), signal.SIGKILL))
         opt.zero_grad(set_to_none=True)
         for micro in range(accumulate):
             x, y = make_data(rank, 0 if cfg.get("fixed_batch") else step * accumulate + micro)
