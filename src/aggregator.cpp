@@ -69,8 +69,10 @@ uint64_t double_bits(double v) {
 bool is_float_like(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
 
 constexpr char kStateMagic[4] = {'G', 'V', 'Q', 'S'};
-// Version 2 added the adaptive window's schedule shift, restart count and pending vote.
-constexpr uint32_t kStateVersion = 2;
+// Version 2 added the adaptive window's schedule shift, restart count and pending vote; version 3 a trailing
+// checksum of the whole image, so a damaged file is refused instead of loading wrong samples or bases.
+constexpr uint32_t kStateVersion = 3;
+constexpr size_t kStateChecksumBytes = 8;
 
 }  // namespace
 
@@ -690,20 +692,33 @@ at::Tensor Aggregator::save_state() const {
       w.put_tensor_bytes(s);
     }
   }
-  return w.to_tensor();
+  at::Tensor body = w.to_tensor();
+  const uint64_t checksum = checksum_bytes(body);
+  at::Tensor trailer = at::empty({int64_t(kStateChecksumBytes)}, at::kByte);
+  std::memcpy(trailer.data_ptr<uint8_t>(), &checksum, kStateChecksumBytes);
+  return at::cat({body, trailer});
 }
 
 void Aggregator::load_state(const at::Tensor& image) {
   constexpr const char* kWhere = "Aggregator.load_state";
   GVQ_CHECK_ARG(image.defined() && image.scalar_type() == at::kByte && image.dim() == 1, kWhere, "state",
                 "must be a 1-D uint8 tensor (from save_state)");
-  at::Tensor bytes = image.to(at::kCPU).contiguous();
-  detail::ByteReader in(bytes.data_ptr<uint8_t>(), size_t(bytes.numel()), kWhere, "state");
-  GVQ_CHECK_ARG(bytes.numel() >= 8 && std::memcmp(in.take(4), kStateMagic, 4) == 0, kWhere, "state",
+  at::Tensor image_bytes = image.to(at::kCPU).contiguous();
+  const size_t total = size_t(image_bytes.numel());
+  GVQ_CHECK_ARG(total >= 8 && std::memcmp(image_bytes.data_ptr<uint8_t>(), kStateMagic, 4) == 0, kWhere, "state",
                 "is not a GradiVeQ state image (bad magic)");
-  const auto version = in.get<uint32_t>();
+  uint32_t version = 0;
+  std::memcpy(&version, image_bytes.data_ptr<uint8_t>() + 4, sizeof(version));
   GVQ_CHECK_ARG(version == kStateVersion, kWhere, "state", "has format version ", version,
                 ", this build reads version ", kStateVersion);
+  GVQ_CHECK_ARG(total >= 8 + kStateChecksumBytes, kWhere, "state", "is truncated (", total, " bytes)");
+  at::Tensor bytes = image_bytes.narrow(0, 0, int64_t(total - kStateChecksumBytes));
+  uint64_t stored_checksum = 0;
+  std::memcpy(&stored_checksum, image_bytes.data_ptr<uint8_t>() + total - kStateChecksumBytes, kStateChecksumBytes);
+  GVQ_CHECK_ARG(checksum_bytes(bytes) == stored_checksum, kWhere, "state",
+                "is corrupted: its checksum does not match its contents (a damaged, truncated or edited file)");
+  detail::ByteReader in(bytes.data_ptr<uint8_t>(), size_t(bytes.numel()), kWhere, "state");
+  in.take(8);  // magic and version, checked above
   const auto world = in.get<int64_t>();
   GVQ_CHECK_ARG(world == world_size_, kWhere, "state", "was saved with world size ", world,
                 " but this process group has ", world_size_, " ranks");
@@ -748,7 +763,11 @@ void Aggregator::load_state(const at::Tensor& image) {
     loaded[i].fits = in.get<int64_t>();
     if (in.get<uint8_t>() != 0) {
       at::Tensor img = in.get_tensor_bytes();
-      loaded[i].pca = PcaCompressor::deserialize(img);
+      try {
+        loaded[i].pca = PcaCompressor::deserialize(img);
+      } catch (const InvalidArgument& e) {  // say which state and layer, not only what deserialize saw
+        GVQ_CHECK_ARG(false, kWhere, "state", "holds a corrupted basis for '", name, "': ", e.what());
+      }
       GVQ_CHECK_ARG(loaded[i].pca.slice_len() == k, kWhere, "state", "basis of '", name, "' has K = ",
                     loaded[i].pca.slice_len(), " but the layer's slice length is ", k);
       loaded[i].checksum = checksum_bytes(img);

@@ -5,7 +5,9 @@
 #include <chrono>
 #include <cstdio>
 #include <functional>
+#include <cstring>
 #include <mutex>
+#include <random>
 #include <thread>
 
 #include "gradiveq/process_group.h"
@@ -205,6 +207,80 @@ TEST(GradientSynchronizer, SavedStateContinuesIdenticallyInANewProcessGroup) {
     at::Tensor truncated = saved_state[0].narrow(0, 0, saved_state[0].numel() / 2);
     expect_invalid([&] { sync.aggregator().load_state(truncated); }, {"state"});
     EXPECT_EQ(sync.aggregator().iteration(), 0);  // failed loads leave the state untouched
+  });
+}
+
+// Seeded random mutations of real state images (mid-sampling: samples saved; mid-compression: bases saved): every
+// damaged image raises InvalidArgument naming the state (the trailing checksum catches what the structure checks
+// cannot, e.g. a flipped bit in a basis value), and a failed load leaves the running state untouched. Nothing
+// crashes or throws anything else (run under ASan by make test-sanitize).
+TEST(GradientSynchronizer, LoadStateSurvivesRandomlyMutatedImages) {
+  SynchronizerOptions o;
+  o.gradiveq.schedule = {1, 3, 3};
+  o.gradiveq.fit.energy = 0.95;
+  o.gradiveq.policy.min_numel = 100;
+  run_ranks(1, [&](int, c10::intrusive_ptr<c10d::ProcessGroup> pg) {
+    std::vector<at::Tensor> images;
+    {
+      TinyNet net(5);
+      GradientSynchronizer sync(pg, net.params, o);
+      for (int step = 0; step < 6; ++step) {
+        auto [x, y] = batch(0, step);
+        net.zero_grad();
+        net.loss(x, y).backward();
+        sync.synchronize();
+        net.sgd(0.1);
+        if (step == 2 || step == 5) images.push_back(sync.aggregator().save_state());
+      }
+    }
+    TinyNet net(5);
+    GradientSynchronizer sync(pg, net.params, o);
+    std::mt19937_64 rng(2024);
+    int accepted = 0, rejected = 0;
+    for (int trial = 0; trial < 1500; ++trial) {
+      const at::Tensor& original = images[trial % images.size()];
+      std::vector<uint8_t> bytes(original.data_ptr<uint8_t>(), original.data_ptr<uint8_t>() + original.numel());
+      switch (rng() % 4) {
+        case 0:  // flip a few bits anywhere
+          for (int i = 0, n = 1 + rng() % 4; i < n; ++i) bytes[rng() % bytes.size()] ^= uint8_t(1u << (rng() % 8));
+          break;
+        case 1:  // overwrite an 8-byte word (lengths, counts, shapes) with random or extreme values
+        {
+          const size_t at = rng() % (bytes.size() - 8);
+          const uint64_t v = (rng() % 2) ? rng() : ~uint64_t(0) >> (rng() % 64);
+          std::memcpy(bytes.data() + at, &v, 8);
+          break;
+        }
+        case 2:  // truncate
+          bytes.resize(rng() % bytes.size());
+          break;
+        default:  // insert random bytes
+        {
+          const size_t at = rng() % bytes.size();
+          std::vector<uint8_t> junk(1 + rng() % 16);
+          for (auto& b : junk) b = uint8_t(rng());
+          bytes.insert(bytes.begin() + at, junk.begin(), junk.end());
+        }
+      }
+      at::Tensor mutated = at::empty({int64_t(bytes.size())}, at::kByte);
+      if (!bytes.empty()) std::memcpy(mutated.data_ptr<uint8_t>(), bytes.data(), bytes.size());
+      // Two flips of the same bit, or a word overwritten with its own value, leave the image intact.
+      const bool unchanged = bytes.size() == size_t(original.numel()) &&
+                             std::memcmp(bytes.data(), original.data_ptr<uint8_t>(), bytes.size()) == 0;
+      const int64_t iteration_before = sync.aggregator().iteration();
+      try {
+        sync.aggregator().load_state(mutated);
+        ++accepted;
+        EXPECT_TRUE(unchanged) << "trial " << trial << ": a damaged state image was loaded";
+      } catch (const InvalidArgument& e) {
+        ++rejected;
+        EXPECT_FALSE(unchanged) << "trial " << trial << ": an intact image was refused: " << e.what();
+        EXPECT_NE(std::string(e.what()).find("argument 'state'"), std::string::npos) << e.what();
+        EXPECT_EQ(sync.aggregator().iteration(), iteration_before) << "trial " << trial;
+      }
+    }
+    EXPECT_GT(rejected, 1400);
+    std::printf("mutated state images: %d rejected with InvalidArgument, %d accepted\n", rejected, accepted);
   });
 }
 

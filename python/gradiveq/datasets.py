@@ -10,6 +10,7 @@
 import gzip
 import os
 import struct
+import zlib
 
 import torch
 
@@ -49,7 +50,7 @@ def read_idx(path: str) -> torch.Tensor:
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:  # zlib.error: a damaged deflate stream inside the gzip file
         raise ValueError(f"read_idx: file {path!r} cannot be read ({e}): corrupted or truncated") from e
     if len(raw) < 4:
         raise ValueError(f"read_idx: file {path!r} has {len(raw)} bytes, shorter than the idx header")

@@ -18,7 +18,7 @@ from gradiveq import _C
 
 __all__ = ["GradiVeQState", "QsgdState", "hook", "register_hook", "STATE_DICT_VERSION", "PAPER_OPTIONS"]
 
-STATE_DICT_VERSION = 2
+STATE_DICT_VERSION = 3  # 3: the engine image ends with a checksum of its contents
 
 # The paper's method (GradiVeQState.paper()).
 PAPER_OPTIONS = dict(energy=0.99, warmup_iters=2500, sample_iters=100, compress_iters=400, sample_quantizer="qsgd4",

@@ -125,6 +125,8 @@ def train(rank: int, world_size: int, cfg: dict) -> dict:
         out["stats"] = state.stats()
     if not cfg.get("keep_grads", True):
         out.pop("grads")
+    if cfg.get("return_state"):  # only for callers in the same process (not picklable)
+        out["state"] = state
     return out
 
 
@@ -133,3 +135,29 @@ def perturbed(pca: "gradiveq.PcaCompressor") -> "gradiveq.PcaCompressor":
     image = pca.serialize().clone()
     image[-8] ^= 1
     return gradiveq.PcaCompressor.deserialize(image)
+
+
+def load_damaged_state_dicts(rank: int, world_size: int, cfg: dict) -> dict:
+    """Trains into a compressed window, then loads damaged copies of its own state dict: each must raise
+    ValueError and leave the running state as it was. Returns the messages."""
+    out = train(rank, world_size, dict(cfg, keep_grads=False, return_state=True))
+    state = out["state"]
+    good = state.state_dict()
+    iteration = state.stats()["iteration"]
+    damaged = {}
+    flipped = dict(good, engine_state=good["engine_state"].clone())
+    flipped["engine_state"][len(flipped["engine_state"]) // 2] ^= 1  # one bit inside the bases or samples
+    damaged["bit flip"] = flipped
+    damaged["truncated"] = dict(good, engine_state=good["engine_state"][:-100].clone())
+    damaged["wrong version"] = dict(good, version=good["version"] - 1)
+    damaged["other world size"] = dict(good, world_size=world_size + 1)
+    messages = {}
+    for what, sd in damaged.items():
+        try:
+            state.load_state_dict(sd)
+            messages[what] = None
+        except ValueError as e:
+            messages[what] = str(e)
+        assert state.stats()["iteration"] == iteration
+    state.load_state_dict(good)  # the intact one still loads
+    return {"messages": messages}

@@ -82,3 +82,50 @@ def test_fashion_mnist_from_debian_package_loads():
 def test_fashion_mnist_missing_directory_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
         load_fashion_mnist(str(tmp_path))
+
+
+def mutate(data: bytes, rng: "random.Random") -> bytes:
+    """One seeded random damage: bit flips, an overwritten 4-byte field, truncation or inserted junk."""
+    b = bytearray(data)
+    kind = rng.randrange(4)
+    if kind == 0:
+        for _ in range(rng.randint(1, 4)):
+            b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
+    elif kind == 1:
+        at = rng.randrange(max(len(b) - 4, 1))
+        b[at:at + 4] = rng.choice([b"\xff\xff\xff\xff", b"\x7f\xff\xff\xff", b"\x00\x00\x00\x00",
+                                   bytes(rng.randrange(256) for _ in range(4))])
+    elif kind == 2:
+        del b[rng.randrange(len(b)):]
+    else:
+        at = rng.randrange(len(b))
+        b[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 16)))
+    return bytes(b)
+
+
+def test_readers_survive_randomly_damaged_files(tmp_path):
+    """Seeded mutation fuzzing: every damaged file either parses (a changed pixel is still an image) or raises
+    ValueError; no other exception, no crash, no giant allocation from a corrupted header."""
+    import random
+    rng = random.Random(7)
+    cifar = tmp_path / "train.bin"
+    write_cifar(cifar, 4)
+    cifar_good = cifar.read_bytes()
+    data = torch.randint(0, 256, (6, 5, 4), dtype=torch.uint8)
+    idx_good = idx_bytes(data)
+    outcomes = {"parsed": 0, "ValueError": 0}
+    for trial in range(600):
+        target = trial % 3
+        if target == 0:
+            f, good, read = cifar, cifar_good, read_cifar100_bin
+        else:
+            f = tmp_path / ("a-idx3-ubyte" if target == 1 else "a-idx3-ubyte.gz")
+            good = idx_good if target == 1 else gzip.compress(idx_good)
+            read = read_idx
+        f.write_bytes(mutate(good, rng))
+        try:
+            read(str(f))
+            outcomes["parsed"] += 1
+        except ValueError:
+            outcomes["ValueError"] += 1
+    assert outcomes["ValueError"] > 100, outcomes

@@ -6,7 +6,7 @@ import torch
 
 import gradiveq
 from ddp_harness import run_ranks
-from ddp_workers import train
+from ddp_workers import load_damaged_state_dicts, train
 
 # 2 warm-up, 3 sampling, 4 compressed iterations per window: 13 steps cover every phase and a re-fit.
 SHORT = dict(warmup_iters=2, sample_iters=3, compress_iters=4, min_numel=100)
@@ -100,6 +100,15 @@ def test_checkpoint_and_resume_in_new_processes_reproduces_the_run(tmp_path):
             for n, p in full[r]["params"].items():
                 torch.testing.assert_close(resumed[r]["params"][n], p, rtol=0, atol=0, msg=f"k={k} rank {r} {n}")
         assert resumed[0]["stats"]["iteration"] == 16
+
+
+def test_damaged_state_dicts_raise_and_leave_the_state_untouched():
+    res = no_errors(run_ranks(load_damaged_state_dicts, 2, dict(hook="cpp", state=dict(SHORT, energy=0.95), steps=7)))
+    for r in range(2):
+        msgs = res[r]["messages"]
+        assert all(m is not None for m in msgs.values()), msgs
+        assert "checksum" in msgs["bit flip"] and "checksum" in msgs["truncated"], msgs
+        assert "version" in msgs["wrong version"] and "world size" in msgs["other world size"], msgs
 
 
 def test_kernel_position_pooled_layout_equals_plain_at_full_rank():
