@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "byte_io.h"
@@ -191,7 +192,12 @@ PcaCompressor PcaCompressor::fit(const at::Tensor& samples, const FitOptions& op
   pca.mean_ = to_float_tensor(mean).view({k});
   pca.basis_ = to_float_tensor(complete_basis(u, d));
   pca.eigenvalues_ = at::zeros({k}, at::kFloat);
-  for (int64_t i = 0; i < r; ++i) pca.eigenvalues_.data_ptr<float>()[i] = float(std::max(variances(i), 0.0));
+  // Variances of gradients above ~1e19 exceed float32's range: clamp them (they only feed explained_variance)
+  // rather than store inf, which the basis broadcast and checkpoints would refuse as non-finite.
+  constexpr double kFloatMax = double(std::numeric_limits<float>::max());
+  for (int64_t i = 0; i < r; ++i) {
+    pca.eigenvalues_.data_ptr<float>()[i] = float(std::clamp(variances(i), 0.0, kFloatMax));
+  }
   pca.num_samples_ = n;
   pca.finish_init();
   return pca;
@@ -215,9 +221,9 @@ int64_t PcaCompressor::num_components() const { return is_fitted() ? basis_.size
 
 double PcaCompressor::explained_variance() const {
   check_fitted("PcaCompressor.explained_variance");
-  const double total = eigenvalues_.sum().item<double>();
+  const double total = eigenvalues_.sum(at::kDouble).item<double>();
   if (total <= 0.0) return 1.0;
-  return eigenvalues_.narrow(0, 0, num_components()).sum().item<double>() / total;
+  return eigenvalues_.narrow(0, 0, num_components()).sum(at::kDouble).item<double>() / total;
 }
 
 at::Tensor PcaCompressor::compress(const at::Tensor& slices, int64_t world_size) const {

@@ -48,11 +48,15 @@ TEST(Cifar100Reader, ParsesGeneratedRecordsExactly) {
 TEST(Cifar100Reader, RejectsTruncatedMalformedAndMissingFiles) {
   auto bytes = records(2);
   bytes.pop_back();
-  expect_error(write_file("trunc.bin", bytes), "not a positive multiple of the 3074-byte record");
-  expect_error(write_file("empty.bin", {}), "has 0 bytes");
+  const std::string truncated = write_file("trunc.bin", bytes);
+  const std::string empty = write_file("empty.bin", {});
   auto bad = records(1);
   bad[1] = 200;  // fine label out of range
-  expect_error(write_file("labels.bin", bad), "labels out of range");
+  const std::string bad_labels = write_file("labels.bin", bad);
+  expect_error(truncated, "not a positive multiple of the 3074-byte record");
+  expect_error(empty, "has 0 bytes");
+  expect_error(bad_labels, "labels out of range");
+  for (const auto& path : {truncated, empty, bad_labels}) std::remove(path.c_str());
   expect_error("/nonexistent/train.bin", "cannot open");
   try {
     cifar100::read_dir("/tmp");

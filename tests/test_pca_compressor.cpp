@@ -283,5 +283,27 @@ TEST(PcaCompressor, ConstantWindowFitsWithoutNaN) {
   EXPECT_LT(rel_error(pca.decompress(pca.compress(row)), row), kF32RelTol);
 }
 
+TEST(PcaCompressor, HugeTinyAndZeroMagnitudesStayFiniteAndAccurate) {
+  // Gradients near float32's ends (1e-30: vanishing layers; 1e30: exploding ones) and all-zero windows (frozen
+  // or unused layers). The fit squares values in double, so no overflow; codec products stay in range.
+  const int64_t k = 96;
+  at::Tensor base = low_rank_samples(60, k, 6, 0.0, seeded(31));
+  for (double scale : {1e-30, 1e-12, 1e12, 1e30}) {
+    at::Tensor samples = base * scale;
+    auto pca = PcaCompressor::fit(samples, {0.999});
+    EXPECT_TRUE(at::isfinite(pca.basis()).all().item<bool>()) << "scale " << scale;
+    EXPECT_TRUE(at::isfinite(pca.eigenvalues()).all().item<bool>()) << "scale " << scale;
+    EXPECT_LE(pca.num_components(), 6) << "scale " << scale;
+    EXPECT_TRUE(std::isfinite(pca.explained_variance())) << "scale " << scale;
+    EXPECT_TRUE(PcaCompressor::deserialize(pca.serialize()).is_fitted()) << "scale " << scale;  // broadcastable
+    at::Tensor restored = pca.decompress(pca.compress(samples));
+    ASSERT_TRUE(at::isfinite(restored).all().item<bool>()) << "scale " << scale;
+    EXPECT_LT(rel_error(restored, samples), 1e-4) << "scale " << scale;
+  }
+  auto zero = PcaCompressor::fit(at::zeros({20, k}), {0.99});
+  EXPECT_EQ(zero.num_components(), 1);
+  EXPECT_TRUE(at::equal(zero.decompress(zero.compress(at::zeros({3, k}))), at::zeros({3, k})));
+}
+
 }  // namespace
 }  // namespace gradiveq

@@ -42,7 +42,8 @@ def train(rank: int, world_size: int, cfg: dict) -> dict:
     static_graph, unused_branch, accumulate (micro-batches per step, all but the last under no_sync),
     inf_at (step at which rank 0's conv2 gradient gets an inf), noise_at (step at which rank 1's conv2 and conv3
     gradients are replaced by large noise), corrupt_at (step before which rank 1 replaces
-    conv2's basis), save_at / save_path (checkpoint after that step), load_path (resume from a checkpoint),
+    conv2's basis), rewind = (from, to) (before step `from`, rank 1 alone loads the state it saved before step `to`:
+    its iteration counter falls behind), save_at / save_path (checkpoint after that step), load_path (resume from a checkpoint),
     grad_scaler (use torch.amp.GradScaler("cpu")), die_at / die_rank (that rank SIGKILLs itself in the middle of
     that step's backward, once the last layer's gradient exists and before any bucket is reduced).
     """
@@ -76,6 +77,11 @@ def train(rank: int, world_size: int, cfg: dict) -> dict:
     out = {"losses": [], "grads": [], "phases": [], "finite": [], "scales": []}
     accumulate = cfg.get("accumulate", 1)
     for step in range(start, start + cfg.get("steps", 10)):
+        if cfg.get("rewind") and rank == 1:  # (from, to): rank 1 alone reloads its own state of step `to`
+            if step == cfg["rewind"][1]:
+                rewound = state.state_dict()
+            if step == cfg["rewind"][0]:
+                state.load_state_dict(rewound)
         if cfg.get("corrupt_at") == step and rank == 1:
             state._engine.set_basis("conv2.weight", perturbed(state._engine.basis("conv2.weight")))
         handle = None

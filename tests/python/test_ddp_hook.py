@@ -87,10 +87,20 @@ def test_corrupted_basis_on_one_rank_is_detected_on_every_rank():
         assert "ranks disagree" in res[r]["error"] and "iteration 6" in res[r]["error"]
 
 
+@pytest.mark.parametrize("rewind", [(3, 1), (8, 6)])  # in warm-up/sampling, in a compressed window
+def test_iteration_counter_diverged_on_one_rank_is_detected_on_every_rank(rewind):
+    res = run_ranks(train, 2, dict(hook="cpp", state=dict(SHORT, energy=0.95), steps=10, lr=0.0, rewind=rewind,
+                                   keep_grads=False))
+    for r in range(2):
+        assert "error" in res[r], f"rank {r} did not detect that rank 1's iteration counter fell behind"
+        assert "ranks disagree" in res[r]["error"], res[r]["error"]
+
+
 def test_checkpoint_and_resume_in_new_processes_reproduces_the_run(tmp_path):
     state = dict(SHORT, energy=0.95)
     full = no_errors(run_ranks(train, 2, dict(hook="cpp", state=state, steps=16, keep_grads=False)))
-    for k in (3, 7):  # mid sampling window (samples saved), mid compressed window (bases saved)
+    # warm-up; mid sampling window (samples saved); the step before the fit; mid compressed window (bases saved)
+    for k in (1, 3, 5, 7):
         path = str(tmp_path / f"ckpt{k}_rank{{rank}}.pt")
         no_errors(run_ranks(train, 2, dict(hook="cpp", state=state, steps=k, save_at=k, save_path=path,
                                            keep_grads=False)))
