@@ -2,7 +2,7 @@
 //
 // For each shape: fit (100 samples, the paper's window), compress and decompress of one layer gradient with the
 // paper's slice layout (K = W*D*F) and d = min(K / 8, 90), side by side with the bare at::matmul of the same
-// shapes, and the whole model's compress + decompress per step. GB/s counts gradient bytes processed; the
+// shapes, and the whole model's compress + decompress per step for both slice layouts and each basis dtype. GB/s counts gradient bytes processed; the
 // "basis_MB" counter shows the bytes of U each call also streams (the codec is memory-bound on U).
 //
 //   build/benchmarks/gradiveq_codec_bench --benchmark_min_time=0.5 --benchmark_repetitions=5
@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -32,9 +33,11 @@ std::string name(const LayerShape& s) {
 
 int64_t components(const ConvSliceLayout& layout) { return std::min<int64_t>(90, std::max<int64_t>(1, layout.slice_len / 8)); }
 
-// A compressor with exactly d components, fitted on low-rank samples of rank d + 10.
+// A compressor with exactly d components, fitted on low-rank samples of rank d + 10 (at least d + 11 samples,
+// as a pooled window of sample_iters x slices gives).
 PcaCompressor make_compressor(const ConvSliceLayout& layout, int64_t d) {
-  at::Tensor samples = at::randn({100, d + 10}).matmul(at::randn({d + 10, layout.slice_len}));
+  const int64_t n = std::max<int64_t>(100, d + 11);
+  at::Tensor samples = at::randn({n, d + 10}).matmul(at::randn({d + 10, layout.slice_len}));
   return PcaCompressor::fit(samples, {1.0 - 1e-7, d});
 }
 
@@ -100,22 +103,27 @@ void BM_CompressDecompress(benchmark::State& state, LayerShape s) {
   set_counters(state, grad.nbytes(), pca.basis().nbytes(), 1);
 }
 
-// All 31 conv layers of ResNet-32, compress + decompress: the codec's cost per training step.
-void BM_ResNet32AllConvLayers(benchmark::State& state) {
+// All 31 conv layers of ResNet-32, compress + decompress: the codec's cost per training step, for a slice layout
+// (the paper's kernel row with d = min(K / 8, 90), or the library default's kernel position with d = K / 8, its
+// largest) and the dtype the bases are stored in.
+void BM_ResNet32AllConvLayers(benchmark::State& state, bool kernel_position, at::ScalarType basis_dtype) {
   struct Layer {
     ConvSliceLayout layout;
     PcaCompressor pca;
     at::Tensor grad, flat;
   };
   std::vector<Layer> layers;
-  int64_t grad_bytes = 0, basis_bytes = 0;
+  int64_t grad_bytes = 0, basis_bytes = 0, coeff_bytes = 0;
   for (const auto& s : kResNet32Convs) {
-    auto layout = ConvSliceLayout::for_weight({s.f, s.d, s.h, s.w});
-    auto pca = make_compressor(layout, components(layout));
+    auto layout = kernel_position ? ConvSliceLayout::kernel_position({s.f, s.d, s.h, s.w})
+                                  : ConvSliceLayout::for_weight({s.f, s.d, s.h, s.w});
+    const int64_t d = kernel_position ? std::max<int64_t>(1, layout.slice_len / 8) : components(layout);
+    auto pca = make_compressor(layout, d).with_basis_dtype(basis_dtype);
     for (int64_t i = 0; i < s.count; ++i) {
       layers.push_back({layout, pca, at::randn({s.f, s.d, s.h, s.w}), at::empty({layout.numel()})});
       grad_bytes += layers.back().grad.nbytes();
-      basis_bytes += pca.basis().nbytes();
+      basis_bytes += pca.basis().nbytes() + pca.mean().nbytes();
+      coeff_bytes += layout.num_slices() * d * 4 + layout.tail_len() * 4;
     }
   }
   for (auto _ : state) {
@@ -127,6 +135,7 @@ void BM_ResNet32AllConvLayers(benchmark::State& state) {
   }
   set_counters(state, grad_bytes, basis_bytes, 1);
   state.counters["layers"] = double(layers.size());
+  state.counters["sent_KB"] = double(coeff_bytes) / 1e3;
 }
 
 void register_all() {
@@ -139,8 +148,15 @@ void register_all() {
     benchmark::RegisterBenchmark(("MatmulBaseline/" + name(s)).c_str(), BM_MatmulBaseline, s)
         ->Unit(benchmark::kMicrosecond);
   }
-  benchmark::RegisterBenchmark("ResNet32AllConvLayers", BM_ResNet32AllConvLayers)
-      ->Unit(benchmark::kMillisecond);
+  for (bool kernel_position : {false, true}) {
+    for (at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+      const std::string label = std::string("ResNet32AllConvLayers/") +
+                                (kernel_position ? "kernel_position" : "kernel_row") + "/basis_" +
+                                (dtype == at::kFloat ? "float32" : dtype == at::kHalf ? "float16" : "bfloat16");
+      benchmark::RegisterBenchmark(label.c_str(), BM_ResNet32AllConvLayers, kernel_position, dtype)
+          ->Unit(benchmark::kMillisecond);
+    }
+  }
 }
 
 }  // namespace

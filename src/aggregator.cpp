@@ -70,8 +70,9 @@ bool is_float_like(at::ScalarType t) { return t == at::kFloat || t == at::kHalf 
 
 constexpr char kStateMagic[4] = {'G', 'V', 'Q', 'S'};
 // Version 2 added the adaptive window's schedule shift, restart count and pending vote; version 3 a trailing
-// checksum of the whole image, so a damaged file is refused instead of loading wrong samples or bases.
-constexpr uint32_t kStateVersion = 3;
+// checksum of the whole image, so a damaged file is refused instead of loading wrong samples or bases; version 4
+// a stronger checksum (version 3's missed pairs of flipped top bits).
+constexpr uint32_t kStateVersion = 4;
 constexpr size_t kStateChecksumBytes = 8;
 
 }  // namespace
@@ -93,7 +94,10 @@ void AggregatorOptions::validate() const {
   Schedule{schedule};  // validates the schedule
   GVQ_CHECK_ARG(is_float_like(coeff_dtype), kWhere, "coeff_dtype", "must be float32, float16 or bfloat16, got ",
                 coeff_dtype);
+  GVQ_CHECK_ARG(is_float_like(basis_dtype), kWhere, "basis_dtype", "must be float32, float16 or bfloat16, got ",
+                basis_dtype);
   GVQ_CHECK_ARG(policy.min_numel >= 0, kWhere, "min_numel", "must be >= 0, got ", policy.min_numel);
+  GVQ_CHECK_ARG(pipeline_chunks >= 1, kWhere, "pipeline_chunks", "must be >= 1, got ", pipeline_chunks);
 }
 
 AggregatorOptions AggregatorOptions::paper() {
@@ -154,6 +158,8 @@ struct Aggregator::BucketPlan {
   int64_t verify_offset = -1, verify_len = 0, verify_bits = 16;
   uint64_t verify_code = 0;
   bool is_last = false;
+  bool whole_bucket = true;  // false: one of several pipelining groups of a bucket
+  bool first_group = true;
   Clock::time_point start;
   std::shared_ptr<Aggregator> owner;  // keeps the aggregator alive until the callback runs
 };
@@ -280,7 +286,8 @@ void Aggregator::refit_and_broadcast() {
       continue;
     }
     try {
-      images[j] = PcaCompressor::fit(at::cat(l->samples), options_.fit).serialize();
+      // Rounded to basis_dtype before the broadcast: every rank then stores exactly the same basis.
+      images[j] = PcaCompressor::fit(at::cat(l->samples), options_.fit).with_basis_dtype(options_.basis_dtype).serialize();
     } catch (const InvalidArgument& e) {
       failures[j] = std::string("skipped: ") + e.what();
     }
@@ -328,7 +335,7 @@ void Aggregator::refit_and_broadcast() {
       offset += n;
       PcaCompressor pca = PcaCompressor::deserialize(image);
       GVQ_ASSERT(pca.slice_len() == l->layout.slice_len, "fitted basis has the wrong slice length");
-      l->pca = pca.to(l->device);
+      l->pca = pca.with_basis_dtype(options_.basis_dtype).to(l->device);
       l->checksum = checksum_bytes(image);
       l->stats.fits += 1;
       l->stats.fit_status = "ok";
@@ -351,16 +358,11 @@ c10::intrusive_ptr<c10::ivalue::Future> Aggregator::aggregate_bucket(const at::T
                 " tensors but parameters has ", parameters.size());
   GVQ_CHECK_ARG(index >= 0, kWhere, "index", "must be >= 0, got ", index);
   c10::NoGradGuard no_grad;
-  auto plan = std::make_shared<BucketPlan>();
-  plan->start = Clock::now();
+  const auto start = Clock::now();
   if (index == 0) begin_iteration();
-  plan->iter = iteration_;
-  plan->phase = phase_at(iteration_);
-  plan->buffer = buffer;
-  plan->is_last = is_last;
-
-  int64_t raw_len = 0, coeff_len = 0, q_len = 0;
-  bool all_raw = true;
+  const Phase phase = phase_at(iteration_);
+  std::vector<Entry> entries;
+  int64_t compressed_numel = 0, compressed_layers = 0;
   for (size_t i = 0; i < parameters.size(); ++i) {
     Layer* layer = find_layer(parameters[i]);
     GVQ_CHECK_ARG(layer != nullptr, kWhere, "parameters", "holds a parameter of shape ", parameters[i].sizes(),
@@ -368,11 +370,70 @@ c10::intrusive_ptr<c10::ivalue::Future> Aggregator::aggregate_bucket(const at::T
     Entry e;
     e.layer = layer;
     e.grad = gradients[i];
-    if (layer->compressible && plan->phase == Phase::kSampling) {
+    if (layer->compressible && phase == Phase::kSampling) {
       e.mode = options_.sample_quantizer == SampleQuantizer::kQsgd4 ? Mode::kSampledQsgd : Mode::kSampledRaw;
-    } else if (layer->compressible && plan->phase == Phase::kCompressed && layer->pca.is_fitted()) {
+    } else if (layer->compressible && phase == Phase::kCompressed && layer->pca.is_fitted()) {
       e.mode = Mode::kCompressed;
+      compressed_numel += layer->numel;
+      ++compressed_layers;
     }
+    entries.push_back(std::move(e));
+  }
+  // Pipelining: the compressed layers are cut into up to pipeline_chunks groups of about equal size, each with
+  // its own all-reduce issued as soon as it is packed, so that compressing group i + 1 overlaps the transfer of
+  // group i, and decompressing group i (in its callback) overlaps the transfer of group i + 1. Groups keep the
+  // bucket's order, so every rank issues the same collectives in the same order.
+  const int64_t groups = std::max<int64_t>(1, std::min(options_.pipeline_chunks, compressed_layers));
+  std::vector<std::vector<Entry>> chunks(static_cast<size_t>(groups));
+  int64_t done = 0;
+  for (auto& e : entries) {
+    const int64_t g = std::min<int64_t>(groups - 1, done * groups / std::max<int64_t>(compressed_numel, 1));
+    if (e.mode == Mode::kCompressed) done += e.layer->numel;
+    chunks[size_t(g)].push_back(std::move(e));
+  }
+  // A layer larger than a group's share leaves the next group empty: only non-empty groups go out.
+  chunks.erase(std::remove_if(chunks.begin(), chunks.end(), [](const auto& c) { return c.empty(); }), chunks.end());
+  const size_t used = chunks.size();
+  std::vector<c10::intrusive_ptr<c10::ivalue::Future>> futures;
+  for (size_t g = 0; g < used; ++g) {
+    auto plan = std::make_shared<BucketPlan>();
+    plan->start = start;
+    plan->iter = iteration_;
+    plan->phase = phase;
+    plan->buffer = buffer;
+    plan->entries = std::move(chunks[g]);
+    plan->is_last = is_last && g + 1 == used;
+    plan->whole_bucket = used == 1;
+    plan->first_group = g == 0;
+    const bool verify = options_.verify_bases && index == 0 && g == 0;
+    // The adaptive window's vote rides in the step's last all-reduce of every compressed step, after every
+    // layer of the step has been compressed.
+    const bool vote = options_.restart_error_growth > 0.0 && plan->is_last && phase == Phase::kCompressed;
+    futures.push_back(issue_plan(plan, verify, vote));
+  }
+  if (is_last) {
+    if (schedule_.fits_after(iteration_ - schedule_shift_)) pending_fit_ = true;
+    ++iteration_;
+  }
+  if (futures.size() == 1) return futures[0];
+  // The bucket is done when all its groups are: only then does it count as finished in the step's stats.
+  return detail::when_all(futures)->then(
+      [buffer, start, owner = std::make_shared<std::shared_ptr<Aggregator>>(shared_from_this())](
+          c10::ivalue::Future& f) {
+        auto self = std::move(*owner);  // let go before returning (see issue_plan)
+        f.value();                      // rethrows the first failed group
+        self->steps_->finished(0.0, start, /*bucket_done=*/true);
+        return c10::IValue(buffer);
+      },
+      c10::TensorType::get());
+}
+
+c10::intrusive_ptr<c10::ivalue::Future> Aggregator::issue_plan(const std::shared_ptr<BucketPlan>& plan, bool verify,
+                                                               bool vote) {
+  int64_t raw_len = 0, coeff_len = 0, q_len = 0;
+  bool all_raw = true;
+  for (auto& e : plan->entries) {
+    Layer* layer = e.layer;
     switch (e.mode) {
       case Mode::kRaw:
       case Mode::kSampledRaw:
@@ -394,16 +455,13 @@ c10::intrusive_ptr<c10::ivalue::Future> Aggregator::aggregate_bucket(const at::T
     coeff_len += e.coeff_len;
     q_len += e.q_len;
     all_raw &= e.mode == Mode::kRaw;
-    plan->entries.push_back(std::move(e));
   }
-  const bool verify = options_.verify_bases && index == 0;
-  // The adaptive window's vote rides in the step's last all-reduce of every compressed step.
-  const bool vote = options_.restart_error_growth > 0.0 && is_last && plan->phase == Phase::kCompressed;
+  const at::Tensor& buffer = plan->buffer;
   const int64_t n = world_size_;
   std::vector<c10::intrusive_ptr<c10::ivalue::Future>> futures;
   int64_t payload = 0, wire = 0;
 
-  if (all_raw && !verify && !vote) {
+  if (all_raw && plan->whole_bucket && !verify && !vote) {
     // Nothing to compress: the bucket itself is all-reduced in place, exactly like DDP's default.
     plan->in_place = true;
     std::vector<at::Tensor> tensors{buffer};
@@ -523,11 +581,7 @@ c10::intrusive_ptr<c10::ivalue::Future> Aggregator::aggregate_bucket(const at::T
   int64_t uncompressed = 0;
   for (const auto& e : plan->entries) uncompressed += e.layer->numel * 4;
   steps_->issued(int64_t(futures.size()), payload, wire, uncompressed, plan->in_place ? 0.0 : ms_since(plan->start),
-                 is_last);
-  if (is_last) {
-    if (schedule_.fits_after(iteration_ - schedule_shift_)) pending_fit_ = true;
-    ++iteration_;
-  }
+                 plan->is_last, /*new_bucket=*/plan->first_group);
 
   c10::intrusive_ptr<c10::ivalue::Future> all = detail::when_all(futures);
   // The callback keeps the aggregator alive while it runs and lets go of it before it returns: were the closure
@@ -640,7 +694,7 @@ void Aggregator::finish_bucket(BucketPlan& plan, const std::vector<at::Tensor>& 
     }
   }
   }
-  steps_->finished(plan.in_place ? 0.0 : decompress_ms, plan.start);
+  steps_->finished(plan.in_place ? 0.0 : decompress_ms, plan.start, /*bucket_done=*/plan.whole_bucket);
 }
 
 std::vector<LayerStats> Aggregator::layer_stats() const {
@@ -654,7 +708,7 @@ std::vector<LayerStats> Aggregator::layer_stats() const {
       st.compression_ratio = l->pca.compression_ratio();
       st.explained_variance = l->pca.explained_variance();
       st.basis_checksum = l->checksum;
-      st.basis_bytes = (l->pca.basis().numel() + l->pca.mean().numel()) * 4;
+      st.basis_bytes = l->pca.basis().nbytes() + l->pca.mean().nbytes();
     }
     out.push_back(std::move(st));
   }
@@ -764,13 +818,14 @@ void Aggregator::load_state(const at::Tensor& image) {
     if (in.get<uint8_t>() != 0) {
       at::Tensor img = in.get_tensor_bytes();
       try {
-        loaded[i].pca = PcaCompressor::deserialize(img);
+        // A checkpoint of another basis_dtype is converted: the checksum below is of the basis in use.
+        loaded[i].pca = PcaCompressor::deserialize(img).with_basis_dtype(options_.basis_dtype);
       } catch (const InvalidArgument& e) {  // say which state and layer, not only what deserialize saw
         GVQ_CHECK_ARG(false, kWhere, "state", "holds a corrupted basis for '", name, "': ", e.what());
       }
       GVQ_CHECK_ARG(loaded[i].pca.slice_len() == k, kWhere, "state", "basis of '", name, "' has K = ",
                     loaded[i].pca.slice_len(), " but the layer's slice length is ", k);
-      loaded[i].checksum = checksum_bytes(img);
+      loaded[i].checksum = loaded[i].pca.checksum();
     }
     const auto num_samples = in.get<int64_t>();
     GVQ_CHECK_ARG(num_samples >= 0 && num_samples <= int64_t(in.remaining()), kWhere, "state",
@@ -778,7 +833,8 @@ void Aggregator::load_state(const at::Tensor& image) {
     for (int64_t s = 0; s < num_samples; ++s) {
       const auto rows = in.get<int64_t>();
       at::Tensor raw = in.get_tensor_bytes();
-      GVQ_CHECK_ARG(rows >= 1 && raw.numel() == rows * k * 4, kWhere, "state", "is corrupted: a sample block of '",
+      // Division, not rows * k * 4: a damaged count must not overflow.
+      GVQ_CHECK_ARG(rows >= 1 && raw.numel() % (k * 4) == 0 && raw.numel() / (k * 4) == rows, kWhere, "state", "is corrupted: a sample block of '",
                     name, "' has ", raw.numel(), " bytes for ", rows, " rows of K = ", k);
       loaded[i].samples.push_back(raw.view(at::kFloat).view({rows, k}).clone());
     }
@@ -826,7 +882,7 @@ void Aggregator::set_basis(const std::string& name, const PcaCompressor& pca) {
                 "must be fitted with K = ", l.layout.slice_len, " for '", name, "', got K = ", pca.slice_len());
   std::lock_guard<std::mutex> lock(stats_mutex_);
   l.pca = pca.to(l.device);
-  l.checksum = pca.checksum();
+  l.checksum = l.pca.checksum();
   update_bases_checksum();
 }
 

@@ -95,12 +95,20 @@ uint64_t checksum_bytes(const at::Tensor& bytes) {
                 "must be a contiguous CPU tensor");
   const auto* p = static_cast<const uint8_t*>(bytes.data_ptr());
   const size_t n = bytes.nbytes();
-  uint64_t h = 1469598103934665603ull;  // FNV-1a offset basis and prime, applied to whole words
+  // FNV-1a over whole words, each word first scrambled by splitmix64's finaliser. Plain word-wise FNV-1a is
+  // blind to pairs of flipped top bits: (h ^ w ^ 2^63) * P = ((h ^ w) * P) ^ 2^63 for any odd P, so two such
+  // flips cancel (found by the sanitizer build's fuzz test). The finaliser spreads every bit over the word.
+  const auto scramble = [](uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+  };
+  uint64_t h = 1469598103934665603ull;
   constexpr uint64_t kPrime = 1099511628211ull;
   size_t i = 0;
-  for (; i + 8 <= n; i += 8) h = (h ^ get<uint64_t>(p + i)) * kPrime;
-  for (; i < n; ++i) h = (h ^ p[i]) * kPrime;
-  return h ^ n;
+  for (; i + 8 <= n; i += 8) h = (h ^ scramble(get<uint64_t>(p + i))) * kPrime;
+  for (; i < n; ++i) h = (h ^ scramble(p[i])) * kPrime;
+  return scramble(h ^ n);
 }
 
 PcaCompressor PcaCompressor::fit(const at::Tensor& samples, const FitOptions& options) {
@@ -257,16 +265,28 @@ void PcaCompressor::compress_into(const at::Tensor& slices, int64_t world_size, 
     const at::Tensor g = contiguous_float(slices);
     const bool direct = out.scalar_type() == at::kFloat && out.is_contiguous();
     at::Tensor target = direct ? out : at::empty(out.sizes(), at::kFloat);
-    detail::cpu_compress(g.data_ptr<float>(), basis_.data_ptr<float>(), offset.data_ptr<float>(), target.data_ptr<float>(),
-                 g.size(0), g.size(1), num_components());
+    const int64_t s_rows = g.size(0), k = g.size(1), d = num_components();
+    float* dst = target.data_ptr<float>();
+    const float* off = offset.data_ptr<float>();
+    switch (basis_.scalar_type()) {
+      case at::kBFloat16:
+        detail::cpu_compress(g.data_ptr<float>(), basis_.data_ptr<c10::BFloat16>(), off, dst, s_rows, k, d);
+        break;
+      case at::kHalf:
+        detail::cpu_compress(g.data_ptr<float>(), basis_.data_ptr<c10::Half>(), off, dst, s_rows, k, d);
+        break;
+      default:
+        detail::cpu_compress(g.data_ptr<float>(), basis_.data_ptr<float>(), off, dst, s_rows, k, d);
+    }
     if (!direct) out.copy_(target);
     return;
   }
   const at::Tensor g = slices.scalar_type() == at::kFloat ? slices : slices.to(at::kFloat);
+  const at::Tensor basis = basis_.to(at::kFloat);
   if (out.scalar_type() == at::kFloat && out.is_contiguous()) {
-    at::addmm_out(out, offset, g, basis_);
+    at::addmm_out(out, offset, g, basis);
   } else {
-    out.copy_(at::addmm(offset, g, basis_));
+    out.copy_(at::addmm(offset, g, basis));
   }
 }
 
@@ -297,16 +317,28 @@ void PcaCompressor::decompress_into(const at::Tensor& coeffs, at::Tensor out) co
     // Rows may be strided (a view into a gradient); elements within a row must be adjacent.
     const bool direct = out.scalar_type() == at::kFloat && out.stride(1) == 1;
     at::Tensor target = direct ? out : at::empty(out.sizes(), at::kFloat);
-    detail::cpu_decompress(c.data_ptr<float>(), basis_.data_ptr<float>(), mean_.data_ptr<float>(), target.data_ptr<float>(),
-                   target.stride(0), c.size(0), slice_len(), num_components());
+    const int64_t s_rows = c.size(0), k = slice_len(), d = num_components(), stride = target.stride(0);
+    float* dst = target.data_ptr<float>();
+    const float* mu = mean_.data_ptr<float>();
+    switch (basis_.scalar_type()) {
+      case at::kBFloat16:
+        detail::cpu_decompress(c.data_ptr<float>(), basis_.data_ptr<c10::BFloat16>(), mu, dst, stride, s_rows, k, d);
+        break;
+      case at::kHalf:
+        detail::cpu_decompress(c.data_ptr<float>(), basis_.data_ptr<c10::Half>(), mu, dst, stride, s_rows, k, d);
+        break;
+      default:
+        detail::cpu_decompress(c.data_ptr<float>(), basis_.data_ptr<float>(), mu, dst, stride, s_rows, k, d);
+    }
     if (!direct) out.copy_(target);
     return;
   }
   const at::Tensor c = coeffs.scalar_type() == at::kFloat ? coeffs : coeffs.to(at::kFloat);
+  const at::Tensor basis = basis_.to(at::kFloat);
   if (out.scalar_type() == at::kFloat && out.is_contiguous()) {
-    at::addmm_out(out, mean_.view({1, -1}), c, basis_.t());
+    at::addmm_out(out, mean_.view({1, -1}), c, basis.t());
   } else {
-    out.copy_(at::addmm(mean_.view({1, -1}), c, basis_.t()));
+    out.copy_(at::addmm(mean_.view({1, -1}), c, basis.t()));
   }
 }
 
@@ -365,6 +397,20 @@ PcaCompressor PcaCompressor::deserialize(const at::Tensor& bytes) {
 uint64_t PcaCompressor::checksum() const {
   check_fitted("PcaCompressor.checksum");
   return checksum_bytes(serialize());
+}
+
+PcaCompressor PcaCompressor::with_basis_dtype(at::ScalarType dtype) const {
+  constexpr const char* kWhere = "PcaCompressor.with_basis_dtype";
+  check_fitted(kWhere);
+  GVQ_CHECK_ARG(is_float_like(dtype), kWhere, "dtype", "must be float32, float16 or bfloat16, got ", dtype);
+  PcaCompressor out = *this;
+  if (dtype == basis_.scalar_type()) return out;
+  // Round to nearest even (exact when widening back), so the same float32 basis gives the same stored basis on
+  // every rank. Columns stay orthonormal to within the format's precision (~2^-8 for bfloat16, 2^-11 float16);
+  // float16's range (6e-5 .. 65504) suits unit-norm columns once K >= 2^-28, i.e. always.
+  out.basis_ = basis_.to(at::kFloat).to(dtype).contiguous();
+  out.finish_init();  // U^T mu from the stored basis, so compress and decompress use one and the same U
+  return out;
 }
 
 PcaCompressor PcaCompressor::to(const at::Device& device) const {

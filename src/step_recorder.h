@@ -36,10 +36,11 @@ class StepRecorder {
     std::lock_guard<std::mutex> lock(mutex_);
     current_.fit_ms += ms;
   }
+  /// A bucket's collectives (or one pipelining group's: new_bucket false for all groups but the first) went out.
   void issued(int64_t collectives, int64_t payload, int64_t wire, int64_t uncompressed, double compress_ms,
-              bool is_last) {
+              bool is_last, bool new_bucket = true) {
     std::lock_guard<std::mutex> lock(mutex_);
-    current_.buckets += 1;
+    if (new_bucket) current_.buckets += 1;
     current_.collectives += collectives;
     current_.bytes_payload += payload;
     current_.bytes_wire += wire;
@@ -58,12 +59,15 @@ class StepRecorder {
     signal_sq_ += signal_sq;
     has_error_ = true;
   }
-  void finished(double decompress_ms, Clock::time_point bucket_start) {
+  /// Decompression of a bucket (or of one of its pipelining groups: bucket_done false) finished; the bucket
+  /// counts as finished, with its aggregation time, when bucket_done.
+  void finished(double decompress_ms, Clock::time_point bucket_start, bool bucket_done = true) {
     std::lock_guard<std::mutex> lock(mutex_);
+    current_.decompress_ms += decompress_ms;
+    if (!bucket_done) return;
     if (has_error_) {
       current_.relative_error = signal_sq_ > 0 ? std::sqrt(std::max(0.0, residual_sq_) / signal_sq_) : 0.0;
     }
-    current_.decompress_ms += decompress_ms;
     current_.aggregation_ms += ms_since(bucket_start);
     ++finished_;
     if (last_issued_ && finished_ == current_.buckets) last_ = current_;

@@ -83,6 +83,10 @@ struct AggregatorOptions {
   /// bfloat16 (half the bytes; the coefficients then take a second all-reduce of their own dtype, while the
   /// uncompressed values stay float32).
   at::ScalarType coeff_dtype = at::kFloat;
+  /// dtype the bases are stored in: float32, or bfloat16 / float16 (half the basis memory and half the bytes
+  /// the codec streams per step; products still accumulate in float32). The fitting rank rounds before the
+  /// broadcast, so every rank holds the same basis.
+  at::ScalarType basis_dtype = at::kFloat;
   LayerPolicy policy;
   bool verify_bases = true;
   uint64_t seed = 0;  ///< seeds QSGD's stochastic rounding (mixed with iteration, rank and layer)
@@ -93,6 +97,10 @@ struct AggregatorOptions {
   /// baseline is the mean E of the window's first 3 compressed steps, which never vote). The
   /// ranks agree through one float carried in the step's last all-reduce, so the decision is identical on all.
   double restart_error_growth = 0.0;
+  /// Compressed steps: the compressed layers of a bucket are cut into up to this many groups of about equal size,
+  /// each with its own all-reduce, so the codec of one group overlaps the transfer of another. 1 = one all-reduce
+  /// per bucket. Must be >= 1.
+  int64_t pipeline_chunks = 1;
 
   /// Throws InvalidArgument naming the first bad option.
   void validate() const;
@@ -189,6 +197,10 @@ class Aggregator : public BucketAggregator, public std::enable_shared_from_this<
   void refit_and_broadcast();
   uint64_t verification_code(int64_t iter) const;
   void update_bases_checksum();
+  /// Packs and compresses one plan (a bucket, or one pipelining group of it), issues its collectives and returns
+  /// a future that completes once they have and the plan's gradients are written back.
+  c10::intrusive_ptr<c10::ivalue::Future> issue_plan(const std::shared_ptr<BucketPlan>& plan, bool verify,
+                                                     bool vote);
   void finish_bucket(BucketPlan& plan, const std::vector<at::Tensor>& gathered);
   Layer* find_layer(const at::Tensor& parameter);
   Layer& layer_named(const std::string& name, const char* where) const;

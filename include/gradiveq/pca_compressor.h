@@ -54,7 +54,9 @@ class PcaCompressor {
   double explained_variance() const;
 
   const at::Tensor& mean() const { return mean_; }                ///< mu, (K) float32
-  const at::Tensor& basis() const { return basis_; }              ///< U, (K, d) float32, orthonormal columns
+  /// U, (K, d), orthonormal columns; float32 unless with_basis_dtype() stored it in half precision.
+  const at::Tensor& basis() const { return basis_; }
+  at::ScalarType basis_dtype() const { return basis_.scalar_type(); }
   const at::Tensor& eigenvalues() const { return eigenvalues_; }  ///< (K) float32, decreasing, >= 0
 
   /// (S, K) slices of one rank -> (S, d) float32 coefficients U^T (g - mu / world_size).
@@ -73,6 +75,12 @@ class PcaCompressor {
   static PcaCompressor deserialize(const at::Tensor& bytes);
   /// 64-bit checksum of the serialized image; equal on all ranks iff their bases are bit-identical.
   uint64_t checksum() const;
+
+  /// Copy whose basis is stored in `dtype` (float32, bfloat16 or float16), rounded to nearest: half the memory
+  /// and half the bytes each compress / decompress streams. The products still accumulate in float32; the
+  /// result is exactly that of the float32 widening of the stored basis. serialize() writes that widening, so
+  /// a broadcast or checkpointed half-precision basis comes back bit-identical after with_basis_dtype again.
+  PcaCompressor with_basis_dtype(at::ScalarType dtype) const;
 
   /// Copy whose tensors live on `device` (the coefficients are computed where the slices are).
   PcaCompressor to(const at::Device& device) const;

@@ -18,7 +18,7 @@ from gradiveq import _C
 
 __all__ = ["GradiVeQState", "QsgdState", "hook", "register_hook", "STATE_DICT_VERSION", "PAPER_OPTIONS"]
 
-STATE_DICT_VERSION = 3  # 3: the engine image ends with a checksum of its contents
+STATE_DICT_VERSION = 4  # 3: the engine image ends with a checksum of its contents; 4: a stronger checksum
 
 # The paper's method (GradiVeQState.paper()).
 PAPER_OPTIONS = dict(energy=0.99, warmup_iters=2500, sample_iters=100, compress_iters=400, sample_quantizer="qsgd4",
@@ -141,6 +141,12 @@ class GradiVeQState(_HookState):
             512, via all-gather because QSGD codes cannot be summed) or "none" (uncompressed all-reduce; the default:
             exact samples fit better, measured +0.2 points).
         coeff_dtype: torch.float32, or torch.float16 / torch.bfloat16 to halve the coefficient bytes.
+        basis_dtype: torch.float32, or torch.bfloat16 / torch.float16 to store the PCA bases in half precision:
+            half the basis memory and half the bytes the codec streams per step (products still accumulate in
+            float32; README, "Basis cost").
+        pipeline_chunks: compressed steps cut a bucket's compressed layers into up to this many groups of about
+            equal size, each with its own all-reduce, so compressing one group overlaps the transfer of the
+            previous one and decompressing it the transfer of the next (README, "Hiding the aggregation").
         include, exclude: glob patterns on parameter names; by default every conv weight (4-D parameter) with at
             least ``min_numel`` values is compressed.
         min_numel: smallest layer worth compressing.
@@ -171,6 +177,7 @@ class GradiVeQState(_HookState):
                  min_numel: int = 1000, error_feedback: bool = False, verify_bases: bool = True, seed: int = 0,
                  max_components: int = 0, fit_on: str = "all_slices", slice_layout: str = "kernel_position",
                  target_ratio: float = 0.0, min_ratio: float = 8.0, restart_error_growth: float = 0.0,
+                 basis_dtype: torch.dtype = torch.float32, pipeline_chunks: int = 1,
                  model: Optional[torch.nn.Module] = None):
         if error_feedback:
             raise ValueError(
@@ -188,9 +195,13 @@ class GradiVeQState(_HookState):
         if coeff_dtype not in _COEFF_DTYPES:
             raise ValueError(f"GradiVeQState: argument 'coeff_dtype' must be one of {_COEFF_DTYPES}, "
                              f"got {coeff_dtype!r}")
+        if basis_dtype not in _COEFF_DTYPES:
+            raise ValueError(f"GradiVeQState: argument 'basis_dtype' must be one of {_COEFF_DTYPES}, "
+                             f"got {basis_dtype!r}")
         for name, value in (("warmup_iters", warmup_iters), ("sample_iters", sample_iters),
                             ("compress_iters", compress_iters), ("min_numel", min_numel),
-                            ("max_components", max_components), ("seed", seed)):
+                            ("max_components", max_components), ("seed", seed),
+                            ("pipeline_chunks", pipeline_chunks)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"GradiVeQState: argument '{name}' must be an int, got {value!r}")
         if seed < 0:
@@ -206,7 +217,8 @@ class GradiVeQState(_HookState):
                             include=_patterns(include, "include"), exclude=_patterns(exclude, "exclude"),
                             min_numel=min_numel, fit_on=fit_on, slice_layout=slice_layout,
                             verify_bases=bool(verify_bases), seed=seed, target_ratio=float(target_ratio),
-                            min_ratio=float(min_ratio), restart_error_growth=float(restart_error_growth))
+                            min_ratio=float(min_ratio), restart_error_growth=float(restart_error_growth),
+                            basis_dtype=str(basis_dtype).replace("torch.", ""), pipeline_chunks=pipeline_chunks)
         # The C++ options validate the rest (energy range, schedule) and raise ValueError naming the argument.
         self._cpp_options = _C.AggregatorOptions(
             energy=float(energy), max_components=max_components, warmup_iters=warmup_iters,
@@ -214,7 +226,8 @@ class GradiVeQState(_HookState):
             fit_on=_FIT_ON[fit_on], slice_layout=_LAYOUTS[slice_layout], coeff_dtype=coeff_dtype,
             include=self.options["include"], exclude=self.options["exclude"], min_numel=min_numel,
             verify_bases=bool(verify_bases), seed=seed, target_ratio=float(target_ratio), min_ratio=float(min_ratio),
-            restart_error_growth=float(restart_error_growth))
+            restart_error_growth=float(restart_error_growth), basis_dtype=basis_dtype,
+            pipeline_chunks=pipeline_chunks)
         self._engine = None
         self._param_names = None
         if model is not None:

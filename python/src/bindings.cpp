@@ -93,7 +93,8 @@ PYBIND11_MODULE(_C, m) {
                        int64_t compress_iters, SampleQuantizer sample_quantizer, FitSamples fit_on,
                        SliceLayoutKind slice_layout, at::ScalarType coeff_dtype, std::vector<std::string> include,
                        std::vector<std::string> exclude, int64_t min_numel, bool verify_bases, uint64_t seed,
-                       double target_ratio, double min_ratio, double restart_error_growth) {
+                       double target_ratio, double min_ratio, double restart_error_growth,
+                       at::ScalarType basis_dtype, int64_t pipeline_chunks) {
              AggregatorOptions o;
              o.fit = FitOptions{energy, max_components, target_ratio, min_ratio};
              o.restart_error_growth = restart_error_growth;
@@ -102,6 +103,8 @@ PYBIND11_MODULE(_C, m) {
              o.fit_on = fit_on;
              o.slice_layout = slice_layout;
              o.coeff_dtype = coeff_dtype;
+             o.basis_dtype = basis_dtype;
+             o.pipeline_chunks = pipeline_chunks;
              o.policy = LayerPolicy{std::move(include), std::move(exclude), min_numel};
              o.verify_bases = verify_bases;
              o.seed = seed;
@@ -112,7 +115,8 @@ PYBIND11_MODULE(_C, m) {
            py::arg("compress_iters"), py::arg("sample_quantizer"), py::arg("fit_on"), py::arg("slice_layout"),
            py::arg("coeff_dtype"), py::arg("include"), py::arg("exclude"), py::arg("min_numel"),
            py::arg("verify_bases"), py::arg("seed"), py::arg("target_ratio") = 0.0, py::arg("min_ratio") = 0.0,
-           py::arg("restart_error_growth") = 0.0)
+           py::arg("restart_error_growth") = 0.0, py::arg("basis_dtype") = at::kFloat,
+           py::arg("pipeline_chunks") = 1)
       // The C++ defaults and the paper's options, so Python can check that its signature matches them.
       .def_static("defaults", [] { return AggregatorOptions{}; })
       .def_static("paper", &AggregatorOptions::paper)
@@ -131,6 +135,12 @@ PYBIND11_MODULE(_C, m) {
         d["min_numel"] = o.policy.min_numel;
         d["verify_bases"] = o.verify_bases;
         d["restart_error_growth"] = o.restart_error_growth;
+        const auto dtype_name = [](at::ScalarType t) {
+          return t == at::kHalf ? "float16" : t == at::kBFloat16 ? "bfloat16" : "float32";
+        };
+        d["coeff_dtype"] = dtype_name(o.coeff_dtype);
+        d["basis_dtype"] = dtype_name(o.basis_dtype);
+        d["pipeline_chunks"] = o.pipeline_chunks;
         return d;
       });
 

@@ -1,7 +1,9 @@
 """Training loops run by the multi-process tests (importable, so spawned ranks can pickle them by name)."""
 import contextlib
 import os
+import random
 import signal
+import time
 
 import torch
 import torch.nn as nn
@@ -45,7 +47,9 @@ def train(rank: int, world_size: int, cfg: dict) -> dict:
     conv2's basis), rewind = (from, to) (before step `from`, rank 1 alone loads the state it saved before step `to`:
     its iteration counter falls behind), save_at / save_path (checkpoint after that step), load_path (resume from a checkpoint),
     grad_scaler (use torch.amp.GradScaler("cpu")), die_at / die_rank (that rank SIGKILLs itself in the middle of
-    that step's backward, once the last layer's gradient exists and before any bucket is reduced).
+    that step's backward, once the last layer's gradient exists and before any bucket is reduced), jitter_ms
+    (each rank sleeps a random 0..jitter_ms before every forward, seeded by rank and step, so the ranks hand
+    their buckets to the hook at different times).
     """
     torch.manual_seed(cfg.get("model_seed", 0))
     model = CnnWithUnusedBranch() if cfg.get("unused_branch") else SmallCNN()
@@ -98,6 +102,8 @@ def train(rank: int, world_size: int, cfg: dict) -> dict:
             # Mid-step: the head's gradient is the first one backward produces.
             (model.body if cfg.get("unused_branch") else model).fc.weight.register_hook(
                 lambda g: os.kill(os.getpid(), signal.SIGKILL))
+        if cfg.get("jitter_ms"):
+            time.sleep(random.Random(1000 * rank + step).uniform(0, cfg["jitter_ms"]) / 1000)
         opt.zero_grad(set_to_none=True)
         for micro in range(accumulate):
             x, y = make_data(rank, 0 if cfg.get("fixed_batch") else step * accumulate + micro)
