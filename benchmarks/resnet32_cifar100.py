@@ -37,8 +37,8 @@ import torch.nn.functional as F  # noqa: E402
 from gradiveq.data import SyntheticCifar100  # noqa: E402
 from gradiveq.datasets import CIFAR100_MEAN, CIFAR100_STD, read_cifar100_bin  # noqa: E402
 from gradiveq.models import resnet32  # noqa: E402
-from methods import (GRADIVEQ_CONFIGS, TORCH_METHODS, Method, ddp_kwargs, free_port, run_rank_process,  # noqa: E402
-                     shaped_rerun)
+from methods import (GRADIVEQ_CONFIGS, TORCH_METHODS, Method, add_gradiveq_config, ddp_kwargs, free_port,  # noqa: E402
+                     run_rank_process, shaped_rerun)
 
 ALL_METHODS = TORCH_METHODS + ["qsgd4"] + list(GRADIVEQ_CONFIGS)
 PAPER_SCHEDULE = (2500, 100, 400)
@@ -161,6 +161,8 @@ def evaluate(model, images, labels, batch=500):
 # Launching: W local ranks per method (fresh processes, so no state leaks between methods), or torchrun.
 def _rank_entry(rank, world, port, args, method, out_path):
     torch.set_num_threads(args.threads)
+    for spec in args.config:  # a spawned process starts from the module's own configurations
+        add_gradiveq_config(spec)
 
     def body():
         result = run_method(rank, world, args, method)
@@ -364,7 +366,15 @@ def parse_args(argv):
     ap.add_argument("--barrier", action="store_true", help="barrier before each step (isolates steps)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--json", default=None, help="also write raw per-step rows here")
+    ap.add_argument("--config", action="append", default=[], metavar="NAME=JSON",
+                    help='extra GradiVeQ configuration, e.g. gradiveq-p4=\'{"paper": true, "pipeline_chunks": 4}\' '
+                         "(then name it in --methods)")
     args = ap.parse_args(argv)
+    for spec in args.config:
+        try:
+            add_gradiveq_config(spec)
+        except ValueError as e:
+            ap.error(f"argument --config: {e}")
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.schedule:
         try:
@@ -373,8 +383,9 @@ def parse_args(argv):
         except (ValueError, AssertionError):
             ap.error(f"argument --schedule: expected W,S,C with W >= 0, S >= 2, C >= 0, got {args.schedule!r}")
     for m in args.methods:
-        if m not in ALL_METHODS:
-            ap.error(f"argument --methods: unknown method {m!r}; choose from {ALL_METHODS}")
+        known = ALL_METHODS + [c for c in GRADIVEQ_CONFIGS if c not in ALL_METHODS]
+        if m not in known:
+            ap.error(f"argument --methods: unknown method {m!r}; choose from {known}")
     if args.world_size < 2:
         ap.error("argument --world-size: must be >= 2")
     if args.iters < 1 or args.repeats < 1:
