@@ -143,7 +143,8 @@ class Method:
             st = self.state.stats()["step"]
             return dict(agg=st["aggregation_ms"] / 1e3, bytes=st["bytes_payload"], wire=st["bytes_wire"],
                         uncompressed=st["bytes_uncompressed"], phase=st["phase"], fit=st["fit_ms"] / 1e3,
-                        codec=(st["compress_ms"] + st["decompress_ms"]) / 1e3)
+                        codec=(st["compress_ms"] + st["decompress_ms"]) / 1e3, compress=st["compress_ms"] / 1e3,
+                        decompress=st["decompress_ms"] / 1e3)
         sent = (self.counter.bytes - self._bytes_before) if self.counter else 0
         return dict(agg=sum(self.hook_times), bytes=sent, wire=sent * 2 * (world_size - 1) / world_size,
                     uncompressed=self._uncompressed, phase="")

@@ -225,6 +225,10 @@ def summarize(res, args):
             by_phase.setdefault(r["phase"], []).append(r["time"])
         s["phase_median"] = {p: statistics.median(v) for p, v in by_phase.items()}
         s["codec"] = statistics.median([r["codec"] for r in rows if r["phase"] == "compressed"] or [0.0])
+    if "compress" in rows[0]:  # our hooks: where the aggregation time goes (medians over the measured steps)
+        s["compress"] = statistics.median(r["compress"] for r in rows)
+        s["decompress"] = statistics.median(r["decompress"] for r in rows)
+        s["fit"] = statistics.mean(r["fit"] for r in rows)  # once per window: amortised over the steps
     if "test_accuracy" in res:
         s["test_accuracy"] = res["test_accuracy"]
     s["line"] = (f"{s['method']:>10}: step median {1e3 * s['median']:7.1f} ms (p90 {1e3 * s['p90']:7.1f}), "
@@ -276,7 +280,10 @@ def report(results, args):
         lines.append(f"{name}: schedule warm-up {w} / sampling {s_} / compressed {c} (paper: 2500/100/400); "
                      f"coefficients {args.coeff_dtype}; median step by phase: " +
                      ", ".join(f"{p} {1e3 * v:.0f} ms" for p, v in g["phase_median"].items()) +
-                     f"; codec {1e3 * g['codec']:.1f} ms per compressed step; conv layers "
+                     f"; codec {1e3 * g['codec']:.1f} ms per compressed step (median over all measured steps: "
+                     f"compress {1e3 * statistics.median(x['compress'] for x in per_method[name]):.1f} ms, decompress "
+                     f"{1e3 * statistics.median(x['decompress'] for x in per_method[name]):.1f} ms, fits amortised "
+                     f"{1e3 * statistics.median(x['fit'] for x in per_method[name]):.1f} ms); conv layers "
                      f"{summ['conv_bytes_in'] / 1e3:.0f} KB -> {summ['conv_bytes_out'] / 1e3:.1f} KB per step "
                      f"in a compressed step (ratio {summ.get('conv_ratio', float('nan')):.1f}); bases "
                      f"{summ['basis_bytes'] / 1e6:.1f} MB.")
@@ -336,7 +343,43 @@ def plot(results, per_method, args, path_prefix):
     curves = path_prefix + "_loss.png"
     fig.savefig(curves, dpi=110)
     plt.close(fig)
-    return [bars, curves]
+    pngs = [bars, curves]
+    if "nocomm" in per_method:
+        pngs.append(plot_breakdown(per_method, methods, args, path_prefix + "_breakdown.png", plt))
+    return pngs
+
+
+def plot_breakdown(per_method, methods, args, path, plt):
+    """Stacked bars: each method's median step split into the no-communication step (compute), the codec work
+    our hooks report (compress in the hook call, decompress in the callbacks; they may overlap backward), basis
+    fits amortised over the steps, and the rest of the exposed time (transfer, waiting for the slowest rank or
+    bucket, and, for torch's hooks, their codec)."""
+    def med(m, key):
+        return statistics.median(x.get(key, 0.0) for x in per_method[m]) * 1e3
+    floor = med("nocomm", "median")
+    parts = {"compute (no-comm step)": [], "compress": [], "decompress": [], "basis fits (amortised)": [],
+             "transfer and waiting": []}
+    shown = [m for m in methods if m != "nocomm"]
+    for m in shown:
+        codec = [med(m, "compress"), med(m, "decompress"), med(m, "fit")]
+        rest = max(0.0, med(m, "median") - floor - sum(codec))
+        for key, v in zip(parts, [min(floor, med(m, "median"))] + codec + [rest]):
+            parts[key].append(v)
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    bottom = [0.0] * len(shown)
+    colors = ["#bbbbbb", "#ee7733", "#cc3311", "#aa3377", "#4477aa"]
+    for (label, values), color in zip(parts.items(), colors):
+        ax.bar(shown, values, bottom=bottom, label=label, color=color)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.set_ylabel("ms per step (medians)")
+    bw = args.bandwidth_mbit_effective
+    ax.set_title(f"Where the step goes: ResNet-32, {args.world_size} ranks, {'%g Mbit/s' % bw if bw else 'unshaped'}")
+    ax.legend(fontsize=8)
+    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def parse_args(argv):

@@ -430,6 +430,8 @@ c10::intrusive_ptr<c10::ivalue::Future> Aggregator::aggregate_bucket(const at::T
 
 c10::intrusive_ptr<c10::ivalue::Future> Aggregator::issue_plan(const std::shared_ptr<BucketPlan>& plan, bool verify,
                                                                bool vote) {
+  // This plan's own packing time (plan->start is the bucket's hand-over, shared by its pipelining groups).
+  const auto issue_start = plan->first_group ? plan->start : Clock::now();
   int64_t raw_len = 0, coeff_len = 0, q_len = 0;
   bool all_raw = true;
   for (auto& e : plan->entries) {
@@ -580,7 +582,7 @@ c10::intrusive_ptr<c10::ivalue::Future> Aggregator::issue_plan(const std::shared
   }
   int64_t uncompressed = 0;
   for (const auto& e : plan->entries) uncompressed += e.layer->numel * 4;
-  steps_->issued(int64_t(futures.size()), payload, wire, uncompressed, plan->in_place ? 0.0 : ms_since(plan->start),
+  steps_->issued(int64_t(futures.size()), payload, wire, uncompressed, plan->in_place ? 0.0 : ms_since(issue_start),
                  plan->is_last, /*new_bucket=*/plan->first_group);
 
   c10::intrusive_ptr<c10::ivalue::Future> all = detail::when_all(futures);
