@@ -112,13 +112,12 @@ void build_codebook(const std::vector<float>& sorted, const std::vector<double>&
   for (size_t c = 0; c < nc; ++c) {
     const float lo = sorted[size_t(clusters[c].begin)], hi = sorted[size_t(clusters[c].end - 1)];
     if (alloc[c] >= 2) {
-      for (int64_t l = 0; l < alloc[c]; ++l) {
-        codebook[j++] =
-            l == 0 ? lo
-            : l == alloc[c] - 1
-                ? hi
-                : float(double(lo) + (double(hi) - double(lo)) * double(l) / double(alloc[c] - 1));
+      const int64_t last = alloc[c] - 1;
+      codebook[j++] = lo;  // the ends exactly: the bucket's min and max must be levels
+      for (int64_t l = 1; l < last; ++l) {
+        codebook[j++] = float(double(lo) + (double(hi) - double(lo)) * double(l) / double(last));
       }
+      codebook[j++] = hi;
     } else if (c == 0) {
       codebook[j++] = lo;  // the bucket's min must be a level
     } else if (c == nc - 1) {

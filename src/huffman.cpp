@@ -78,6 +78,8 @@ std::vector<uint8_t> package_merge(const std::vector<uint64_t>& counts, int max_
 }  // namespace
 
 std::vector<uint64_t> count_symbols(const uint8_t* symbols, int64_t n, int64_t alphabet_size) {
+  GVQ_CHECK_ARG(alphabet_size >= 1 && alphabet_size <= 256, "count_symbols", "alphabet_size",
+                "must lie in [1, 256], got ", alphabet_size);
   std::vector<uint64_t> counts(256, 0);
   for (int64_t i = 0; i < n; ++i) ++counts[symbols[i]];
   for (int64_t s = alphabet_size; s < 256; ++s) {

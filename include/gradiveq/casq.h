@@ -21,6 +21,11 @@
 // With one level per cluster, a value between two clusters' levels rounds across the gap; with two or more a
 // cluster's own grid covers its values. clusters > 2^bits is rejected: every cluster needs a level.
 //
+// When clustering pays (measured on 2^20 values, bucket 512, relative error ||q - v|| / ||v||, bits 2 / 3):
+//   skewed bimodal (90% N(-1, 0.1), 10% N(3, 0.3)): clusters = 4: 0.40 / 0.10, clusters = 1 (a uniform grid
+//   on [min, max]): 0.48 / 0.25; Gaussian: 0.84 / 0.54 against 0.84 / 0.36. On a unimodal bucket the clusters
+//   abut, so each one's end levels sit next to its neighbour's and are partly wasted.
+//
 // Packed layout (little-endian, `packed_bytes(n)` bytes in all):
 //   [ceil(n / bucket_size) codebooks of B float32 levels, ascending][n indices of `bits` bits, LSB first]
 // so bits per element = (32 B ceil(n / bucket_size) + 8 ceil(n bits / 8)) / n, about bits + 32 B /
