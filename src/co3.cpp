@@ -270,7 +270,18 @@ at::Tensor Co3ErrorCorrection::corrected(const at::Tensor& gradient) const {
   return v;
 }
 
-void Co3ErrorCorrection::update(const Co3Codec& codec, const at::Tensor& v, const at::Tensor& packed) {
+void Co3ErrorCorrection::set_error(const at::Tensor& error) {
+  if (!error.defined()) {
+    error_ = at::Tensor();
+    return;
+  }
+  GVQ_CHECK_ARG(error.scalar_type() == at::kFloat && error.dim() == 1, "Co3ErrorCorrection.set_error",
+                "error", "must be a 1-D float32 tensor, got ", error.scalar_type(), " of shape ", error.sizes());
+  error_ = error.to(at::kCPU).contiguous().clone();
+}
+
+void Co3ErrorCorrection::update(const Co3Codec& codec, const at::Tensor& v, const at::Tensor& packed,
+                                Co3EncodeInfo* info) {
   const int64_t n = v.numel();
   at::Tensor q = codec.decode(packed, n);
   const float* qp = q.data_ptr<float>();
@@ -278,14 +289,23 @@ void Co3ErrorCorrection::update(const Co3Codec& codec, const at::Tensor& v, cons
   at::Tensor e = at::empty_like(v);
   const float* vp = v.data_ptr<float>();
   float* ep = e.data_ptr<float>();
-  for (int64_t i = 0; i < n; ++i) ep[i] = vp[i] - qp[i];
+  double residual_sq = 0.0, signal_sq = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    ep[i] = vp[i] - qp[i];
+    residual_sq += double(vp[i] - qp[i]) * double(vp[i] - qp[i]);
+    signal_sq += double(vp[i]) * double(vp[i]);
+  }
   error_ = e;
+  if (info != nullptr) {
+    info->residual_sq = residual_sq;
+    info->signal_sq = signal_sq;
+  }
 }
 
 at::Tensor Co3ErrorCorrection::step(const Co3Codec& codec, const at::Tensor& gradient, Co3EncodeInfo* info) {
   at::Tensor v = corrected(gradient);
   at::Tensor packed = codec.encode(v, info);
-  update(codec, v, packed);
+  update(codec, v, packed, info);
   return packed;
 }
 
@@ -293,7 +313,7 @@ at::Tensor Co3ErrorCorrection::step_with_scale(const Co3Codec& codec, const at::
                                                Co3EncodeInfo* info) {
   at::Tensor v = corrected(gradient);
   at::Tensor packed = codec.encode_with_scale(v, alpha, info);
-  update(codec, v, packed);
+  update(codec, v, packed, info);
   return packed;
 }
 

@@ -82,6 +82,10 @@ struct Co3EncodeInfo {
   float alpha = 1.0f;
   int64_t payload_bits = 0;  ///< sum of the Huffman code lengths
   int64_t packed_bytes = 0;  ///< the whole message
+  /// Filled by Co3ErrorCorrection only: ||v - q||^2 and ||v||^2 of the values v it encoded (q = the message
+  /// decoded), in double; residual_sq is -1 when the message is non-finite (an overflowed step).
+  double residual_sq = -1.0;
+  double signal_sq = 0.0;
 };
 
 class Co3Codec {
@@ -130,6 +134,8 @@ class Co3ErrorCorrection {
   /// The error memory e (undefined before the first step, which is the same as zeros).
   const at::Tensor& error() const { return error_; }
   void reset() { error_ = at::Tensor(); }
+  /// Restores a saved error memory: a 1-D float32 tensor (copied to the CPU), or undefined for zeros.
+  void set_error(const at::Tensor& error);
 
   /// One step with alpha fitted on v; returns the message to send.
   at::Tensor step(const Co3Codec& codec, const at::Tensor& gradient, Co3EncodeInfo* info = nullptr);
@@ -139,7 +145,7 @@ class Co3ErrorCorrection {
 
  private:
   at::Tensor corrected(const at::Tensor& gradient) const;
-  void update(const Co3Codec& codec, const at::Tensor& v, const at::Tensor& packed);
+  void update(const Co3Codec& codec, const at::Tensor& v, const at::Tensor& packed, Co3EncodeInfo* info);
 
   double gamma_;
   at::Tensor error_;
