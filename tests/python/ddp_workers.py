@@ -153,7 +153,8 @@ def train(rank: int, world_size: int, cfg: dict) -> dict:
 
 def plain_then_hook(rank: int, world_size: int, cfg: dict) -> dict:
     """One plain all-reduce step (the reference), then train(cfg), in the same processes: one spawn for both."""
-    return {"plain": train(rank, world_size, dict(cfg, hook="plain", steps=1)), "ours": train(rank, world_size, cfg)}
+    plain = train(rank, world_size, dict(cfg, hook="plain", steps=1, save_at=None, load_path=None))
+    return {"plain": plain, "ours": train(rank, world_size, cfg)}
 
 
 def perturbed(pca: "gradiveq.PcaCompressor") -> "gradiveq.PcaCompressor":

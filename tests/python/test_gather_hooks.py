@@ -34,9 +34,10 @@ def test_co3_fp8_without_memory_averages_like_plain_all_reduce(world, hook):
     assert st["step"]["collectives"] > 0 and st["bytes_payload"] > 0
 
 
-def test_casq_hook_is_unbiased_identical_on_ranks_and_sends_its_formula():
+def test_casq_hook_is_unbiased_identical_on_ranks_and_sends_its_formula(tmp_path):
     steps = 30
-    cfg = dict(steps=steps, lr=0.0, fixed_batch=True, bucket_cap_mb=0.02)
+    path = str(tmp_path / "casq{rank}.pt")
+    cfg = dict(steps=steps, lr=0.0, fixed_batch=True, bucket_cap_mb=0.02, save_at=steps, save_path=path)
     both = no_errors(run_ranks(plain_then_hook, 2, dict(cfg, hook="casq-py", state=dict(bits=2, seed=3))))
     plain, outs = both[0]["plain"]["grads"][0], [b["ours"] for b in both]
     encoded = 0
@@ -58,6 +59,9 @@ def test_casq_hook_is_unbiased_identical_on_ranks_and_sends_its_formula():
                                               if g.numel() >= SMALL)
     assert 2.0 < st["bits_per_element"] < 2.6  # 2 + 32 * 4 / 512 = 2.25 for whole buckets; partial ones cost more
     assert 0.3 < st["relative_error"] < 1.2  # measured 0.84 on Gaussian data
+    sd = torch.load(path.format(rank=0), weights_only=False)["gradiveq"]  # stateless: options and iteration only
+    assert sd["format"] == "gradiveq.CASQState" and sd["iteration"] == steps and sd["slot_states"] == {}
+    assert sd["options"] == dict(bits=2, clusters=4, bucket_size=512, min_numel=1000, seed=3)
 
 
 def test_co3_ranks_stay_identical_and_error_memory_round_trips(tmp_path):
