@@ -32,12 +32,12 @@ import torch.nn.functional as F  # noqa: E402
 
 from gradiveq.datasets import FASHION_MNIST_DIR, load_fashion_mnist  # noqa: E402
 from gradiveq.models import SmallCNN, resnet32  # noqa: E402
-from methods import (GRADIVEQ_CONFIGS, TORCH_METHODS, Method, add_gradiveq_config, ddp_kwargs,  # noqa: E402
-                     free_port, run_rank_process, shaped_rerun)
+from methods import (GRADIVEQ_CONFIGS, QUANTIZER_METHODS, TORCH_METHODS, Method, add_gradiveq_config,  # noqa: E402
+                     ddp_kwargs, free_port, run_rank_process, shaped_rerun)
 
 
 def known_methods():
-    return [m for m in TORCH_METHODS if m != "nocomm"] + ["qsgd4"] + list(GRADIVEQ_CONFIGS)
+    return [m for m in TORCH_METHODS if m != "nocomm"] + list(QUANTIZER_METHODS) + list(GRADIVEQ_CONFIGS)
 
 
 def prepare(images, model_name):
@@ -93,6 +93,8 @@ def train_rank(rank, world, args, method, seed, out_path):
             row = m.measure(world)
             row.update(step=step, loss=loss.item(), wall=time.perf_counter() - t0)
             rows.append(row)
+            if rank == 0 and row.get("relative_error", -1) >= 0:  # CO3 / CASQ: the quantization error
+                rel_errors.append(row["relative_error"])
             if rank == 0 and method.startswith("gradiveq") and row["phase"] == "compressed":
                 layers = m.state.stats()["layers"]
                 errs = {n: v["relative_error"] for n, v in layers.items()
@@ -111,6 +113,9 @@ def train_rank(rank, world, args, method, seed, out_path):
     if rank == 0:
         result = dict(method=method, seed=seed, rows=rows, evals=evals, final_acc=evals[-1]["acc"],
                       rel_error=statistics.mean(rel_errors) if rel_errors else None)
+        bits = [r["bits_per_element"] for r in rows if "bits_per_element" in r]
+        if bits:
+            result["bits_per_element"] = statistics.mean(bits)
         if method.startswith("gradiveq"):
             st = m.state.stats()
             result["conv_ratio"] = compressed_ratio
@@ -145,7 +150,10 @@ def run_all(args):
                 results.append(res)
                 print(f"  {method:>16} seed {seed}: test accuracy {res['final_acc']:.4f}"
                       + (f", conv ratio {res['conv_ratio']:.1f}" if res.get("conv_ratio") else "")
-                      + (f", held-out rel. error {res['rel_error']:.3f}" if res.get("rel_error") else ""), flush=True)
+                      + (f", {'quantization' if res.get('bits_per_element') else 'held-out'} rel. error "
+                         f"{res['rel_error']:.3f}" if res.get("rel_error") else "")
+                      + (f", {res['bits_per_element']:.2f} bits/value" if res.get("bits_per_element") else ""),
+                      flush=True)
     return results
 
 
@@ -184,6 +192,13 @@ def report(results, args):
                      f"{(f'{statistics.mean(diffs):+.2f}' if diffs else '-') if method != 'plain' else '-'} | "
                      f"{f'{statistics.median(ratio):.1f}' if ratio else '-'} | {kb:.1f} | "
                      f"{f'{statistics.mean(errs):.3f}' if errs else '-'} | {tta_s} |")
+    bits = {m: statistics.mean(r["bits_per_element"] for r in by[m]) for m in args.methods
+            if by.get(m) and all(r.get("bits_per_element") for r in by[m])}
+    if bits:
+        lines += ["", "Bits per encoded value (mean over steps and seeds): "
+                  + ", ".join(f"{m} {b:.2f}" for m, b in bits.items())
+                  + ". For these methods the rel. error column is the quantization error ||Q(v) - v|| / ||v|| of "
+                    "the values rank 0 encoded (mean over steps), not a held-out error."]
     lines += ["", "Configurations: " + "; ".join(f"{k} = {describe_config(c)}" for k, c in GRADIVEQ_CONFIGS.items()
                                                  if k in args.methods),
               "Conv ratio: the conv layers' uncompressed bytes over the bytes they sent in the last compressed step "

@@ -1,7 +1,8 @@
 """What the benchmarks share: the aggregation methods as DDP hooks with their measurements, and link shaping.
 
 Methods: "nocomm" (a no-op hook: the compute floor), "plain" (all-reduce), "fp16", "powersgd1"/"powersgd2"
-(torch's hooks), "qsgd4" (gradiveq.QsgdState) and GradiVeQ configurations ("gradiveq" = the paper's method; see
+(torch's hooks), "qsgd4" (gradiveq.QsgdState), "co3" (gradiveq.CO3State: fp4, gamma 0.9), "casq2"/"casq3"
+(gradiveq.CASQState at 2 / 3 bits) and GradiVeQ configurations ("gradiveq" = the paper's method; see
 GRADIVEQ_CONFIGS). torch's hooks are wrapped to measure the time from a bucket's hand-over to its future's
 completion and the bytes their collectives carry; ours report the same from C++ (state.stats()).
 """
@@ -23,6 +24,13 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_
 import gradiveq
 
 TORCH_METHODS = ["nocomm", "plain", "fp16", "powersgd1", "powersgd2"]
+# The quantizer baselines of this library, by name: (state class, its keyword arguments besides the seed).
+QUANTIZER_METHODS = {
+    "qsgd4": (gradiveq.QsgdState, dict(levels=7, bucket_size=512)),
+    "co3": (gradiveq.CO3State, dict(format="fp4", gamma=0.9)),
+    "casq2": (gradiveq.CASQState, dict(bits=2)),
+    "casq3": (gradiveq.CASQState, dict(bits=3)),
+}
 # GradiVeQ configurations, by name: keyword arguments of GradiVeQState besides the schedule.
 GRADIVEQ_CONFIGS = {
     "gradiveq": dict(),  # the library's defaults: GradiVeQState() with the run's schedule
@@ -113,8 +121,11 @@ class Method:
                                                      start_powerSGD_iter=2, use_error_feedback=True, warm_start=True)
             ddp.register_comm_hook(self.state, _timed(powerSGD_hook.powerSGD_hook, self.hook_times))
             self.warmup_steps = 3
-        elif name == "qsgd4":
-            self.state = gradiveq.QsgdState(levels=7, bucket_size=512, seed=seed)
+        elif name in QUANTIZER_METHODS:
+            make, kwargs = QUANTIZER_METHODS[name]
+            if make is not gradiveq.CO3State:  # CO3 rounds deterministically: no seed
+                kwargs = dict(kwargs, seed=seed)
+            self.state = make(**kwargs)
             gradiveq.register_hook(ddp, self.state)
         elif name in GRADIVEQ_CONFIGS or (gradiveq_kwargs is not None and name.startswith("gradiveq")):
             kwargs = dict(GRADIVEQ_CONFIGS.get(name, {}))
@@ -132,7 +143,8 @@ class Method:
 
     @property
     def ours(self) -> bool:
-        return isinstance(self.state, (gradiveq.GradiVeQState, gradiveq.QsgdState))
+        return isinstance(self.state, (gradiveq.GradiVeQState, gradiveq.QsgdState, gradiveq.CO3State,
+                                       gradiveq.CASQState))
 
     def before_step(self):
         self.hook_times.clear()
@@ -141,10 +153,14 @@ class Method:
     def measure(self, world_size) -> dict:
         if self.ours:
             st = self.state.stats()["step"]
-            return dict(agg=st["aggregation_ms"] / 1e3, bytes=st["bytes_payload"], wire=st["bytes_wire"],
-                        uncompressed=st["bytes_uncompressed"], phase=st["phase"], fit=st["fit_ms"] / 1e3,
-                        codec=(st["compress_ms"] + st["decompress_ms"]) / 1e3, compress=st["compress_ms"] / 1e3,
-                        decompress=st["decompress_ms"] / 1e3)
+            row = dict(agg=st["aggregation_ms"] / 1e3, bytes=st["bytes_payload"], wire=st["bytes_wire"],
+                       uncompressed=st["bytes_uncompressed"], phase=st["phase"], fit=st["fit_ms"] / 1e3,
+                       codec=(st["compress_ms"] + st["decompress_ms"]) / 1e3, compress=st["compress_ms"] / 1e3,
+                       decompress=st["decompress_ms"] / 1e3)
+            if st["values_encoded"]:  # CO3 / CASQ: bits per encoded value and this rank's quantization error
+                row["bits_per_element"] = 8.0 * st["bytes_encoded"] / st["values_encoded"]
+                row["relative_error"] = st["relative_error"]
+            return row
         sent = (self.counter.bytes - self._bytes_before) if self.counter else 0
         return dict(agg=sum(self.hook_times), bytes=sent, wire=sent * 2 * (world_size - 1) / world_size,
                     uncompressed=self._uncompressed, phase="")

@@ -37,10 +37,10 @@ import torch.nn.functional as F  # noqa: E402
 from gradiveq.data import SyntheticCifar100  # noqa: E402
 from gradiveq.datasets import CIFAR100_MEAN, CIFAR100_STD, read_cifar100_bin  # noqa: E402
 from gradiveq.models import resnet32  # noqa: E402
-from methods import (GRADIVEQ_CONFIGS, TORCH_METHODS, Method, add_gradiveq_config, ddp_kwargs, free_port,  # noqa: E402
-                     run_rank_process, shaped_rerun)
+from methods import (GRADIVEQ_CONFIGS, QUANTIZER_METHODS, TORCH_METHODS, Method, add_gradiveq_config,  # noqa: E402
+                     ddp_kwargs, free_port, run_rank_process, shaped_rerun)
 
-ALL_METHODS = TORCH_METHODS + ["qsgd4"] + list(GRADIVEQ_CONFIGS)
+ALL_METHODS = TORCH_METHODS + list(QUANTIZER_METHODS) + list(GRADIVEQ_CONFIGS)
 PAPER_SCHEDULE = (2500, 100, 400)
 
 
@@ -229,11 +229,17 @@ def summarize(res, args):
         s["compress"] = statistics.median(r["compress"] for r in rows)
         s["decompress"] = statistics.median(r["decompress"] for r in rows)
         s["fit"] = statistics.mean(r["fit"] for r in rows)  # once per window: amortised over the steps
+    if "bits_per_element" in rows[0]:  # CO3 / CASQ
+        s["bits_per_element"] = statistics.median(r["bits_per_element"] for r in rows)
+        s["relative_error"] = statistics.median(r["relative_error"] for r in rows)
+        s["codec"] = statistics.median(r["codec"] for r in rows)
     if "test_accuracy" in res:
         s["test_accuracy"] = res["test_accuracy"]
     s["line"] = (f"{s['method']:>10}: step median {1e3 * s['median']:7.1f} ms (p90 {1e3 * s['p90']:7.1f}), "
                  f"aggregation {1e3 * s['agg']:7.1f} ms, {s['bytes'] / 1e3:8.1f} KB/step/rank, ratio {s['ratio']:6.1f}, "
                  f"loss {s['loss']:.3f}")
+    if "bits_per_element" in s:
+        s["line"] += f", {s['bits_per_element']:.2f} bits/value, rel. error {s['relative_error']:.3f}"
     return s
 
 
@@ -294,6 +300,12 @@ def report(results, args):
             for n, v in layers.items():
                 lines.append(f"| {n} | {v['K']} | {v['d']} | {v['ratio']:.1f} | {v['explained_variance']:.3f} | "
                              f"{v['basis_bytes'] / 1e3:.0f} |")
+    for name in [m for m in args.methods if m in per_method and "bits_per_element" in per_method[m][0]]:
+        lines.append("")
+        lines.append(f"{name}: {med(name, 'bits_per_element'):.2f} bits per encoded value (messages, Huffman "
+                     f"table / codebooks included; median step), this rank's relative quantization error "
+                     f"{med(name, 'relative_error'):.3f}, codec {1e3 * med(name, 'codec'):.1f} ms per step; parameters "
+                     f"under 1000 values travel as float32.")
     if any("test_accuracy" in x for xs in per_method.values() for x in xs):
         lines.append("")
         lines.append("Test accuracy: " + ", ".join(f"{m} {statistics.median(x['test_accuracy'] for x in xs):.4f}"

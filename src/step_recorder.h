@@ -59,6 +59,12 @@ class StepRecorder {
     signal_sq_ += signal_sq;
     has_error_ = true;
   }
+  /// A message of `bytes` bytes carrying `values` values went out.
+  void add_encoded(int64_t values, int64_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    current_.values_encoded += values;
+    current_.bytes_encoded += bytes;
+  }
   /// Decompression of a bucket (or of one of its pipelining groups: bucket_done false) finished; the bucket
   /// counts as finished, with its aggregation time, when bucket_done.
   void finished(double decompress_ms, Clock::time_point bucket_start, bool bucket_done = true) {

@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "gradiveq/process_group.h"
+#include "rank_threads.h"
 #include "test_helpers.h"
 
 namespace gradiveq {
@@ -18,38 +19,7 @@ namespace {
 
 using testing::expect_invalid;
 using testing::rel_error;
-
-std::string fresh_store_path() {
-  static int counter = 0;
-  char name[256];
-  std::snprintf(name, sizeof(name), "/tmp/gradiveq_test_store_%d_%d_%lld", int(getpid()), counter++,
-                (long long)std::chrono::steady_clock::now().time_since_epoch().count());
-  std::remove(name);
-  return name;
-}
-
-// Runs fn(rank, pg) on `world` threads joined by one FileStore; rethrows the first rank's failure.
-void run_ranks(int world, const std::function<void(int, c10::intrusive_ptr<c10d::ProcessGroup>)>& fn,
-               std::string store_path = "") {
-  if (store_path.empty()) store_path = fresh_store_path();
-  std::vector<std::thread> threads;
-  std::vector<std::exception_ptr> errors(world);
-  for (int r = 0; r < world; ++r) {
-    threads.emplace_back([&, r] {
-      try {
-        auto store = connect_store({"", 0, store_path}, r, world);
-        fn(r, make_gloo_process_group(store, r, world, std::chrono::seconds(30)));
-      } catch (...) {
-        errors[r] = std::current_exception();
-      }
-    });
-  }
-  for (auto& t : threads) t.join();
-  std::remove(store_path.c_str());
-  for (auto& e : errors) {
-    if (e) std::rethrow_exception(e);
-  }
-}
+using testing::run_ranks;
 
 // A small CNN written with ATen ops: two 3x3 convs, bias, a linear head.
 struct TinyNet {

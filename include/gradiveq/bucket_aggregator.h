@@ -1,8 +1,8 @@
 // BucketAggregator: what a DDP communication hook (or the LibTorch synchronizer) hands each bucket to.
 //
-// Implementations: gradiveq::Aggregator (GradiVeQ) and gradiveq::QsgdAggregator (the QSGD baseline). They issue
-// every collective from aggregate_bucket itself, in bucket order, and return a future that completes with the
-// bucket buffer holding the average over ranks.
+// Implementations: gradiveq::Aggregator (GradiVeQ), gradiveq::QsgdAggregator (the QSGD baseline) and
+// gradiveq::GatherAggregator (CO3, CASQ). They issue every collective from aggregate_bucket itself, in bucket
+// order, and return a future that completes with the bucket buffer holding the average over ranks.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -32,6 +32,10 @@ struct StepStats {
   /// sum of squared gradients); -1 when nothing was compressed.
   double relative_error = -1.0;
   int64_t window_restarts = 0;  ///< compressed windows left early by the adaptive window, so far
+  /// Codecs with per-parameter messages (GatherAggregator): values this rank encoded, and the bytes of their
+  /// messages (without the length table and padding), so 8 * bytes_encoded / values_encoded is bits per value.
+  int64_t values_encoded = 0;
+  int64_t bytes_encoded = 0;
 };
 
 class BucketAggregator {

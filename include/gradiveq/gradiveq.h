@@ -3,8 +3,11 @@
 
 #include "gradiveq/aggregator.h"
 #include "gradiveq/comm_hook.h"
+#include "gradiveq/casq.h"
+#include "gradiveq/co3.h"
 #include "gradiveq/conv_layout.h"
 #include "gradiveq/errors.h"
+#include "gradiveq/gather_aggregator.h"
 #include "gradiveq/gradient_synchronizer.h"
 #include "gradiveq/pca_compressor.h"
 #include "gradiveq/process_group.h"

@@ -16,7 +16,8 @@ import torch.distributed as dist
 
 from gradiveq import _C
 
-__all__ = ["GradiVeQState", "QsgdState", "hook", "register_hook", "STATE_DICT_VERSION", "PAPER_OPTIONS"]
+__all__ = ["GradiVeQState", "QsgdState", "CO3State", "CASQState", "hook", "co3_hook", "casq_hook", "register_hook",
+           "STATE_DICT_VERSION", "GATHER_STATE_DICT_VERSION", "PAPER_OPTIONS"]
 
 STATE_DICT_VERSION = 4  # 3: the engine image ends with a checksum of its contents; 4: a stronger checksum
 
@@ -48,7 +49,8 @@ def _step_dict(st) -> dict:
                 bytes_uncompressed=st.bytes_uncompressed, bytes_payload=st.bytes_payload, bytes_wire=st.bytes_wire,
                 aggregation_ms=st.aggregation_ms, compress_ms=st.compress_ms, decompress_ms=st.decompress_ms,
                 fit_ms=st.fit_ms, sampling_aggregation=st.sampling_aggregation, relative_error=st.relative_error,
-                window_restarts=st.window_restarts)
+                window_restarts=st.window_restarts, values_encoded=st.values_encoded,
+                bytes_encoded=st.bytes_encoded)
 
 
 def _group_of(model, process_group):
@@ -120,6 +122,167 @@ class QsgdState(_HookState):
     def stats(self) -> dict:
         engine = self._require_engine()
         return dict(iteration=engine.iteration, options=dict(self.options), step=_step_dict(engine.step_stats()))
+
+
+GATHER_STATE_DICT_VERSION = 1
+_CO3_FORMATS = ("fp4", "fp8")
+
+
+def _check_int(owner: str, name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{owner}: argument '{name}' must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{owner}: argument '{name}' must be >= {minimum}, got {value}")
+
+
+class _GatherState(_HookState):
+    """What CO3State and CASQState share: a C++ GatherAggregator (all-gather, decode, sum, average) bound to one
+    model's named parameters, its statistics and its checkpoint."""
+
+    _FORMAT = ""
+
+    def _make_engine(self, group, params):
+        raise NotImplementedError
+
+    def attach(self, model: torch.nn.Module):
+        """Binds the state to a DDP model (or its module): its named parameters and process group."""
+        self._check_unattached()
+        module = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+        params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        self._engine = self._make_engine(_group_of(model, self.process_group), params)
+        self._param_names = [n for n, _ in params]
+        return self
+
+    @property
+    def iteration(self) -> int:
+        return self._require_engine().iteration
+
+    def stats(self) -> dict:
+        """The last completed step: ``bits_per_element`` (bits of the codec messages this rank sent per value it
+        encoded; the length table and padding are in ``bytes_payload``, not here), ``relative_error``
+        (||decode(encode(v)) - v|| / ||v|| over the values v this rank encoded, CO3's v including the error
+        memory; -1 before any), ``bytes_payload`` (what this rank put into collectives) and ``bytes_wire`` (ring
+        estimate: (N-1) x each all-gather's padded payload + 2(N-1)/N x the all-reduce), plus ``step``, the
+        engine's full step record."""
+        engine = self._require_engine()
+        step = _step_dict(engine.step_stats())
+        bits = 8.0 * step["bytes_encoded"] / step["values_encoded"] if step["values_encoded"] else float("nan")
+        return dict(iteration=engine.iteration, world_size=engine.world_size, rank=engine.rank,
+                    options=dict(self.options), bits_per_element=bits, relative_error=step["relative_error"],
+                    bytes_payload=step["bytes_payload"], bytes_wire=step["bytes_wire"], step=step)
+
+    def state_dict(self) -> dict:
+        engine = self._require_engine()
+        return {"format": self._FORMAT, "version": GATHER_STATE_DICT_VERSION, "options": dict(self.options),
+                "world_size": engine.world_size, "rank": engine.rank, "iteration": engine.iteration,
+                "parameters": list(self._param_names),
+                "slot_states": {name: t for name, t in engine.save_slot_states()}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restores ``state_dict()``. Raises ValueError, leaving the running state untouched, on another format,
+        version, world size, rank (the state is per rank) or model."""
+        engine = self._require_engine()
+        where = f"{type(self).__name__}.load_state_dict"
+        if not isinstance(state_dict, dict) or state_dict.get("format") != self._FORMAT:
+            raise ValueError(f"{where}: argument 'state_dict' is not a {type(self).__name__} state dict "
+                             f"(format tag {state_dict.get('format') if isinstance(state_dict, dict) else None!r})")
+        if state_dict.get("version") != GATHER_STATE_DICT_VERSION:
+            raise ValueError(f"{where}: argument 'state_dict' has version {state_dict.get('version')!r}, this "
+                             f"build reads version {GATHER_STATE_DICT_VERSION}")
+        if state_dict.get("world_size") != engine.world_size:
+            raise ValueError(f"{where}: argument 'state_dict' was saved with world size "
+                             f"{state_dict.get('world_size')} but this process group has {engine.world_size} ranks")
+        if state_dict.get("rank") != engine.rank:
+            raise ValueError(f"{where}: argument 'state_dict' was saved on rank {state_dict.get('rank')}, this is "
+                             f"rank {engine.rank}: each rank loads its own (the state is per rank)")
+        if state_dict.get("parameters") != self._param_names:
+            raise ValueError(f"{where}: argument 'state_dict' names other parameters than this model "
+                             f"(a different model?)")
+        slots = state_dict.get("slot_states")
+        if not isinstance(slots, dict):
+            raise ValueError(f"{where}: argument 'state_dict' lacks its 'slot_states' dict")
+        iteration = state_dict.get("iteration")
+        if isinstance(iteration, bool) or not isinstance(iteration, int):
+            raise ValueError(f"{where}: argument 'state_dict' holds iteration {iteration!r}, not an int")
+        engine.load_slot_states(list(slots.items()), iteration)  # C++ validates names and sizes first
+
+
+class CO3State(_GatherState):
+    """CO3 (Chen et al. 2022, "convert, compress, correct") as a DDP hook state.
+
+    Each parameter with at least ``min_numel`` values is error-corrected (v = g + gamma e), scaled and rounded to
+    the ``format`` grid ("fp4": 11 values, scale from a generalized-normal fit; "fp8": 247 values, power-of-two
+    scale), and its grid indices are Huffman-coded with the table sent along. Each rank keeps its own error
+    memory e <- v - Q(v) per parameter (``state_dict()`` holds it: save one per rank). The messages cannot be
+    summed, so every rank all-gathers them (sizes first: they vary), decodes, sums and averages; smaller
+    parameters travel uncompressed in one all-reduce. See the README, "CO3 and CASQ".
+
+        state = gradiveq.CO3State(format="fp4", gamma=0.9)
+        gradiveq.register_hook(ddp_model, state)   # or CO3State(model=ddp_model) + ddp_model.register_comm_hook(
+                                                   #    state, gradiveq.co3_hook)
+    """
+
+    _FORMAT = "gradiveq.CO3State"
+
+    def __init__(self, process_group: Optional[dist.ProcessGroup] = None, format: str = "fp4", gamma: float = 0.9,
+                 min_numel: int = 1000, model: Optional[torch.nn.Module] = None):
+        if format not in _CO3_FORMATS:
+            raise ValueError(f"CO3State: argument 'format' must be one of {list(_CO3_FORMATS)}, got {format!r}")
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= float(gamma) <= 1.0:
+            raise ValueError(f"CO3State: argument 'gamma' must be a number in [0, 1], got {gamma!r}")
+        _check_int("CO3State", "min_numel", min_numel, 0)
+        self.process_group = process_group
+        self.options = dict(format=format, gamma=float(gamma), min_numel=min_numel)
+        self._engine = None
+        self._param_names = None
+        if model is not None:
+            self.attach(model)
+
+    def _make_engine(self, group, params):
+        return _C.GatherAggregator.co3(group, params, **self.options)
+
+
+class CASQState(_GatherState):
+    """CASQ (Ge et al. 2021/2023, cluster-aware quantization) as a DDP hook state, in the reading of
+    algorithms.md §5.2 (the paper's full text was not available; see the README, "CO3 and CASQ").
+
+    Each parameter with at least ``min_numel`` values is cut into buckets of ``bucket_size`` values; each bucket
+    is clustered (1-D k-means, ``clusters``), its 2^``bits`` levels are shared among the clusters by Neyman
+    allocation, and every value rounds stochastically (unbiased, seeded) to one of its two neighbouring levels.
+    A message is the float32 codebooks plus ``bits`` bits per value: bits + 32 * 2^bits / bucket_size bits per
+    value (2.25 at 2 bits, 3.5 at 3 bits for buckets of 512). Stateless: ``state_dict()`` holds only options and
+    the iteration (which seeds the rounding).
+    """
+
+    _FORMAT = "gradiveq.CASQState"
+
+    def __init__(self, process_group: Optional[dist.ProcessGroup] = None, bits: int = 2, clusters: int = 4,
+                 bucket_size: int = 512, min_numel: int = 1000, seed: int = 0,
+                 model: Optional[torch.nn.Module] = None):
+        if isinstance(bits, bool) or not isinstance(bits, int) or bits not in (2, 3):
+            raise ValueError(f"CASQState: argument 'bits' must be 2 or 3, got {bits!r}")
+        _check_int("CASQState", "clusters", clusters, 1)
+        if clusters > 2 ** bits:
+            raise ValueError(f"CASQState: argument 'clusters' must be <= 2^bits = {2 ** bits} (every cluster needs a "
+                             f"level), got {clusters}")
+        _check_int("CASQState", "bucket_size", bucket_size, 1)
+        _check_int("CASQState", "min_numel", min_numel, 0)
+        _check_int("CASQState", "seed", seed, 0)
+        self.process_group = process_group
+        self.options = dict(bits=bits, clusters=clusters, bucket_size=bucket_size, min_numel=min_numel, seed=seed)
+        self._engine = None
+        self._param_names = None
+        if model is not None:
+            self.attach(model)
+
+    @property
+    def bits_per_element(self) -> float:
+        """Bits per value of a full bucket's message (the codebook amortised over bucket_size values)."""
+        o = self.options
+        return o["bits"] + 32.0 * 2 ** o["bits"] / o["bucket_size"]
+
+    def _make_engine(self, group, params):
+        return _C.GatherAggregator.casq(group, params, **self.options)
 
 
 class GradiVeQState(_HookState):
@@ -332,9 +495,33 @@ def hook(state: _HookState, bucket: dist.GradBucket) -> torch.futures.Future[tor
     return fut.then(lambda f: f.value())
 
 
+def co3_hook(state: CO3State, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """The Python-callable CO3 hook (same C++ engine as ``register_hook``).
+
+    Example::
+        >>> state = gradiveq.CO3State(model=ddp_model)
+        >>> ddp_model.register_comm_hook(state, gradiveq.co3_hook)
+    """
+    if not isinstance(state, CO3State):
+        raise ValueError(f"gradiveq.co3_hook: argument 'state' must be a CO3State, got {type(state).__name__}")
+    return hook(state, bucket)
+
+
+def casq_hook(state: CASQState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """The Python-callable CASQ hook (same C++ engine as ``register_hook``).
+
+    Example::
+        >>> state = gradiveq.CASQState(model=ddp_model)
+        >>> ddp_model.register_comm_hook(state, gradiveq.casq_hook)
+    """
+    if not isinstance(state, CASQState):
+        raise ValueError(f"gradiveq.casq_hook: argument 'state' must be a CASQState, got {type(state).__name__}")
+    return hook(state, bucket)
+
+
 def register_hook(ddp_model: torch.nn.parallel.DistributedDataParallel, state: _HookState) -> None:
-    """Registers the C++ hook of ``state`` (GradiVeQState or QsgdState) on ``ddp_model.reducer``: no Python runs
-    per bucket.
+    """Registers the C++ hook of ``state`` (GradiVeQState, QsgdState, CO3State or CASQState) on
+    ``ddp_model.reducer``: no Python runs per bucket.
 
     Call it once, before the first backward. Example::
         >>> ddp_model = torch.nn.parallel.DistributedDataParallel(model)

@@ -9,7 +9,7 @@ namespace py = pybind11;
 using namespace gradiveq;
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "GradiVeQ core (C++): conv slice layout, PCA compressor, QSGD codec, schedule";
+  m.doc() = "GradiVeQ core (C++): conv slice layout, PCA compressor, QSGD / CO3 / CASQ codecs, schedule";
   m.attr("__version__") = kVersion;
   py::register_exception<InvalidArgument>(m, "InvalidArgument", PyExc_ValueError);
 
@@ -65,6 +65,25 @@ PYBIND11_MODULE(_C, m) {
       .def("packed_bytes", &QsgdCodec::packed_bytes, py::arg("numel"))
       .def("encode", &QsgdCodec::encode, py::arg("values"), py::arg("seed"))
       .def("decode", &QsgdCodec::decode, py::arg("packed"), py::arg("numel"));
+
+  py::class_<Co3Codec>(m, "Co3Codec")
+      .def(py::init([](const std::string& format) { return Co3Codec(Co3Options{parse_co3_format(format)}); }),
+           py::arg("format") = "fp4")
+      .def_property_readonly("grid", &Co3Codec::grid)
+      .def_property_readonly("header_bytes", &Co3Codec::header_bytes)
+      .def("fit_scale", &Co3Codec::fit_scale, py::arg("values"))
+      .def("encode", [](const Co3Codec& c, const at::Tensor& values) { return c.encode(values); },
+           py::arg("values"))
+      .def("decode", &Co3Codec::decode, py::arg("packed"), py::arg("numel"));
+
+  py::class_<CasqCodec>(m, "CasqCodec")
+      .def(py::init([](int64_t bits, int64_t clusters, int64_t bucket_size) {
+             return CasqCodec(CasqOptions{bits, clusters, bucket_size});
+           }), py::arg("bits") = 2, py::arg("clusters") = 4, py::arg("bucket_size") = 512)
+      .def("packed_bytes", &CasqCodec::packed_bytes, py::arg("numel"))
+      .def("bits_per_element", &CasqCodec::bits_per_element, py::arg("numel"))
+      .def("encode", &CasqCodec::encode, py::arg("values"), py::arg("seed"))
+      .def("decode", &CasqCodec::decode, py::arg("packed"), py::arg("numel"));
 
   py::enum_<Phase>(m, "Phase")
       .value("warmup", Phase::kWarmup)
@@ -179,7 +198,9 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("window_restarts", &StepStats::window_restarts)
       .def_readonly("decompress_ms", &StepStats::decompress_ms)
       .def_readonly("fit_ms", &StepStats::fit_ms)
-      .def_readonly("sampling_aggregation", &StepStats::sampling_aggregation);
+      .def_readonly("sampling_aggregation", &StepStats::sampling_aggregation)
+      .def_readonly("values_encoded", &StepStats::values_encoded)
+      .def_readonly("bytes_encoded", &StepStats::bytes_encoded);
 
   py::class_<BucketAggregator, std::shared_ptr<BucketAggregator>>(m, "BucketAggregator")
       .def_property_readonly("iteration", &BucketAggregator::iteration)
@@ -203,6 +224,38 @@ PYBIND11_MODULE(_C, m) {
            py::arg("process_group"), py::arg("levels"), py::arg("bucket_size"), py::arg("norm"),
            py::arg("min_numel"), py::arg("seed"))
       .def_property_readonly("bits_per_value", [](const QsgdAggregator& a) { return a.codec().bits_per_value(); });
+
+  // CO3 and CASQ: one aggregator class, a factory per codec.
+  const auto named = [](const std::vector<std::pair<std::string, at::Tensor>>& params) {
+    std::vector<NamedParameter> out;
+    for (const auto& [name, tensor] : params) out.push_back({name, tensor});
+    return out;
+  };
+  py::class_<GatherAggregator, BucketAggregator, std::shared_ptr<GatherAggregator>>(m, "GatherAggregator")
+      .def_static("co3",
+                  [named](c10d::ProcessGroup& pg, const std::vector<std::pair<std::string, at::Tensor>>& params,
+                          const std::string& format, double gamma, int64_t min_numel) {
+                    return GatherAggregator::create(
+                        c10::intrusive_ptr<c10d::ProcessGroup>::reclaim_copy(&pg), named(params),
+                        std::make_unique<Co3GatherCodec>(Co3Options{parse_co3_format(format)}, gamma),
+                        GatherAggregatorOptions{min_numel, 0});
+                  },
+                  py::arg("process_group"), py::arg("parameters"), py::arg("format"), py::arg("gamma"),
+                  py::arg("min_numel"))
+      .def_static("casq",
+                  [named](c10d::ProcessGroup& pg, const std::vector<std::pair<std::string, at::Tensor>>& params,
+                          int64_t bits, int64_t clusters, int64_t bucket_size, int64_t min_numel, uint64_t seed) {
+                    return GatherAggregator::create(
+                        c10::intrusive_ptr<c10d::ProcessGroup>::reclaim_copy(&pg), named(params),
+                        std::make_unique<CasqGatherCodec>(CasqOptions{bits, clusters, bucket_size}),
+                        GatherAggregatorOptions{min_numel, seed});
+                  },
+                  py::arg("process_group"), py::arg("parameters"), py::arg("bits"), py::arg("clusters"),
+                  py::arg("bucket_size"), py::arg("min_numel"), py::arg("seed"))
+      .def_property_readonly("rank", &GatherAggregator::rank)
+      .def_property_readonly("world_size", &GatherAggregator::world_size)
+      .def("save_slot_states", &GatherAggregator::save_slot_states)
+      .def("load_slot_states", &GatherAggregator::load_slot_states, py::arg("states"), py::arg("iteration"));
 
   py::class_<Aggregator, BucketAggregator, std::shared_ptr<Aggregator>>(m, "Aggregator")
       .def(py::init([](c10d::ProcessGroup& pg, const std::vector<std::pair<std::string, at::Tensor>>& params,

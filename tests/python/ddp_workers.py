@@ -40,7 +40,8 @@ def train(rank: int, world_size: int, cfg: dict) -> dict:
     """Trains for cfg["steps"] synchronised steps and returns per-step losses, gradients and phases, the final
     parameters and the hook's stats.
 
-    cfg keys: hook ("plain" | "cpp" | "py"), state (GradiVeQState kwargs), steps, lr, bucket_cap_mb,
+    cfg keys: hook ("plain" | "cpp" | "py" | "qsgd" | "co3" | "co3-py" | "casq" | "casq-py"), state (the hook
+    state's kwargs), steps, lr, bucket_cap_mb,
     static_graph, unused_branch, accumulate (micro-batches per step, all but the last under no_sync),
     inf_at (step at which rank 0's conv2 gradient gets an inf), noise_at (step at which rank 1's conv2 and conv3
     gradients are replaced by large noise), corrupt_at (step before which rank 1 replaces
@@ -62,6 +63,14 @@ def train(rank: int, world_size: int, cfg: dict) -> dict:
     if hook == "qsgd":
         state = gradiveq.QsgdState(**cfg.get("state", {}))
         gradiveq.register_hook(ddp, state)
+    elif hook in ("co3", "co3-py", "casq", "casq-py"):  # "-py": the Python-callable hook
+        make = gradiveq.CO3State if hook.startswith("co3") else gradiveq.CASQState
+        py_hook = gradiveq.co3_hook if hook.startswith("co3") else gradiveq.casq_hook
+        state = make(**cfg.get("state", {}), model=ddp if hook.endswith("-py") else None)
+        if hook.endswith("-py"):
+            ddp.register_comm_hook(state, py_hook)
+        else:
+            gradiveq.register_hook(ddp, state)
     elif hook != "plain":
         state = gradiveq.GradiVeQState(**cfg.get("state", {}), model=ddp if hook == "py" else None)
         if hook == "py":
@@ -140,6 +149,12 @@ def train(rank: int, world_size: int, cfg: dict) -> dict:
     if cfg.get("return_state"):  # only for callers in the same process (not picklable)
         out["state"] = state
     return out
+
+
+def plain_then_hook(rank: int, world_size: int, cfg: dict) -> dict:
+    """One plain all-reduce step (the reference), then train(cfg), in the same processes: one spawn for both."""
+    plain = train(rank, world_size, dict(cfg, hook="plain", steps=1, save_at=None, load_path=None))
+    return {"plain": plain, "ours": train(rank, world_size, cfg)}
 
 
 def perturbed(pca: "gradiveq.PcaCompressor") -> "gradiveq.PcaCompressor":

@@ -5,7 +5,8 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-METHODS = ("nocomm", "plain", "fp16", "powersgd1", "powersgd2", "qsgd4", "gradiveq", "gradiveq-paper")
+METHODS = ("nocomm", "plain", "fp16", "powersgd1", "powersgd2", "qsgd4", "co3", "casq2", "casq3", "gradiveq",
+           "gradiveq-paper")
 
 
 def test_benchmark_tiny_run_reports_every_method(tmp_path):
@@ -28,6 +29,11 @@ def test_benchmark_tiny_run_reports_every_method(tmp_path):
     ratio = {m: float(c[8]) for m, c in rows.items() if m != "nocomm"}
     assert ratio["plain"] == 1.0 and ratio["fp16"] == 2.0
     assert 7.0 < ratio["qsgd4"] < 8.0  # 4 bits + a float32 scale per 512 values on the big tensors
+    # CASQ: 2.25 / 3.5 bits per value on the big tensors; CO3 fp4: about 3 bits (Huffman, data-dependent).
+    assert ratio["casq2"] > ratio["casq3"] > 6 and ratio["co3"] > 4
+    for name, low, high in (("co3", 2.0, 4.5), ("casq2", 2.2, 2.6), ("casq3", 3.4, 3.9)):
+        bits = float(re.search(rf"^{name}: ([0-9.]+) bits per encoded value", md, re.M).group(1))
+        assert low < bits < high, (name, bits)
     # 2 of the 3 measured steps sample (uncompressed by default, 4-bit QSGD for the paper), 1 is compressed.
     assert ratio["powersgd2"] > 8 and ratio["gradiveq"] > 1.4
     kb = {m: float(c[7]) for m, c in rows.items()}
