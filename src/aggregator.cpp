@@ -10,6 +10,7 @@
 
 #include "byte_io.h"
 #include "collectives.h"
+#include "hash_mix.h"
 #include "step_recorder.h"
 #include "gradiveq/errors.h"
 
@@ -47,12 +48,7 @@ bool any_match(const std::vector<std::string>& patterns, const std::string& name
                      [&](const std::string& p) { return glob_match(p.c_str(), name.c_str()); });
 }
 
-uint64_t mix(uint64_t h, uint64_t v) {
-  uint64_t z = h ^ (v + 0x9E3779B97F4A7C15ull + (h << 6) + (h >> 2));
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
+using detail::mix;
 
 uint64_t hash_string(const std::string& s) {
   uint64_t h = 1469598103934665603ull;

@@ -7,6 +7,7 @@
 #include <unordered_set>
 
 #include "collectives.h"
+#include "hash_mix.h"
 #include "gradiveq/errors.h"
 #include "step_recorder.h"
 
@@ -17,14 +18,7 @@ using detail::ms_since;
 
 namespace {
 
-// splitmix64's finaliser: folds one more value into a seed so that nearby (iteration, rank, position) tuples
-// give unrelated streams.
-uint64_t mix(uint64_t h, uint64_t v) {
-  uint64_t z = h ^ (v + 0x9E3779B97F4A7C15ull + (h << 6) + (h >> 2));
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
+using detail::mix;
 
 double sum_sq(const at::Tensor& x) {
   const float* p = x.data_ptr<float>();

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "byte_io.h"
+#include "hash_mix.h"
 #include "cpu_codec_kernels.h"
 #include "gradiveq/errors.h"
 
@@ -98,11 +99,7 @@ uint64_t checksum_bytes(const at::Tensor& bytes) {
   // FNV-1a over whole words, each word first scrambled by splitmix64's finaliser. Plain word-wise FNV-1a is
   // blind to pairs of flipped top bits: (h ^ w ^ 2^63) * P = ((h ^ w) * P) ^ 2^63 for any odd P, so two such
   // flips cancel (found by the sanitizer build's fuzz test). The finaliser spreads every bit over the word.
-  const auto scramble = [](uint64_t z) {
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-  };
+  const auto scramble = detail::splitmix64;
   uint64_t h = 1469598103934665603ull;
   constexpr uint64_t kPrime = 1099511628211ull;
   size_t i = 0;

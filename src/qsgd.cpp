@@ -5,22 +5,14 @@
 #include <limits>
 
 #include "gradiveq/errors.h"
+#include "hash_mix.h"
 
 namespace gradiveq {
 
 namespace {
 
-// Counter-based uniform in [0, 1): splitmix64 of (seed, index). Stateless, so any element can be encoded
-// independently (and in parallel, on any device) with the same result.
-inline double uniform01(uint64_t seed, uint64_t index) {
-  uint64_t z = seed + 0x9E3779B97F4A7C15ull * (index + 1);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  z ^= z >> 31;
-  return double(z >> 11) * 0x1.0p-53;
-}
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+using detail::ceil_div;
+using detail::uniform01;
 
 void check_packed(const at::Tensor& packed, int64_t expected, const char* where) {
   GVQ_CHECK_ARG(packed.defined() && packed.scalar_type() == at::kByte && packed.dim() == 1 &&

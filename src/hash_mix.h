@@ -1,0 +1,28 @@
+// Private: the small integer hashes the library shares (splitmix64's finaliser and what is built on it).
+#pragma once
+
+#include <cstdint>
+
+namespace gradiveq::detail {
+
+/// splitmix64's finaliser: a bijection of 64-bit words; every input bit moves about half the output bits.
+inline uint64_t splitmix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+/// Folds one more value into a seed, so nearby (iteration, rank, position) tuples give unrelated streams.
+inline uint64_t mix(uint64_t h, uint64_t v) {
+  return splitmix64(h ^ (v + 0x9E3779B97F4A7C15ull + (h << 6) + (h >> 2)));
+}
+
+/// Counter-based uniform in [0, 1): splitmix64 of (seed, index). Stateless, so any element can be rounded
+/// independently (and in parallel, on any device) with the same result.
+inline double uniform01(uint64_t seed, uint64_t index) {
+  return double(splitmix64(seed + 0x9E3779B97F4A7C15ull * (index + 1)) >> 11) * 0x1.0p-53;
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace gradiveq::detail
