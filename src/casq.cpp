@@ -8,12 +8,15 @@
 
 #include "gradiveq/errors.h"
 #include "hash_mix.h"
+#include "packed_bits.h"
 
 namespace gradiveq {
 
 namespace {
 
 using detail::ceil_div;
+using detail::check_decode_out;
+using detail::check_packed;
 using detail::uniform01;  // the generator of qsgd.cpp
 
 // A cluster is the run sorted[begin, end).
@@ -121,13 +124,6 @@ void build_codebook(const std::vector<float>& sorted, const std::vector<double>&
   for (; j < levels; ++j) codebook[j] = codebook[j - 1];  // unused levels repeat the max
 }
 
-void check_packed(const at::Tensor& packed, int64_t expected, const char* where) {
-  GVQ_CHECK_ARG(packed.defined() && packed.scalar_type() == at::kByte && packed.dim() == 1 &&
-                    packed.device().is_cpu() && packed.is_contiguous(),
-                where, "packed", "must be a contiguous 1-D uint8 CPU tensor");
-  GVQ_CHECK_ARG(packed.numel() == expected, where, "packed", "has ", packed.numel(), " bytes, expected ",
-                expected);
-}
 
 }  // namespace
 
@@ -167,9 +163,7 @@ at::Tensor CasqCodec::encode(const at::Tensor& values, uint64_t seed) const {
 
   std::vector<float> sorted, codebook(static_cast<size_t>(levels));
   std::vector<double> prefix;
-  uint64_t acc = 0;  // bit accumulator, flushed byte by byte
-  int acc_bits = 0;
-  int64_t byte = 0;
+  detail::LsbBitWriter writer(codes);
   for (int64_t b = 0; b < num_buckets; ++b) {
     const int64_t begin = b * bucket, end = std::min(n, begin + bucket), m = end - begin;
     sorted.assign(x + begin, x + end);
@@ -194,48 +188,31 @@ at::Tensor CasqCodec::encode(const at::Tensor& values, uint64_t seed) const {
         code = uint64_t(j);
         if (hi > lo && uniform01(seed, uint64_t(i)) < (double(x[i]) - lo) / (hi - lo)) code += 1;
       }
-      acc |= code << acc_bits;
-      acc_bits += int(bits);
-      while (acc_bits >= 8) {
-        codes[byte++] = uint8_t(acc & 0xFF);
-        acc >>= 8;
-        acc_bits -= 8;
-      }
+      writer.put(code, int(bits));
     }
   }
-  if (acc_bits > 0) codes[byte++] = uint8_t(acc & 0xFF);
+  const int64_t byte = writer.finish();
   GVQ_ASSERT(4 * levels * num_buckets + byte == out.numel());
   return out;
 }
 
 void CasqCodec::decode_add(const at::Tensor& packed, at::Tensor& out) const {
   constexpr const char* kWhere = "CasqCodec.decode";
-  GVQ_CHECK_ARG(out.defined() && out.scalar_type() == at::kFloat && out.dim() == 1 && out.is_contiguous() &&
-                    out.device().is_cpu(),
-                kWhere, "out", "must be a contiguous 1-D float32 CPU tensor");
+  check_decode_out(out, kWhere);
   const int64_t n = out.numel(), bucket = options_.bucket_size, levels = this->levels(), bits = options_.bits;
   check_packed(packed, packed_bytes(n), kWhere);
   const int64_t num_buckets = ceil_div(n, bucket);
   const uint8_t* codebooks = packed.data_ptr<uint8_t>();
   const uint8_t* codes = codebooks + 4 * levels * num_buckets;
   float* y = out.data_ptr<float>();
-  const uint64_t mask = (uint64_t(1) << bits) - 1;
   std::vector<float> codebook(static_cast<size_t>(levels));
 
-  uint64_t acc = 0;
-  int acc_bits = 0;
-  int64_t byte = 0;
+  detail::LsbBitReader reader(codes);
   for (int64_t b = 0; b < num_buckets; ++b) {
     std::memcpy(codebook.data(), codebooks + 4 * levels * b, size_t(4 * levels));
     const int64_t begin = b * bucket, end = std::min(n, begin + bucket);
     for (int64_t i = begin; i < end; ++i) {
-      while (acc_bits < bits) {
-        acc |= uint64_t(codes[byte++]) << acc_bits;
-        acc_bits += 8;
-      }
-      y[i] += codebook[acc & mask];
-      acc >>= bits;
-      acc_bits -= int(bits);
+      y[i] += codebook[reader.get(int(bits))];
     }
   }
 }

@@ -7,6 +7,7 @@
 #include <limits>
 
 #include "gradiveq/errors.h"
+#include "packed_bits.h"
 #include "gradiveq/huffman.h"
 
 namespace gradiveq {
@@ -211,9 +212,7 @@ at::Tensor Co3Codec::encode_with_scale(const at::Tensor& values, float alpha, Co
 
 void Co3Codec::decode_add(const at::Tensor& packed, at::Tensor& out) const {
   constexpr const char* kWhere = "Co3Codec.decode";
-  GVQ_CHECK_ARG(out.defined() && out.scalar_type() == at::kFloat && out.dim() == 1 && out.is_contiguous() &&
-                    out.device().is_cpu(),
-                kWhere, "out", "must be a contiguous 1-D float32 CPU tensor");
+  detail::check_decode_out(out, kWhere);
   GVQ_CHECK_ARG(packed.defined() && packed.scalar_type() == at::kByte && packed.dim() == 1 &&
                     packed.device().is_cpu() && packed.is_contiguous(),
                 kWhere, "packed", "must be a contiguous 1-D uint8 CPU tensor");

@@ -6,21 +6,17 @@
 
 #include "gradiveq/errors.h"
 #include "hash_mix.h"
+#include "packed_bits.h"
 
 namespace gradiveq {
 
 namespace {
 
 using detail::ceil_div;
+using detail::check_decode_out;
+using detail::check_packed;
 using detail::uniform01;
 
-void check_packed(const at::Tensor& packed, int64_t expected, const char* where) {
-  GVQ_CHECK_ARG(packed.defined() && packed.scalar_type() == at::kByte && packed.dim() == 1 &&
-                    packed.device().is_cpu() && packed.is_contiguous(),
-                where, "packed", "must be a contiguous 1-D uint8 CPU tensor");
-  GVQ_CHECK_ARG(packed.numel() == expected, where, "packed", "has ", packed.numel(), " bytes, expected ",
-                expected);
-}
 
 }  // namespace
 
@@ -57,9 +53,7 @@ at::Tensor QsgdCodec::encode(const at::Tensor& values, uint64_t seed) const {
   uint8_t* scales = out.data_ptr<uint8_t>();
   uint8_t* codes = scales + 4 * num_buckets;
 
-  uint64_t acc = 0;  // bit accumulator, flushed byte by byte
-  int acc_bits = 0;
-  int64_t byte = 0;
+  detail::LsbBitWriter writer(codes);
   for (int64_t b = 0; b < num_buckets; ++b) {
     const int64_t begin = b * bucket, end = std::min(n, begin + bucket);
     double scale = 0.0;
@@ -85,49 +79,32 @@ at::Tensor QsgdCodec::encode(const at::Tensor& values, uint64_t seed) const {
         level = std::min(level, double(s));
         code = (uint64_t(level) << 1) | (x[i] < 0.0f ? 1u : 0u);
       }
-      acc |= code << acc_bits;
-      acc_bits += int(bits_);
-      while (acc_bits >= 8) {
-        codes[byte++] = uint8_t(acc & 0xFF);
-        acc >>= 8;
-        acc_bits -= 8;
-      }
+      writer.put(code, int(bits_));
     }
   }
-  if (acc_bits > 0) codes[byte++] = uint8_t(acc & 0xFF);
+  const int64_t byte = writer.finish();
   GVQ_ASSERT(4 * num_buckets + byte == out.numel());
   return out;
 }
 
 void QsgdCodec::decode_add(const at::Tensor& packed, at::Tensor& out) const {
   constexpr const char* kWhere = "QsgdCodec.decode";
-  GVQ_CHECK_ARG(out.defined() && out.scalar_type() == at::kFloat && out.dim() == 1 && out.is_contiguous() &&
-                    out.device().is_cpu(),
-                kWhere, "out", "must be a contiguous 1-D float32 CPU tensor");
+  check_decode_out(out, kWhere);
   const int64_t n = out.numel(), bucket = options_.bucket_size;
   check_packed(packed, packed_bytes(n), kWhere);
   const int64_t num_buckets = ceil_div(n, bucket);
   const uint8_t* scales = packed.data_ptr<uint8_t>();
   const uint8_t* codes = scales + 4 * num_buckets;
   float* y = out.data_ptr<float>();
-  const uint64_t mask = (uint64_t(1) << bits_) - 1;
   const double inv_s = 1.0 / double(options_.levels);
 
-  uint64_t acc = 0;
-  int acc_bits = 0;
-  int64_t byte = 0;
+  detail::LsbBitReader reader(codes);
   for (int64_t b = 0; b < num_buckets; ++b) {
     float scale;
     std::memcpy(&scale, scales + 4 * b, 4);
     const int64_t begin = b * bucket, end = std::min(n, begin + bucket);
     for (int64_t i = begin; i < end; ++i) {
-      while (acc_bits < bits_) {
-        acc |= uint64_t(codes[byte++]) << acc_bits;
-        acc_bits += 8;
-      }
-      const uint64_t code = acc & mask;
-      acc >>= bits_;
-      acc_bits -= int(bits_);
+      const uint64_t code = reader.get(int(bits_));
       const double level = double(code >> 1);
       GVQ_CHECK_ARG(level <= double(options_.levels), kWhere, "packed", "holds level ", level,
                     " above levels = ", options_.levels, " (corrupted data)");
