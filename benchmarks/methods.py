@@ -49,6 +49,12 @@ def add_gradiveq_config(spec: str) -> str:
     options = json.loads(text)
     if not isinstance(options, dict):
         raise ValueError(f"configuration {spec!r}: the JSON must be an object of GradiVeQState arguments")
+    for key in ("coeff_dtype", "basis_dtype"):  # JSON names a dtype as a string: "float16", "bfloat16", "float32"
+        if isinstance(options.get(key), str):
+            dtype = getattr(torch, options[key], None)
+            if not isinstance(dtype, torch.dtype):
+                raise ValueError(f"configuration {spec!r}: {key} {options[key]!r} is not a torch dtype name")
+            options[key] = dtype
     GRADIVEQ_CONFIGS[name] = options
     return name
 
@@ -132,8 +138,11 @@ class Method:
             kwargs.update(gradiveq_kwargs or {})
             make = gradiveq.GradiVeQState.paper if kwargs.pop("paper", False) else gradiveq.GradiVeQState
             warm, sample, compress = schedule
-            self.state = make(warmup_iters=warm, sample_iters=sample, compress_iters=compress,
-                              coeff_dtype=coeff_dtype, seed=seed, **kwargs)
+            # A configuration may name its own schedule (e.g. a longer sampling window); the run's is the default.
+            options = dict(warmup_iters=warm, sample_iters=sample, compress_iters=compress, coeff_dtype=coeff_dtype,
+                           seed=seed)
+            options.update(kwargs)
+            self.state = make(**options)
             gradiveq.register_hook(ddp, self.state)
             self.warmup_steps = warm
         else:
@@ -156,14 +165,14 @@ class Method:
             row = dict(agg=st["aggregation_ms"] / 1e3, bytes=st["bytes_payload"], wire=st["bytes_wire"],
                        uncompressed=st["bytes_uncompressed"], phase=st["phase"], fit=st["fit_ms"] / 1e3,
                        codec=(st["compress_ms"] + st["decompress_ms"]) / 1e3, compress=st["compress_ms"] / 1e3,
-                       decompress=st["decompress_ms"] / 1e3)
+                       decompress=st["decompress_ms"] / 1e3, buckets=st["buckets"])
             if st["values_encoded"]:  # CO3 / CASQ: bits per encoded value and this rank's quantization error
                 row["bits_per_element"] = 8.0 * st["bytes_encoded"] / st["values_encoded"]
                 row["relative_error"] = st["relative_error"]
             return row
         sent = (self.counter.bytes - self._bytes_before) if self.counter else 0
         return dict(agg=sum(self.hook_times), bytes=sent, wire=sent * 2 * (world_size - 1) / world_size,
-                    uncompressed=self._uncompressed, phase="")
+                    uncompressed=self._uncompressed, phase="", buckets=len(self.hook_times))
 
     def close(self):
         default_hooks.dist = dist

@@ -97,6 +97,15 @@ def run_method(rank, world, args, method):
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[int(0.5 * args.total), int(0.75 * args.total)])
     m = Method(ddp, model, method, seed=args.seed, schedule=_scaled_schedule(args),
                coeff_dtype=getattr(torch, args.coeff_dtype))
+    # When did backward compute its last gradient? backward() returns only after DDP has waited for every bucket's
+    # future, so (return - last gradient) is the aggregation that backward's compute did not hide: the "tail".
+    last_grad = [0.0]
+
+    def grad_ready(_param):
+        last_grad[0] = time.perf_counter()
+    for p in model.parameters():
+        if p.requires_grad:
+            p.register_post_accumulate_grad_hook(grad_ready)
     # Measure each method in its steady state: after PowerSGD's uncompressed start and GradiVeQ's warm-up.
     warmup_steps = max(args.warmup_steps, m.warmup_steps)
     data = Data(args, rank, world)
@@ -119,11 +128,14 @@ def run_method(rank, world, args, method):
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(ddp(x), y)
+        t_backward = time.perf_counter()
         loss.backward()
+        t_returned = time.perf_counter()
         opt.step()
         sched.step()
         t1 = time.perf_counter()
-        row = dict(step=step, time=t1 - t0, wall=t1 - t_start, loss=loss.item())
+        row = dict(step=step, time=t1 - t0, wall=t1 - t_start, loss=loss.item(), backward=last_grad[0] - t_backward,
+                   tail=t_returned - last_grad[0])
         row.update(m.measure(world))
         rows.append(row)
         if method.startswith("gradiveq") and row["phase"] == "compressed":
@@ -217,7 +229,9 @@ def summarize(res, args):
     s = dict(method=res["method"], median=statistics.median(times), p90=_pct(times, 0.9), mean=statistics.mean(times),
              agg=statistics.median([r["agg"] for r in rows]), bytes=statistics.mean([r["bytes"] for r in rows]),
              wire=statistics.mean([r["wire"] for r in rows]), uncompressed=rows[0]["uncompressed"],
-             loss=statistics.mean([r["loss"] for r in rows[-10:]]), steps=len(rows))
+             loss=statistics.mean([r["loss"] for r in rows[-10:]]), steps=len(rows),
+             backward=statistics.median(r["backward"] for r in rows), tail=statistics.median(r["tail"] for r in rows),
+             buckets=statistics.median(r["buckets"] for r in rows))
     s["ratio"] = s["uncompressed"] / s["bytes"] if s["bytes"] else float("inf")
     if res["method"].startswith("gradiveq"):
         by_phase = {}
@@ -262,7 +276,7 @@ def report(results, args):
     lines.append(f"Command: `{args.command}`  \nDate: {datetime.datetime.now().isoformat(timespec='seconds')}, "
                  f"torch {torch.__version__}\n")
     header = ("| method | step median ms | p90 ms | spread of medians ms | exposed ms | x plain | aggregation ms | "
-              "KB/step/rank | ratio | link floor ms | loss (last 10) |")
+              "KB/step/rank | ratio | link floor ms | buckets | backward tail ms | loss (last 10) |")
     lines.append(header)
     lines.append("|---" * (header.count("|") - 1) + "|")
     for method in args.methods:
@@ -276,7 +290,8 @@ def report(results, args):
         link_floor = f"{1e3 * args.world_size * med(method, 'wire') * 8 / (bw * 1e6):.0f}" if bw else "-"
         lines.append(f"| {method} | {1e3 * m:.0f} | {1e3 * med(method, 'p90'):.0f} | {spread} | {exposed} | {vs_plain} | "
                      f"{1e3 * med(method, 'agg'):.0f} | {med(method, 'bytes') / 1e3:.1f} | {med(method, 'ratio'):.1f} | "
-                     f"{link_floor} | {med(method, 'loss'):.3f} |")
+                     f"{link_floor} | {med(method, 'buckets'):.0f} | {1e3 * med(method, 'tail'):.0f} | "
+                     f"{med(method, 'loss'):.3f} |")
     for name in [m for m in args.methods if m.startswith("gradiveq") and m in per_method]:
         g = per_method[name][0]
         res = next(r for r in results if r["method"] == name)
@@ -315,7 +330,9 @@ def report(results, args):
                  "method's warm-up; exposed = step - no-communication step (aggregation time compute did not hide); "
                  "aggregation = sum over buckets of (bucket handed to the hook -> its future completed), median "
                  "step; KB = payload this rank put into collectives; link floor = N x ring bytes per rank / "
-                 "bandwidth (all ranks share one shaped link).")
+                 "bandwidth (all ranks share one shaped link); buckets = buckets DDP handed to the hook per step; "
+                 "backward tail = backward()'s return minus the moment its last gradient was accumulated (median "
+                 "step): the aggregation that backward's own compute did not hide (the rest ran beside it).")
     text = "\n".join(lines) + "\n"
     return text, per_method
 
