@@ -106,7 +106,7 @@ def ddp_kwargs(method, bucket_cap_mb=None) -> dict:
 class Method:
     """A method attached to one DDP model; `measure()` after each step returns that step's aggregation numbers."""
 
-    def __init__(self, ddp, model, name, seed=0, schedule=(2500, 100, 400), coeff_dtype=torch.float32,
+    def __init__(self, ddp, model, name, seed=0, schedule=(2500, 100, 400), coeff_dtype=None,
                  gradiveq_kwargs=None):
         self.name, self.model, self.state, self.counter = name, model, None, None
         self.hook_times = []
@@ -139,8 +139,9 @@ class Method:
             make = gradiveq.GradiVeQState.paper if kwargs.pop("paper", False) else gradiveq.GradiVeQState
             warm, sample, compress = schedule
             # A configuration may name its own schedule (e.g. a longer sampling window); the run's is the default.
-            options = dict(warmup_iters=warm, sample_iters=sample, compress_iters=compress, coeff_dtype=coeff_dtype,
-                           seed=seed)
+            options = dict(warmup_iters=warm, sample_iters=sample, compress_iters=compress, seed=seed)
+            if coeff_dtype is not None:  # else the configuration's (the library's default, or the paper's float32)
+                options["coeff_dtype"] = coeff_dtype
             options.update(kwargs)
             self.state = make(**options)
             gradiveq.register_hook(ddp, self.state)

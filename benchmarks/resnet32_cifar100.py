@@ -96,7 +96,7 @@ def run_method(rank, world, args, method):
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[int(0.5 * args.total), int(0.75 * args.total)])
     m = Method(ddp, model, method, seed=args.seed, schedule=_scaled_schedule(args),
-               coeff_dtype=getattr(torch, args.coeff_dtype))
+               coeff_dtype=getattr(torch, args.coeff_dtype) if args.coeff_dtype else None)
     # When did backward compute its last gradient? backward() returns only after DDP has waited for every bucket's
     # future, so (return - last gradient) is the aggregation that backward's compute did not hide: the "tail".
     last_grad = [0.0]
@@ -153,7 +153,8 @@ def run_method(rank, world, args, method):
     result = dict(method=method, rows=rows, warmup_steps=warmup_steps, synthetic=data.synthetic)
     if method.startswith("gradiveq"):
         result["gradiveq"] = dict(summary=compressed_summary or m.state.stats()["summary"],
-                                  schedule=_scaled_schedule(args), layers_after_fit=layers_after_fit or {})
+                                  schedule=_scaled_schedule(args), layers_after_fit=layers_after_fit or {},
+                                  coeff_dtype=m.state.options["coeff_dtype"])
     if data.test is not None:
         result["test_accuracy"] = evaluate(model, *data.test)
     return result
@@ -299,7 +300,7 @@ def report(results, args):
         summ = res["gradiveq"]["summary"]
         lines.append("")
         lines.append(f"{name}: schedule warm-up {w} / sampling {s_} / compressed {c} (paper: 2500/100/400); "
-                     f"coefficients {args.coeff_dtype}; median step by phase: " +
+                     f"coefficients {res['gradiveq']['coeff_dtype']}; median step by phase: " +
                      ", ".join(f"{p} {1e3 * v:.0f} ms" for p, v in g["phase_median"].items()) +
                      f"; codec {1e3 * g['codec']:.1f} ms per compressed step (median over all measured steps: "
                      f"compress {1e3 * statistics.median(x['compress'] for x in per_method[name]):.1f} ms, decompress "
@@ -428,7 +429,9 @@ def parse_args(argv):
     ap.add_argument("--schedule-scale", type=float, default=0.1,
                     help="GradiVeQ schedule = paper's 2500/100/400 x this (default 0.1: 250/10/40)")
     ap.add_argument("--schedule", default=None, help="GradiVeQ schedule as W,S,C (overrides --schedule-scale)")
-    ap.add_argument("--coeff-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--coeff-dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                    help="GradiVeQ's coefficient dtype for every configuration (default: each one's own; the "
+                         "library's default is float16, the paper's float32)")
     ap.add_argument("--bucket-cap-mb", type=float, default=None, help="DDP bucket cap (default: DDP's)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     ap.add_argument("--seed", type=int, default=0)

@@ -84,7 +84,7 @@ void AggregatorOptions::validate() const {
                 fit.min_ratio);
   GVQ_CHECK_ARG(fit.energy < 1.0 || (fit.min_ratio == 0.0 && fit.target_ratio == 0.0), kWhere, "energy",
                 "is 1.0 (keep all K components: lossless) but min_ratio = ", fit.min_ratio, " and target_ratio = ",
-                fit.target_ratio, " limit d; set both to 0 for a lossless run");
+                fit.target_ratio, " limit d; set both to 0 (and coeff_dtype to float32) for a lossless run");
   GVQ_CHECK_ARG(restart_error_growth == 0.0 || restart_error_growth > 1.0, kWhere, "restart_error_growth",
                 "must be > 1 or 0 (off), got ", restart_error_growth);
   Schedule{schedule};  // validates the schedule
@@ -105,6 +105,7 @@ AggregatorOptions AggregatorOptions::paper() {
   o.fit_on = FitSamples::kFirstSlice;
   o.slice_layout = SliceLayoutKind::kKernelRow;
   o.restart_error_growth = 0.0;
+  o.coeff_dtype = at::kFloat;
   return o;
 }
 

@@ -71,7 +71,7 @@ struct LayerPolicy {
 
 // The defaults are chosen by measurement (benchmarks/accuracy.py, README "Accuracy on real data"): every slice
 // of every sampled gradient is a PCA sample, one kernel position per slice (K = D*F), energy 0.995 with d capped
-// at K/8, and the sampling windows travel uncompressed. On Fashion-MNIST they keep test accuracy far closer to
+// at K/8, the sampling windows travel uncompressed and the coefficients in float16. On Fashion-MNIST they keep test accuracy far closer to
 // plain all-reduce than the paper's choices (AggregatorOptions::paper()), at a conv-layer ratio of at least 8.
 struct AggregatorOptions {
   FitOptions fit = default_fit();
@@ -79,10 +79,12 @@ struct AggregatorOptions {
   SampleQuantizer sample_quantizer = SampleQuantizer::kNone;
   FitSamples fit_on = FitSamples::kAllSlices;
   SliceLayoutKind slice_layout = SliceLayoutKind::kKernelPosition;
-  /// dtype the compressed coefficients travel in: float32 (one all-reduce for the whole bucket), or float16 /
-  /// bfloat16 (half the bytes; the coefficients then take a second all-reduce of their own dtype, while the
-  /// uncompressed values stay float32).
-  at::ScalarType coeff_dtype = at::kFloat;
+  /// dtype the compressed coefficients travel in: float16 (default: half the bytes of float32; on Fashion-MNIST
+  /// the same test accuracy as float32, benchmarks/results/accuracy_fashion_mnist_cnn.md), bfloat16, or float32
+  /// (one all-reduce for the whole bucket; the paper's). Half-precision coefficients take a second all-reduce of
+  /// their own dtype, while uncompressed values stay float32. A float16 coefficient beyond 65504 (loss scaling
+  /// too high) becomes inf on every rank alike, which GradScaler detects and skips, as with torch's fp16 hook.
+  at::ScalarType coeff_dtype = at::kHalf;
   /// dtype the bases are stored in: float32, or bfloat16 / float16 (half the basis memory and half the bytes
   /// the codec streams per step; products still accumulate in float32). The fitting rank rounds before the
   /// broadcast, so every rank holds the same basis.

@@ -10,7 +10,7 @@ from ddp_workers import load_damaged_state_dicts, train
 
 # 2 warm-up, 3 sampling, 4 compressed iterations per window: 13 steps cover every phase and a re-fit.
 SHORT = dict(warmup_iters=2, sample_iters=3, compress_iters=4, min_numel=100)
-EXACT = dict(SHORT, energy=1.0, min_ratio=0, sample_quantizer="none")
+EXACT = dict(SHORT, energy=1.0, min_ratio=0, sample_quantizer="none", coeff_dtype=torch.float32)
 PHASES = ["warmup"] * 2 + ["sampling"] * 3 + ["compressed"] * 4 + ["sampling"] * 3 + ["compressed"]
 
 
@@ -90,18 +90,56 @@ def test_half_precision_bases_halve_basis_memory_and_keep_ranks_identical(basis_
     assert 0 < max_rel_diff(half[0]["grads"][5], full[0]["grads"][5]) < 2e-2
 
 
-def test_pipelined_groups_give_bit_identical_results_on_two_ranks():
-    # One bucket holds conv1..conv3 (all compressible with min_numel=100): 3 groups, 3 all-reduces per bucket.
+@pytest.mark.parametrize("coeff_dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_coefficients_halve_their_bytes_and_keep_ranks_identical(coeff_dtype):
+    # lr 0: both runs see the same gradients, so they fit the same bases and differ only by the rounding.
+    cfg = dict(steps=13, lr=0.0, bucket_cap_mb=0.02, keep_grads=True)
+    full = no_errors(run_ranks(train, 2, dict(cfg, hook="cpp", state=dict(SHORT, energy=0.95,
+                                                                           coeff_dtype=torch.float32))))
+    state = dict(SHORT, energy=0.95) if coeff_dtype == torch.float16 else dict(SHORT, energy=0.95,
+                                                                                coeff_dtype=coeff_dtype)
+    half = no_errors(run_ranks(train, 2, dict(cfg, hook="cpp", state=state)))  # float16 is the default
+    assert half[0]["stats"]["options"]["coeff_dtype"] == str(coeff_dtype).replace("torch.", "")
+    for step in range(13):
+        for n, g in half[0]["grads"][step].items():
+            assert torch.equal(g, half[1]["grads"][step][n]), (step, n)
+    coeffs = sum(s["d"] * s["slices"] for s in full[0]["stats"]["layers"].values() if s["compressible"])
+    for step, phase in enumerate(PHASES):
+        h, f = half[0]["step_stats"][step], full[0]["step_stats"][step]
+        if phase == "compressed":  # 2 bytes saved per coefficient; the coefficients take their own all-reduce
+            assert f["bytes_payload"] > h["bytes_payload"], step
+            assert h["collectives"] > f["collectives"], step
+        else:
+            assert h["bytes_payload"] == f["bytes_payload"], step
+    # The layer statistics describe the second window's bases, those of the last step.
+    assert full[0]["step_stats"][12]["bytes_payload"] - half[0]["step_stats"][12]["bytes_payload"] == 2 * coeffs
+    # Identical until the first compressed step (step 5), where the rounded coefficients change the average
+    # slightly (float16 keeps 11 significant bits, bfloat16 8).
+    for step in range(5):
+        assert max_rel_diff(half[0]["grads"][step], full[0]["grads"][step]) == 0.0, step
+    tolerance = 2e-3 if coeff_dtype == torch.float16 else 1e-2
+    for step in (5, 12):
+        assert 0 < max_rel_diff(half[0]["grads"][step], full[0]["grads"][step]) < tolerance, step
+
+
+@pytest.mark.parametrize("coeff_dtype", [torch.float32, torch.float16])
+def test_pipelined_groups_give_bit_identical_results_on_two_ranks(coeff_dtype):
+    # One bucket holds conv1..conv3 (all compressible with min_numel=100): 3 groups, 3 all-reduces per bucket
+    # with float32 coefficients (float16 ones add an all-reduce of their own per group).
     cfg = dict(steps=13, keep_grads=True)
-    one = no_errors(run_ranks(train, 2, dict(cfg, hook="cpp", state=dict(SHORT, energy=0.95))))
-    three = no_errors(run_ranks(train, 2, dict(cfg, hook="cpp", state=dict(SHORT, energy=0.95, pipeline_chunks=3))))
+    state = dict(SHORT, energy=0.95, coeff_dtype=coeff_dtype)
+    one = no_errors(run_ranks(train, 2, dict(cfg, hook="cpp", state=state)))
+    three = no_errors(run_ranks(train, 2, dict(cfg, hook="cpp", state=dict(state, pipeline_chunks=3))))
     for step, phase in enumerate(PHASES):
         for r in range(2):
             for n, g in one[r]["grads"][step].items():
                 assert torch.equal(g, three[r]["grads"][step][n]), (step, r, n)
         # verify_bases rides in the first group: compressed steps issue one all-reduce per group.
-        assert three[0]["step_stats"][step]["collectives"] == (3 if phase == "compressed" else 1), step
-        assert one[0]["step_stats"][step]["collectives"] == 1, step
+        if coeff_dtype == torch.float32:
+            assert three[0]["step_stats"][step]["collectives"] == (3 if phase == "compressed" else 1), step
+            assert one[0]["step_stats"][step]["collectives"] == 1, step
+        elif phase == "compressed":
+            assert three[0]["step_stats"][step]["collectives"] > one[0]["step_stats"][step]["collectives"] == 2
         assert three[0]["step_stats"][step]["buckets"] == one[0]["step_stats"][step]["buckets"] == 1
     assert three[0]["step_stats"][-1]["relative_error"] == one[0]["step_stats"][-1]["relative_error"]
 
