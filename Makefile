@@ -34,13 +34,13 @@ test: build
 
 # A short run of the ResNet-32 benchmark: 2 ranks, synthetic data, every method, 50 Mbit/s when it can shape.
 demo: build
-	$(PYTHON) benchmarks/resnet32_cifar100.py --bandwidth-mbit 50 --iters 25 --warmup-steps 3 \
+	$(PYTHON) benchmarks/ddp/resnet32_cifar100.py --bandwidth-mbit 50 --iters 25 --warmup-steps 3 \
 	  --schedule 5,10,40 --out $(BUILD_DIR)/demo-results --tag demo_50mbit
 
 # The long version, written to benchmarks/results/, plus the codec micro-benchmarks.
 bench: build
-	$(PYTHON) benchmarks/resnet32_cifar100.py --bandwidth-mbit 50 --iters 50 --repeats 3 --schedule 5,10,40
-	$(PYTHON) benchmarks/resnet32_cifar100.py --bandwidth-mbit 200 --iters 50 --repeats 3 --schedule 5,10,40
+	$(PYTHON) benchmarks/ddp/resnet32_cifar100.py --bandwidth-mbit 50 --iters 50 --repeats 3 --schedule 5,10,40
+	$(PYTHON) benchmarks/ddp/resnet32_cifar100.py --bandwidth-mbit 200 --iters 50 --repeats 3 --schedule 5,10,40
 	$(BUILD_DIR)/benchmarks/gradiveq_codec_bench --benchmark_min_time=0.5 --benchmark_repetitions=5 \
 	  --benchmark_report_aggregates_only=true
 
@@ -57,7 +57,7 @@ test-sanitize: setup
 	  $(SANITIZE_DIR)/tests/gradiveq_tests
 
 format:
-	clang-format -i include/gradiveq/*.h src/*.cpp tests/*.cpp tests/*.h benchmarks/*.cpp python/src/*.cpp
+	clang-format -i $$(git ls-files 'include/*.h' 'src/*.h' 'src/*.cpp' 'tests/*.cpp' 'tests/*.h' 'benchmarks/*.cpp' 'python/*.cpp' 'examples/*.cpp' 'examples/*.h')
 
 clean:
 	rm -rf $(BUILD_DIR) python/gradiveq/_C*.so

@@ -87,7 +87,7 @@ struct Args {
   int world_size = 2, rank = -1, iters = 100, batch = 32, log_every = 10, threads = 1;
   int store_port = 0;
   std::string data, save, load;
-  double lr = 0.1, energy = gradiveq::AggregatorOptions{}.fit.energy;
+  double lr = 0.1, energy = gradiveq::GradiVeQOptions{}.fit.energy;
   int64_t warmup = 20, sample = 10, compress = 40;
   uint64_t seed = 0;
 };

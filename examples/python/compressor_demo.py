@@ -9,13 +9,19 @@ reconstruction error ||g_hat - g|| / ||g|| on held-out iterations that follow th
 """
 
 import argparse
+import os
+import sys
 import time
 
-import torch
+# ResNet-32 and the synthetic data come from the DDP benchmarks (benchmarks/ddp/models.py, data.py).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                "benchmarks", "ddp"))
 
-import gradiveq
-from gradiveq.data import SyntheticCifar100
-from gradiveq.models import conv_weight_names, resnet32
+import torch  # noqa: E402
+
+import gradiveq  # noqa: E402
+from data import SyntheticCifar100  # noqa: E402
+from models import conv_weight_names, resnet32  # noqa: E402
 
 
 def main() -> None:

@@ -37,18 +37,14 @@
 // stays visible to AMP's GradScaler after aggregation.
 #pragma once
 
+#include "gradiveq/message_codec.h"
+#include "gradiveq/options.h"
+
 #include <ATen/ATen.h>
 
 #include <cstdint>
 
 namespace gradiveq {
-
-struct CasqOptions {
-  int64_t bits = 2;                ///< b in {2, 3}: B = 2^b levels per bucket
-  int64_t clusters = 4;            ///< C in [1, 2^bits]: k-means clusters per bucket
-  int64_t bucket_size = 512;       ///< values per codebook
-  int64_t kmeans_iterations = 16;  ///< Lloyd steps, in [0, 1000]
-};
 
 class CasqCodec {
  public:
@@ -73,5 +69,24 @@ class CasqCodec {
  private:
   CasqOptions options_;
 };
+
+/// CASQ as a message codec for the gather pipeline. Stateless: seeded unbiased stochastic rounding, so no error
+/// feedback is needed for unbiasedness. encode() measures the quantisation error (a codebook lookup).
+class CasqMessageCodec : public MessageCodec {
+ public:
+  explicit CasqMessageCodec(const CasqOptions& options);
+
+  std::string name() const override { return "casq"; }
+  int64_t fixed_message_bytes(int64_t numel) const override { return codec_.packed_bytes(numel); }
+  EncodedMessage encode(const at::Tensor& values, int64_t slot, uint64_t seed) override;
+  void decode_add(const at::Tensor& packed, at::Tensor& out) const override;
+  const CasqCodec& codec() const { return codec_; }
+
+ private:
+  CasqCodec codec_;
+};
+
+/// Deprecated name (0.1); removed in the next release.
+using CasqGatherCodec [[deprecated("use gradiveq::CasqMessageCodec")]] = CasqMessageCodec;
 
 }  // namespace gradiveq

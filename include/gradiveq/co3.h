@@ -44,6 +44,9 @@
 // Correct (Co3ErrorCorrection): v = g + gamma e; q = Q(v); e <- v - q, gamma in [0, 1] (default 0.9).
 #pragma once
 
+#include "gradiveq/message_codec.h"
+#include "gradiveq/options.h"
+
 #include <ATen/ATen.h>
 
 #include <cstdint>
@@ -51,15 +54,6 @@
 #include <vector>
 
 namespace gradiveq {
-
-enum class Co3Format { kFp4, kFp8 };
-
-/// Parses "fp4" / "fp8".
-Co3Format parse_co3_format(const std::string& name);
-
-struct Co3Options {
-  Co3Format format = Co3Format::kFp4;
-};
 
 /// Generalized normal density  beta / (2 sigma G(1/beta)) exp(-(|x| / sigma)^beta), centred at 0.
 struct GeneralizedNormalFit {
@@ -150,5 +144,33 @@ class Co3ErrorCorrection {
   double gamma_;
   at::Tensor error_;
 };
+
+/// CO3 as a message codec for the gather pipeline, with its error correction (v = g + gamma e, e <- v - Q(v)):
+/// one error memory per parameter (slot) and rank, which is the codec's slot state. The scale alpha is fitted
+/// on every message (it travels in the message, 4 bytes).
+class Co3MessageCodec : public MessageCodec {
+ public:
+  Co3MessageCodec(const Co3Options& options, double gamma);
+
+  std::string name() const override { return "co3"; }
+  int64_t fixed_message_bytes(int64_t) const override { return -1; }
+  EncodedMessage encode(const at::Tensor& values, int64_t slot, uint64_t seed) override;
+  void decode_add(const at::Tensor& packed, at::Tensor& out) const override;
+  bool keeps_slot_state() const override { return true; }
+  at::Tensor slot_state(int64_t slot) const override;
+  void set_slot_state(int64_t slot, const at::Tensor& state) override;
+  const Co3Codec& codec() const { return codec_; }
+  double gamma() const { return gamma_; }
+
+ private:
+  Co3ErrorCorrection& correction(int64_t slot);
+
+  Co3Codec codec_;
+  double gamma_;
+  std::vector<Co3ErrorCorrection> corrections_;  // by slot, grown on first use
+};
+
+/// Deprecated name (0.1); removed in the next release.
+using Co3GatherCodec [[deprecated("use gradiveq::Co3MessageCodec")]] = Co3MessageCodec;
 
 }  // namespace gradiveq

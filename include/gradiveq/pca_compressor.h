@@ -13,28 +13,13 @@
 // to float rounding.
 #pragma once
 
+#include "gradiveq/options.h"
+
 #include <ATen/ATen.h>
 
 #include <cstdint>
 
 namespace gradiveq {
-
-struct FitOptions {
-  /// Keep the smallest d whose eigenvalues hold at least this fraction of the total variance (the paper's
-  /// 1 - lambda; 0.99 is its lambda = 0.01). Must lie in (0, 1]. 1.0 keeps all K components (d = K), including
-  /// those of zero variance, so compression is lossless up to float rounding.
-  double energy = 0.99;
-  /// Upper bound on d; 0 means no cap.
-  int64_t max_components = 0;
-  /// If > 0, d is chosen for this compression ratio instead of by energy: d = ceil(K / target_ratio)
-  /// (energy is then ignored). Must be >= 1 or 0 (off).
-  double target_ratio = 0.0;
-  /// If > 0, caps d at floor(K / min_ratio) (at least 1) after the energy rule, so every layer compresses at
-  /// least this much however flat its spectrum is. Must be >= 1 or 0 (off).
-  double min_ratio = 0.0;
-  // Whatever the rule, d never exceeds the rank of the samples (n - 1 centred samples span at most n - 1
-  // directions; more would be directions of zero variance in the window) unless energy is 1.0, which keeps K.
-};
 
 class PcaCompressor {
  public:

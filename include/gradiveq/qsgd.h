@@ -13,20 +13,15 @@
 // visible to AMP's GradScaler after aggregation.
 #pragma once
 
+#include "gradiveq/message_codec.h"
+#include "gradiveq/options.h"
+
 #include <ATen/ATen.h>
 
 #include <cstdint>
 #include <string>
 
 namespace gradiveq {
-
-enum class QsgdNorm { kMax, kL2 };
-
-struct QsgdOptions {
-  int64_t levels = 7;         ///< s >= 1: magnitude levels 0..s
-  int64_t bucket_size = 512;  ///< values per scale
-  QsgdNorm norm = QsgdNorm::kMax;
-};
 
 class QsgdCodec {
  public:
@@ -51,7 +46,22 @@ class QsgdCodec {
   int64_t bits_ = 0;
 };
 
-/// Parses "max" / "l2".
-QsgdNorm parse_qsgd_norm(const std::string& name);
+/// QSGD as a message codec for the gather pipeline (gather_aggregator.h). Stateless: seeded unbiased rounding.
+/// Its message sizes follow from the shapes, so payloads carry no length table. The quantisation error is not
+/// measured (encode() reports residual_sq = -1): it would cost a decode per message.
+class QsgdMessageCodec : public MessageCodec {
+ public:
+  explicit QsgdMessageCodec(const QsgdOptions& options = {});
+
+  std::string name() const override { return "qsgd"; }
+  int64_t fixed_message_bytes(int64_t numel) const override { return codec_.packed_bytes(numel); }
+  bool length_table() const override { return false; }
+  EncodedMessage encode(const at::Tensor& values, int64_t slot, uint64_t seed) override;
+  void decode_add(const at::Tensor& packed, at::Tensor& out) const override;
+  const QsgdCodec& codec() const { return codec_; }
+
+ private:
+  QsgdCodec codec_;
+};
 
 }  // namespace gradiveq

@@ -7,6 +7,8 @@
 // same phase with no communication.
 #pragma once
 
+#include "gradiveq/options.h"
+
 #include <cstdint>
 #include <string>
 
@@ -15,12 +17,6 @@ namespace gradiveq {
 enum class Phase { kWarmup, kSampling, kCompressed };
 
 std::string phase_name(Phase phase);
-
-struct ScheduleOptions {
-  int64_t warmup_iters = 2500;  ///< >= 0
-  int64_t sample_iters = 100;   ///< >= 1
-  int64_t compress_iters = 400; ///< >= 0 (0: never compress, only sample)
-};
 
 class Schedule {
  public:

@@ -5,8 +5,10 @@
     # or, with the same results, the Python-callable form:
     # state = gradiveq.GradiVeQState(model=ddp_model); ddp_model.register_comm_hook(state, gradiveq.hook)
 
-All the work happens in the C++ engine (``gradiveq._C.Aggregator``); this module validates options, binds the
-engine to a model's named parameters and process group, and turns stats and checkpoints into Python objects.
+All the work happens in the C++ engines (``gradiveq._C.GradiVeQAggregator``, ``gradiveq._C.GatherAggregator``);
+this module validates options, binds an engine to a model's named parameters and process group, and turns stats
+and checkpoints into Python objects. Every default comes from the C++ option structs (include/gradiveq/options.h):
+nothing here declares one.
 """
 
 from typing import Iterable, Optional, Sequence, Union
@@ -17,19 +19,43 @@ import torch.distributed as dist
 from gradiveq import _C
 
 __all__ = ["GradiVeQState", "QsgdState", "CO3State", "CASQState", "hook", "co3_hook", "casq_hook", "register_hook",
-           "STATE_DICT_VERSION", "GATHER_STATE_DICT_VERSION", "PAPER_OPTIONS"]
+           "STATE_DICT_VERSION", "GATHER_STATE_DICT_VERSION", "DEFAULT_OPTIONS", "PAPER_OPTIONS", "OPTION_NAMES"]
 
 STATE_DICT_VERSION = 4  # 3: the engine image ends with a checksum of its contents; 4: a stronger checksum
 
-# The paper's method (GradiVeQState.paper()).
-PAPER_OPTIONS = dict(energy=0.99, warmup_iters=2500, sample_iters=100, compress_iters=400, sample_quantizer="qsgd4",
-                     fit_on="first_slice", slice_layout="kernel_row", target_ratio=0.0, min_ratio=0.0,
-                     max_components=0, restart_error_growth=0.0, coeff_dtype=torch.float32)
-
-_QUANTIZERS = {"qsgd4": _C.SampleQuantizer.qsgd4, "none": _C.SampleQuantizer.none}
-_FIT_ON = {"first_slice": _C.FitSamples.first_slice, "all_slices": _C.FitSamples.all_slices}
-_LAYOUTS = {"kernel_row": _C.SliceLayout.kernel_row, "kernel_position": _C.SliceLayout.kernel_position}
+# The GradiVeQ options, in the order C++ binds them (one property each on _C.GradiVeQOptions).
+OPTION_NAMES = tuple(name for name, value in vars(_C.GradiVeQOptions).items() if isinstance(value, property))
+_ENUM_OPTIONS = {"sample_quantizer": _C.SampleQuantizer, "fit_on": _C.FitSamples, "slice_layout": _C.SliceLayout}
 _COEFF_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _options_dict(cpp_options) -> dict:
+    """A C++ GradiVeQOptions as GradiVeQState keyword arguments (enums by name, dtypes as torch dtypes)."""
+    out = {}
+    for name in OPTION_NAMES:
+        value = getattr(cpp_options, name)
+        out[name] = value.name if name in _ENUM_OPTIONS else value
+    return out
+
+
+def _normalised(name: str, value):
+    """One GradiVeQState argument as ``state.options`` records it (dtypes by name, patterns as lists)."""
+    if name in ("include", "exclude"):
+        return _patterns(value, name)
+    if name in ("coeff_dtype", "basis_dtype"):
+        return str(value).replace("torch.", "")
+    if name in ("energy", "target_ratio", "min_ratio", "restart_error_growth"):
+        return float(value)
+    if name == "verify_bases":
+        return bool(value)
+    return value
+
+
+# The C++ defaults (GradiVeQState's signature reads them) and the paper's method (GradiVeQState.paper()).
+DEFAULT_OPTIONS = _options_dict(_C.GradiVeQOptions())
+PAPER_OPTIONS = _options_dict(_C.GradiVeQOptions.paper())
+_D = DEFAULT_OPTIONS
+_QSGD, _CO3, _CASQ, _GATHER = _C.QsgdOptions(), _C.Co3Options(), _C.CasqOptions(), _C.GatherAggregatorOptions()
 
 
 def _patterns(value, name) -> list:
@@ -51,6 +77,11 @@ def _step_dict(st) -> dict:
                 fit_ms=st.fit_ms, sampling_aggregation=st.sampling_aggregation, relative_error=st.relative_error,
                 window_restarts=st.window_restarts, values_encoded=st.values_encoded,
                 bytes_encoded=st.bytes_encoded)
+
+
+def _trainable(model) -> list:
+    module = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
 
 
 def _group_of(model, process_group):
@@ -93,8 +124,9 @@ class QsgdState(_HookState):
     "4-bit QSGD": 1 sign bit + 3 level bits, about 7.9x fewer bytes than float32 with bucket 512.
     """
 
-    def __init__(self, process_group: Optional[dist.ProcessGroup] = None, levels: int = 7, bucket_size: int = 512,
-                 norm: str = "max", min_numel: int = 1000, seed: int = 0, model: Optional[torch.nn.Module] = None):
+    def __init__(self, process_group: Optional[dist.ProcessGroup] = None, levels: int = _QSGD.levels,
+                 bucket_size: int = _QSGD.bucket_size, norm: str = _QSGD.norm, min_numel: int = _GATHER.min_numel,
+                 seed: int = _GATHER.seed, model: Optional[torch.nn.Module] = None):
         for name, value in (("levels", levels), ("bucket_size", bucket_size), ("min_numel", min_numel),
                             ("seed", seed)):
             if isinstance(value, bool) or not isinstance(value, int):
@@ -111,8 +143,10 @@ class QsgdState(_HookState):
             self.attach(model)
 
     def attach(self, model: torch.nn.Module) -> "QsgdState":
+        """Binds the state to a DDP model (or its module): its named parameters and process group."""
         self._check_unattached()
-        self._engine = _C.QsgdAggregator(_group_of(model, self.process_group), **self.options)
+        params = _trainable(model)
+        self._engine = _C.GatherAggregator.qsgd(_group_of(model, self.process_group), params, **self.options)
         return self
 
     @property
@@ -147,8 +181,7 @@ class _GatherState(_HookState):
     def attach(self, model: torch.nn.Module):
         """Binds the state to a DDP model (or its module): its named parameters and process group."""
         self._check_unattached()
-        module = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-        params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        params = _trainable(model)
         self._engine = self._make_engine(_group_of(model, self.process_group), params)
         self._param_names = [n for n, _ in params]
         return self
@@ -224,8 +257,9 @@ class CO3State(_GatherState):
 
     _FORMAT = "gradiveq.CO3State"
 
-    def __init__(self, process_group: Optional[dist.ProcessGroup] = None, format: str = "fp4", gamma: float = 0.9,
-                 min_numel: int = 1000, model: Optional[torch.nn.Module] = None):
+    def __init__(self, process_group: Optional[dist.ProcessGroup] = None, format: str = _CO3.format,
+                 gamma: float = _CO3.gamma, min_numel: int = _GATHER.min_numel,
+                 model: Optional[torch.nn.Module] = None):
         if format not in _CO3_FORMATS:
             raise ValueError(f"CO3State: argument 'format' must be one of {list(_CO3_FORMATS)}, got {format!r}")
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= float(gamma) <= 1.0:
@@ -256,8 +290,9 @@ class CASQState(_GatherState):
 
     _FORMAT = "gradiveq.CASQState"
 
-    def __init__(self, process_group: Optional[dist.ProcessGroup] = None, bits: int = 2, clusters: int = 4,
-                 bucket_size: int = 512, min_numel: int = 1000, seed: int = 0,
+    def __init__(self, process_group: Optional[dist.ProcessGroup] = None, bits: int = _CASQ.bits,
+                 clusters: int = _CASQ.clusters, bucket_size: int = _CASQ.bucket_size,
+                 min_numel: int = _GATHER.min_numel, seed: int = _GATHER.seed,
                  model: Optional[torch.nn.Module] = None):
         if isinstance(bits, bool) or not isinstance(bits, int) or bits not in (2, 3):
             raise ValueError(f"CASQState: argument 'bits' must be 2 or 3, got {bits!r}")
@@ -337,28 +372,27 @@ class GradiVeQState(_HookState):
         model: optional DDP model (or module) to bind now; ``register_hook`` binds it otherwise.
     """
 
-    def __init__(self, process_group: Optional[dist.ProcessGroup] = None, energy: float = 0.995,
-                 warmup_iters: int = 2500, sample_iters: int = 100, compress_iters: int = 400,
-                 sample_quantizer: str = "none", coeff_dtype: torch.dtype = torch.float16,
-                 include: Union[None, str, Sequence[str]] = None, exclude: Union[None, str, Sequence[str]] = None,
-                 min_numel: int = 1000, error_feedback: bool = False, verify_bases: bool = True, seed: int = 0,
-                 max_components: int = 0, fit_on: str = "all_slices", slice_layout: str = "kernel_position",
-                 target_ratio: float = 0.0, min_ratio: float = 8.0, restart_error_growth: float = 0.0,
-                 basis_dtype: torch.dtype = torch.float32, pipeline_chunks: int = 1,
+    def __init__(self, process_group: Optional[dist.ProcessGroup] = None, energy: float = _D["energy"],
+                 warmup_iters: int = _D["warmup_iters"], sample_iters: int = _D["sample_iters"],
+                 compress_iters: int = _D["compress_iters"], sample_quantizer: str = _D["sample_quantizer"],
+                 coeff_dtype: torch.dtype = _D["coeff_dtype"], include: Union[None, str, Sequence[str]] = None,
+                 exclude: Union[None, str, Sequence[str]] = None, min_numel: int = _D["min_numel"],
+                 error_feedback: bool = False, verify_bases: bool = _D["verify_bases"], seed: int = _D["seed"],
+                 max_components: int = _D["max_components"], fit_on: str = _D["fit_on"],
+                 slice_layout: str = _D["slice_layout"], target_ratio: float = _D["target_ratio"],
+                 min_ratio: float = _D["min_ratio"], restart_error_growth: float = _D["restart_error_growth"],
+                 basis_dtype: torch.dtype = _D["basis_dtype"], pipeline_chunks: int = _D["pipeline_chunks"],
                  model: Optional[torch.nn.Module] = None):
         if error_feedback:
             raise ValueError(
                 "GradiVeQState: argument 'error_feedback' must be False: with a fixed PCA basis the residual "
                 "g - U U^T g is orthogonal to U, so it is never sent while the basis stays, grows, and arrives at "
                 "once after a re-fit (measured: -6.4 points of test accuracy); see the README")
-        if sample_quantizer not in _QUANTIZERS:
-            raise ValueError(f"GradiVeQState: argument 'sample_quantizer' must be one of {sorted(_QUANTIZERS)}, "
-                             f"got {sample_quantizer!r}")
-        if fit_on not in _FIT_ON:
-            raise ValueError(f"GradiVeQState: argument 'fit_on' must be one of {sorted(_FIT_ON)}, got {fit_on!r}")
-        if slice_layout not in _LAYOUTS:
-            raise ValueError(f"GradiVeQState: argument 'slice_layout' must be one of {sorted(_LAYOUTS)}, "
-                             f"got {slice_layout!r}")
+        for name, value in (("sample_quantizer", sample_quantizer), ("fit_on", fit_on),
+                            ("slice_layout", slice_layout)):
+            members = sorted(_ENUM_OPTIONS[name].__members__)
+            if value not in members:
+                raise ValueError(f"GradiVeQState: argument '{name}' must be one of {members}, got {value!r}")
         if coeff_dtype not in _COEFF_DTYPES:
             raise ValueError(f"GradiVeQState: argument 'coeff_dtype' must be one of {_COEFF_DTYPES}, "
                              f"got {coeff_dtype!r}")
@@ -378,23 +412,18 @@ class GradiVeQState(_HookState):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"GradiVeQState: argument '{name}' must be a number, got {value!r}")
         self.process_group = process_group
-        self.options = dict(energy=float(energy), max_components=max_components, warmup_iters=warmup_iters,
-                            sample_iters=sample_iters, compress_iters=compress_iters,
-                            sample_quantizer=sample_quantizer, coeff_dtype=str(coeff_dtype).replace("torch.", ""),
-                            include=_patterns(include, "include"), exclude=_patterns(exclude, "exclude"),
-                            min_numel=min_numel, fit_on=fit_on, slice_layout=slice_layout,
-                            verify_bases=bool(verify_bases), seed=seed, target_ratio=float(target_ratio),
-                            min_ratio=float(min_ratio), restart_error_growth=float(restart_error_growth),
-                            basis_dtype=str(basis_dtype).replace("torch.", ""), pipeline_chunks=pipeline_chunks)
+        given = locals()
+        self.options = {name: _normalised(name, given[name]) for name in OPTION_NAMES}
         # The C++ options validate the rest (energy range, schedule) and raise ValueError naming the argument.
-        self._cpp_options = _C.AggregatorOptions(
-            energy=float(energy), max_components=max_components, warmup_iters=warmup_iters,
-            sample_iters=sample_iters, compress_iters=compress_iters, sample_quantizer=_QUANTIZERS[sample_quantizer],
-            fit_on=_FIT_ON[fit_on], slice_layout=_LAYOUTS[slice_layout], coeff_dtype=coeff_dtype,
-            include=self.options["include"], exclude=self.options["exclude"], min_numel=min_numel,
-            verify_bases=bool(verify_bases), seed=seed, target_ratio=float(target_ratio), min_ratio=float(min_ratio),
-            restart_error_growth=float(restart_error_growth), basis_dtype=basis_dtype,
-            pipeline_chunks=pipeline_chunks)
+        self._cpp_options = _C.GradiVeQOptions()
+        for name in OPTION_NAMES:
+            value = self.options[name]
+            if name in _ENUM_OPTIONS:
+                value = _ENUM_OPTIONS[name].__members__[value]
+            elif name in ("coeff_dtype", "basis_dtype"):
+                value = getattr(torch, value)
+            setattr(self._cpp_options, name, value)
+        self._cpp_options.validate()
         self._engine = None
         self._param_names = None
         if model is not None:
@@ -413,9 +442,8 @@ class GradiVeQState(_HookState):
     def attach(self, model: torch.nn.Module) -> "GradiVeQState":
         """Binds the state to a DDP model (or its module): its named parameters and process group."""
         self._check_unattached()
-        module = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-        params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-        self._engine = _C.Aggregator(_group_of(model, self.process_group), params, self._cpp_options)
+        params = _trainable(model)
+        self._engine = _C.GradiVeQAggregator(_group_of(model, self.process_group), params, self._cpp_options)
         self._param_names = [n for n, _ in params]
         return self
 

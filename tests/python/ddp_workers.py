@@ -3,14 +3,22 @@ import contextlib
 import os
 import random
 import signal
+import sys
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import gradiveq
-from gradiveq.models import SmallCNN
+# python/ (the package) and benchmarks/ddp/ (models.py). conftest.py puts both on sys.path and spawned ranks inherit
+# it; adding them here too lets this module import on its own.
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+for _p in (os.path.join(_ROOT, "python"), os.path.join(_ROOT, "benchmarks", "ddp")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import gradiveq  # noqa: E402
+from models import SmallCNN  # noqa: E402  (benchmarks/ddp/models.py)
 
 
 class CnnWithUnusedBranch(nn.Module):

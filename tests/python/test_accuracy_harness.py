@@ -7,7 +7,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def test_accuracy_quick_run_reports_every_method(tmp_path):
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks/accuracy.py"), "--quick",
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks/ddp/accuracy.py"), "--quick",
            "--methods", "plain,qsgd4,gradiveq,gradiveq-paper", "--out", str(tmp_path), "--tag", "quick"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -10,7 +10,7 @@ METHODS = ("nocomm", "plain", "fp16", "powersgd1", "powersgd2", "qsgd4", "co3", 
 
 
 def test_benchmark_tiny_run_reports_every_method(tmp_path):
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks/resnet32_cifar100.py"), "--iters", "3", "--warmup-steps",
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks/ddp/resnet32_cifar100.py"), "--iters", "3", "--warmup-steps",
            "1", "--schedule", "1,2,3", "--batch", "8", "--no-progress", "--out", str(tmp_path), "--tag", "tiny",
            "--bucket-cap-mb", "0.25"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
@@ -55,13 +55,12 @@ def test_benchmark_tiny_run_reports_every_method(tmp_path):
 
 
 def sum_params():
-    sys.path.insert(0, os.path.join(ROOT, "python"))
-    from gradiveq.models import resnet32
+    from models import resnet32  # benchmarks/ddp, on sys.path (conftest.py)
     return sum(p.numel() for p in resnet32().parameters())
 
 
 def test_soak_smoke_run_keeps_ranks_identical(tmp_path):
-    cmd = [sys.executable, os.path.join(ROOT, "benchmarks/soak.py"), "--steps", "60", "--report-every", "20",
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks/ddp/soak.py"), "--steps", "60", "--report-every", "20",
            "--out", str(tmp_path), "--tag", "smoke"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -81,11 +81,30 @@ def test_demo_runs_on_real_resnet32_gradients():
         assert 0.0 <= float(err) < 1.5 and 0.9 <= float(expl) <= 1.0 + 1e-6
 
 
-def test_python_defaults_and_paper_options_match_the_cpp_ones():
-    for py_state, cpp in ((gradiveq.GradiVeQState(), gradiveq._C.AggregatorOptions.defaults()),
-                          (gradiveq.GradiVeQState.paper(), gradiveq._C.AggregatorOptions.paper())):
-        for key, value in cpp.as_dict().items():
-            assert py_state.options[key] == value, (key, py_state.options[key], value)
+def test_python_defaults_and_paper_options_are_read_from_the_cpp_structs():
+    import inspect
+
+    from gradiveq import state as st
+
+    cpp_defaults, cpp_paper = gradiveq._C.GradiVeQOptions(), gradiveq._C.GradiVeQOptions.paper()
+    # Every C++ option is a keyword of GradiVeQState, and nothing else is an option.
+    signature = inspect.signature(gradiveq.GradiVeQState).parameters
+    assert set(st.OPTION_NAMES) == set(signature) - {"process_group", "error_feedback", "model"}
+    assert "min_ratio" in st.OPTION_NAMES and len(st.OPTION_NAMES) == 19
+    for name in st.OPTION_NAMES:
+        value = getattr(cpp_defaults, name)
+        value = value.name if name in st._ENUM_OPTIONS else value
+        default = signature[name].default
+        assert default == (value if name not in ("include", "exclude") else None) or (default is None and value == []), name
+        assert st.DEFAULT_OPTIONS[name] == value and st.PAPER_OPTIONS[name] == (
+            getattr(cpp_paper, name).name if name in st._ENUM_OPTIONS else getattr(cpp_paper, name)), name
+    for py_state, cpp in ((gradiveq.GradiVeQState(), cpp_defaults), (gradiveq.GradiVeQState.paper(), cpp_paper)):
+        for name in st.OPTION_NAMES:  # the options a state hands to C++ are the C++ ones, field by field
+            assert getattr(py_state._cpp_options, name) == getattr(cpp, name), name
+    # The quantizer states read theirs from the C++ codec option structs.
+    assert inspect.signature(gradiveq.QsgdState).parameters["levels"].default == gradiveq._C.QsgdOptions().levels
+    assert inspect.signature(gradiveq.CO3State).parameters["gamma"].default == gradiveq._C.Co3Options().gamma
+    assert inspect.signature(gradiveq.CASQState).parameters["bits"].default == gradiveq._C.CasqOptions().bits
     paper = gradiveq.GradiVeQState.paper(warmup_iters=10).options
     assert (paper["fit_on"], paper["slice_layout"], paper["energy"], paper["sample_quantizer"]) == (
         "first_slice", "kernel_row", 0.99, "qsgd4")

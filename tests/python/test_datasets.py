@@ -5,7 +5,7 @@ import struct
 import pytest
 import torch
 
-from gradiveq.datasets import load_fashion_mnist, read_cifar100_bin, read_idx
+from datasets import load_fashion_mnist, read_cifar100_bin, read_idx
 
 
 def write_cifar(path, n, seed=0):

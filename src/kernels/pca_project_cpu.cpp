@@ -1,4 +1,4 @@
-#include "cpu_codec_kernels.h"
+#include "kernels/kernels.h"
 
 #include <ATen/Parallel.h>
 

@@ -8,6 +8,29 @@
 namespace py = pybind11;
 using namespace gradiveq;
 
+namespace {
+
+// Binds `Class::outer.inner` as the flat property `name`: the options keep their C++ grouping (fit, schedule,
+// policy) while Python sees one field per option.
+template <typename Class, typename Outer, typename Inner>
+void def_nested(py::class_<Class>& cls, const char* name, Outer Class::*outer, Inner Outer::*inner) {
+  cls.def_property(
+      name, [outer, inner](const Class& o) { return o.*outer.*inner; },
+      [outer, inner](Class& o, const Inner& v) { (o.*outer).*inner = v; });
+}
+
+std::vector<NamedParameter> named(const std::vector<std::pair<std::string, at::Tensor>>& params) {
+  std::vector<NamedParameter> out;
+  for (const auto& [name, tensor] : params) out.push_back({name, tensor});
+  return out;
+}
+
+c10::intrusive_ptr<c10d::ProcessGroup> group(c10d::ProcessGroup& pg) {
+  return c10::intrusive_ptr<c10d::ProcessGroup>::reclaim_copy(&pg);
+}
+
+}  // namespace
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "GradiVeQ core (C++): conv slice layout, PCA compressor, QSGD / CO3 / CASQ codecs, schedule";
   m.attr("__version__") = kVersion;
@@ -38,8 +61,9 @@ PYBIND11_MODULE(_C, m) {
       .def_static("fit", [](const at::Tensor& samples, double energy, int64_t max_components, double target_ratio,
                             double min_ratio) {
             return PcaCompressor::fit(samples, FitOptions{energy, max_components, target_ratio, min_ratio});
-          }, py::arg("samples"), py::arg("energy") = 0.99, py::arg("max_components") = 0,
-          py::arg("target_ratio") = 0.0, py::arg("min_ratio") = 0.0,
+          }, py::arg("samples"), py::arg("energy") = FitOptions{}.energy,
+          py::arg("max_components") = FitOptions{}.max_components, py::arg("target_ratio") = FitOptions{}.target_ratio,
+          py::arg("min_ratio") = FitOptions{}.min_ratio,
           py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("is_fitted", &PcaCompressor::is_fitted)
       .def_property_readonly("slice_len", &PcaCompressor::slice_len)
@@ -60,7 +84,8 @@ PYBIND11_MODULE(_C, m) {
   py::class_<QsgdCodec>(m, "QsgdCodec")
       .def(py::init([](int64_t levels, int64_t bucket_size, const std::string& norm) {
              return QsgdCodec(QsgdOptions{levels, bucket_size, parse_qsgd_norm(norm)});
-           }), py::arg("levels") = 7, py::arg("bucket_size") = 512, py::arg("norm") = "max")
+           }), py::arg("levels") = QsgdOptions{}.levels, py::arg("bucket_size") = QsgdOptions{}.bucket_size,
+           py::arg("norm") = "max")
       .def_property_readonly("bits_per_value", &QsgdCodec::bits_per_value)
       .def("packed_bytes", &QsgdCodec::packed_bytes, py::arg("numel"))
       .def("encode", &QsgdCodec::encode, py::arg("values"), py::arg("seed"))
@@ -79,7 +104,8 @@ PYBIND11_MODULE(_C, m) {
   py::class_<CasqCodec>(m, "CasqCodec")
       .def(py::init([](int64_t bits, int64_t clusters, int64_t bucket_size) {
              return CasqCodec(CasqOptions{bits, clusters, bucket_size});
-           }), py::arg("bits") = 2, py::arg("clusters") = 4, py::arg("bucket_size") = 512)
+           }), py::arg("bits") = CasqOptions{}.bits, py::arg("clusters") = CasqOptions{}.clusters,
+           py::arg("bucket_size") = CasqOptions{}.bucket_size)
       .def("packed_bytes", &CasqCodec::packed_bytes, py::arg("numel"))
       .def("bits_per_element", &CasqCodec::bits_per_element, py::arg("numel"))
       .def("encode", &CasqCodec::encode, py::arg("values"), py::arg("seed"))
@@ -92,7 +118,9 @@ PYBIND11_MODULE(_C, m) {
   py::class_<Schedule>(m, "Schedule")
       .def(py::init([](int64_t warmup, int64_t sample, int64_t compress) {
              return Schedule(ScheduleOptions{warmup, sample, compress});
-           }), py::arg("warmup_iters") = 2500, py::arg("sample_iters") = 100, py::arg("compress_iters") = 400)
+           }), py::arg("warmup_iters") = ScheduleOptions{}.warmup_iters,
+           py::arg("sample_iters") = ScheduleOptions{}.sample_iters,
+           py::arg("compress_iters") = ScheduleOptions{}.compress_iters)
       .def("phase", &Schedule::phase, py::arg("iter"))
       .def("fits_after", &Schedule::fits_after, py::arg("iter"))
       .def("window_index", &Schedule::window_index, py::arg("iter"));
@@ -107,61 +135,50 @@ PYBIND11_MODULE(_C, m) {
       .value("kernel_row", SliceLayoutKind::kKernelRow)
       .value("kernel_position", SliceLayoutKind::kKernelPosition);
 
-  py::class_<AggregatorOptions>(m, "AggregatorOptions")
-      .def(py::init([](double energy, int64_t max_components, int64_t warmup_iters, int64_t sample_iters,
-                       int64_t compress_iters, SampleQuantizer sample_quantizer, FitSamples fit_on,
-                       SliceLayoutKind slice_layout, at::ScalarType coeff_dtype, std::vector<std::string> include,
-                       std::vector<std::string> exclude, int64_t min_numel, bool verify_bases, uint64_t seed,
-                       double target_ratio, double min_ratio, double restart_error_growth,
-                       at::ScalarType basis_dtype, int64_t pipeline_chunks) {
-             AggregatorOptions o;
-             o.fit = FitOptions{energy, max_components, target_ratio, min_ratio};
-             o.restart_error_growth = restart_error_growth;
-             o.schedule = ScheduleOptions{warmup_iters, sample_iters, compress_iters};
-             o.sample_quantizer = sample_quantizer;
-             o.fit_on = fit_on;
-             o.slice_layout = slice_layout;
-             o.coeff_dtype = coeff_dtype;
-             o.basis_dtype = basis_dtype;
-             o.pipeline_chunks = pipeline_chunks;
-             o.policy = LayerPolicy{std::move(include), std::move(exclude), min_numel};
-             o.verify_bases = verify_bases;
-             o.seed = seed;
-             o.validate();
-             return o;
-           }),
-           py::arg("energy"), py::arg("max_components"), py::arg("warmup_iters"), py::arg("sample_iters"),
-           py::arg("compress_iters"), py::arg("sample_quantizer"), py::arg("fit_on"), py::arg("slice_layout"),
-           py::arg("coeff_dtype"), py::arg("include"), py::arg("exclude"), py::arg("min_numel"),
-           py::arg("verify_bases"), py::arg("seed"), py::arg("target_ratio") = 0.0, py::arg("min_ratio") = 0.0,
-           py::arg("restart_error_growth") = 0.0, py::arg("basis_dtype") = at::kFloat,
-           py::arg("pipeline_chunks") = 1)
-      // The C++ defaults and the paper's options, so Python can check that its signature matches them.
-      .def_static("defaults", [] { return AggregatorOptions{}; })
-      .def_static("paper", &AggregatorOptions::paper)
-      .def("as_dict", [](const AggregatorOptions& o) {
-        py::dict d;
-        d["energy"] = o.fit.energy;
-        d["max_components"] = o.fit.max_components;
-        d["target_ratio"] = o.fit.target_ratio;
-        d["min_ratio"] = o.fit.min_ratio;
-        d["warmup_iters"] = o.schedule.warmup_iters;
-        d["sample_iters"] = o.schedule.sample_iters;
-        d["compress_iters"] = o.schedule.compress_iters;
-        d["sample_quantizer"] = o.sample_quantizer == SampleQuantizer::kQsgd4 ? "qsgd4" : "none";
-        d["fit_on"] = o.fit_on == FitSamples::kFirstSlice ? "first_slice" : "all_slices";
-        d["slice_layout"] = o.slice_layout == SliceLayoutKind::kKernelRow ? "kernel_row" : "kernel_position";
-        d["min_numel"] = o.policy.min_numel;
-        d["verify_bases"] = o.verify_bases;
-        d["restart_error_growth"] = o.restart_error_growth;
-        const auto dtype_name = [](at::ScalarType t) {
-          return t == at::kHalf ? "float16" : t == at::kBFloat16 ? "bfloat16" : "float32";
-        };
-        d["coeff_dtype"] = dtype_name(o.coeff_dtype);
-        d["basis_dtype"] = dtype_name(o.basis_dtype);
-        d["pipeline_chunks"] = o.pipeline_chunks;
-        return d;
-      });
+  // Every GradiVeQ option, field by field (options.h is their only declaration; Python reads the defaults here).
+  py::class_<GradiVeQOptions> options(m, "GradiVeQOptions");
+  options.def(py::init<>())
+      .def_static("paper", &GradiVeQOptions::paper)
+      .def("validate", &GradiVeQOptions::validate);
+  def_nested(options, "energy", &GradiVeQOptions::fit, &FitOptions::energy);
+  def_nested(options, "max_components", &GradiVeQOptions::fit, &FitOptions::max_components);
+  def_nested(options, "target_ratio", &GradiVeQOptions::fit, &FitOptions::target_ratio);
+  def_nested(options, "min_ratio", &GradiVeQOptions::fit, &FitOptions::min_ratio);
+  def_nested(options, "warmup_iters", &GradiVeQOptions::schedule, &ScheduleOptions::warmup_iters);
+  def_nested(options, "sample_iters", &GradiVeQOptions::schedule, &ScheduleOptions::sample_iters);
+  def_nested(options, "compress_iters", &GradiVeQOptions::schedule, &ScheduleOptions::compress_iters);
+  options.def_readwrite("sample_quantizer", &GradiVeQOptions::sample_quantizer)
+      .def_readwrite("fit_on", &GradiVeQOptions::fit_on)
+      .def_readwrite("slice_layout", &GradiVeQOptions::slice_layout)
+      .def_readwrite("coeff_dtype", &GradiVeQOptions::coeff_dtype)
+      .def_readwrite("basis_dtype", &GradiVeQOptions::basis_dtype);
+  def_nested(options, "include", &GradiVeQOptions::policy, &LayerPolicy::include);
+  def_nested(options, "exclude", &GradiVeQOptions::policy, &LayerPolicy::exclude);
+  def_nested(options, "min_numel", &GradiVeQOptions::policy, &LayerPolicy::min_numel);
+  options.def_readwrite("verify_bases", &GradiVeQOptions::verify_bases)
+      .def_readwrite("seed", &GradiVeQOptions::seed)
+      .def_readwrite("restart_error_growth", &GradiVeQOptions::restart_error_growth)
+      .def_readwrite("pipeline_chunks", &GradiVeQOptions::pipeline_chunks);
+
+  // The gather engine's and its codecs' options, for the quantizer states' defaults.
+  py::class_<GatherAggregatorOptions>(m, "GatherAggregatorOptions")
+      .def(py::init<>())
+      .def_readwrite("min_numel", &GatherAggregatorOptions::min_numel)
+      .def_readwrite("seed", &GatherAggregatorOptions::seed);
+  py::class_<QsgdOptions>(m, "QsgdOptions")
+      .def(py::init<>())
+      .def_readwrite("levels", &QsgdOptions::levels)
+      .def_readwrite("bucket_size", &QsgdOptions::bucket_size)
+      .def_property_readonly("norm", [](const QsgdOptions& o) { return o.norm == QsgdNorm::kMax ? "max" : "l2"; });
+  py::class_<Co3Options>(m, "Co3Options")
+      .def(py::init<>())
+      .def_property_readonly("format", [](const Co3Options& o) { return o.format == Co3Format::kFp4 ? "fp4" : "fp8"; })
+      .def_readwrite("gamma", &Co3Options::gamma);
+  py::class_<CasqOptions>(m, "CasqOptions")
+      .def(py::init<>())
+      .def_readwrite("bits", &CasqOptions::bits)
+      .def_readwrite("clusters", &CasqOptions::clusters)
+      .def_readwrite("bucket_size", &CasqOptions::bucket_size);
 
   py::class_<LayerStats>(m, "LayerStats")
       .def_readonly("name", &LayerStats::name)
@@ -212,42 +229,34 @@ PYBIND11_MODULE(_C, m) {
            },
            py::arg("bucket"), py::call_guard<py::gil_scoped_release>());
 
-  py::class_<QsgdAggregator, BucketAggregator, std::shared_ptr<QsgdAggregator>>(m, "QsgdAggregator")
-      .def(py::init([](c10d::ProcessGroup& pg, int64_t levels, int64_t bucket_size, const std::string& norm,
-                       int64_t min_numel, uint64_t seed) {
-             QsgdAggregatorOptions o;
-             o.codec = QsgdOptions{levels, bucket_size, parse_qsgd_norm(norm)};
-             o.min_numel = min_numel;
-             o.seed = seed;
-             return QsgdAggregator::create(c10::intrusive_ptr<c10d::ProcessGroup>::reclaim_copy(&pg), o);
-           }),
-           py::arg("process_group"), py::arg("levels"), py::arg("bucket_size"), py::arg("norm"),
-           py::arg("min_numel"), py::arg("seed"))
-      .def_property_readonly("bits_per_value", [](const QsgdAggregator& a) { return a.codec().bits_per_value(); });
-
-  // CO3 and CASQ: one aggregator class, a factory per codec.
-  const auto named = [](const std::vector<std::pair<std::string, at::Tensor>>& params) {
-    std::vector<NamedParameter> out;
-    for (const auto& [name, tensor] : params) out.push_back({name, tensor});
-    return out;
-  };
+  // QSGD, CO3 and CASQ: one gather engine, a factory per message codec.
   py::class_<GatherAggregator, BucketAggregator, std::shared_ptr<GatherAggregator>>(m, "GatherAggregator")
-      .def_static("co3",
-                  [named](c10d::ProcessGroup& pg, const std::vector<std::pair<std::string, at::Tensor>>& params,
-                          const std::string& format, double gamma, int64_t min_numel) {
+      .def_static("qsgd",
+                  [](c10d::ProcessGroup& pg, const std::vector<std::pair<std::string, at::Tensor>>& params,
+                     int64_t levels, int64_t bucket_size, const std::string& norm, int64_t min_numel, uint64_t seed) {
                     return GatherAggregator::create(
-                        c10::intrusive_ptr<c10d::ProcessGroup>::reclaim_copy(&pg), named(params),
-                        std::make_unique<Co3GatherCodec>(Co3Options{parse_co3_format(format)}, gamma),
+                        group(pg), named(params),
+                        std::make_unique<QsgdMessageCodec>(QsgdOptions{levels, bucket_size, parse_qsgd_norm(norm)}),
+                        GatherAggregatorOptions{min_numel, seed});
+                  },
+                  py::arg("process_group"), py::arg("parameters"), py::arg("levels"), py::arg("bucket_size"),
+                  py::arg("norm"), py::arg("min_numel"), py::arg("seed"))
+      .def_static("co3",
+                  [](c10d::ProcessGroup& pg, const std::vector<std::pair<std::string, at::Tensor>>& params,
+                     const std::string& format, double gamma, int64_t min_numel) {
+                    return GatherAggregator::create(
+                        group(pg), named(params),
+                        std::make_unique<Co3MessageCodec>(Co3Options{parse_co3_format(format)}, gamma),
                         GatherAggregatorOptions{min_numel, 0});
                   },
                   py::arg("process_group"), py::arg("parameters"), py::arg("format"), py::arg("gamma"),
                   py::arg("min_numel"))
       .def_static("casq",
-                  [named](c10d::ProcessGroup& pg, const std::vector<std::pair<std::string, at::Tensor>>& params,
-                          int64_t bits, int64_t clusters, int64_t bucket_size, int64_t min_numel, uint64_t seed) {
+                  [](c10d::ProcessGroup& pg, const std::vector<std::pair<std::string, at::Tensor>>& params,
+                     int64_t bits, int64_t clusters, int64_t bucket_size, int64_t min_numel, uint64_t seed) {
                     return GatherAggregator::create(
-                        c10::intrusive_ptr<c10d::ProcessGroup>::reclaim_copy(&pg), named(params),
-                        std::make_unique<CasqGatherCodec>(CasqOptions{bits, clusters, bucket_size}),
+                        group(pg), named(params),
+                        std::make_unique<CasqMessageCodec>(CasqOptions{bits, clusters, bucket_size}),
                         GatherAggregatorOptions{min_numel, seed});
                   },
                   py::arg("process_group"), py::arg("parameters"), py::arg("bits"), py::arg("clusters"),
@@ -257,29 +266,26 @@ PYBIND11_MODULE(_C, m) {
       .def("save_slot_states", &GatherAggregator::save_slot_states)
       .def("load_slot_states", &GatherAggregator::load_slot_states, py::arg("states"), py::arg("iteration"));
 
-  py::class_<Aggregator, BucketAggregator, std::shared_ptr<Aggregator>>(m, "Aggregator")
+  py::class_<GradiVeQAggregator, BucketAggregator, std::shared_ptr<GradiVeQAggregator>>(m, "GradiVeQAggregator")
       .def(py::init([](c10d::ProcessGroup& pg, const std::vector<std::pair<std::string, at::Tensor>>& params,
-                       const AggregatorOptions& options) {
-             std::vector<NamedParameter> named;
-             for (const auto& [name, tensor] : params) named.push_back({name, tensor});
-             return Aggregator::create(c10::intrusive_ptr<c10d::ProcessGroup>::reclaim_copy(&pg),
-                                       std::move(named), options);
+                       const GradiVeQOptions& options) {
+             return GradiVeQAggregator::create(group(pg), named(params), options);
            }),
            py::arg("process_group"), py::arg("parameters"), py::arg("options"))
-      .def_property_readonly("phase", &Aggregator::phase)
-      .def_property_readonly("world_size", &Aggregator::world_size)
-      .def_property_readonly("rank", &Aggregator::rank)
-      .def_property_readonly("window_restarts", &Aggregator::window_restarts)
-      .def("layer_stats", &Aggregator::layer_stats)
-      .def("save_state", &Aggregator::save_state)
-      .def("load_state", &Aggregator::load_state, py::arg("state"))
-      .def("basis", &Aggregator::basis, py::arg("name"))
-      .def("set_basis", &Aggregator::set_basis, py::arg("name"), py::arg("pca"));
+      .def_property_readonly("phase", &GradiVeQAggregator::phase)
+      .def_property_readonly("world_size", &GradiVeQAggregator::world_size)
+      .def_property_readonly("rank", &GradiVeQAggregator::rank)
+      .def_property_readonly("window_restarts", &GradiVeQAggregator::window_restarts)
+      .def("layer_stats", &GradiVeQAggregator::layer_stats)
+      .def("save_state", &GradiVeQAggregator::save_state)
+      .def("load_state", &GradiVeQAggregator::load_state, py::arg("state"))
+      .def("basis", &GradiVeQAggregator::basis, py::arg("name"))
+      .def("set_basis", &GradiVeQAggregator::set_basis, py::arg("name"), py::arg("pca"));
 
   m.def("register_comm_hook",
         [](c10d::Reducer& reducer, std::shared_ptr<BucketAggregator> aggregator) {
-          reducer.register_comm_hook(std::make_unique<GradiVeQCommHook>(std::move(aggregator)));
+          reducer.register_comm_hook(std::make_unique<AggregatorCommHook>(std::move(aggregator)));
         },
         py::arg("reducer"), py::arg("aggregator"), py::call_guard<py::gil_scoped_release>(),
-        "Registers the C++ GradiVeQ hook on a DDP reducer (ddp_model.reducer).");
+        "Registers the C++ hook of any engine on a DDP reducer (ddp_model.reducer).");
 }

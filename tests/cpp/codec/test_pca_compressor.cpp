@@ -8,7 +8,7 @@
 #include <utility>
 #include <vector>
 
-#include "../src/cpu_codec_kernels.h"
+#include "kernels/kernels.h"
 #include "gradiveq/conv_layout.h"
 #include "test_helpers.h"
 

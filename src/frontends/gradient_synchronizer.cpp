@@ -16,17 +16,34 @@ struct GradientSynchronizer::Bucket {
   c10::intrusive_ptr<c10::ivalue::Future> future;
 };
 
-GradientSynchronizer::GradientSynchronizer(c10::intrusive_ptr<c10d::ProcessGroup> process_group,
-                                           std::vector<NamedParameter> parameters, SynchronizerOptions options)
-    : options_(std::move(options)) {
-  constexpr const char* kWhere = "GradientSynchronizer";
-  GVQ_CHECK_ARG(options_.bucket_cap_bytes > 0, kWhere, "bucket_cap_bytes", "must be positive, got ",
-                options_.bucket_cap_bytes);
+namespace {
+
+constexpr const char* kWhere = "GradientSynchronizer";
+
+const std::vector<NamedParameter>& checked(const std::vector<NamedParameter>& parameters,
+                                           const SynchronizerOptions& options) {
+  GVQ_CHECK_ARG(options.bucket_cap_bytes > 0, kWhere, "bucket_cap_bytes", "must be positive, got ",
+                options.bucket_cap_bytes);
   for (const auto& p : parameters) {
     GVQ_CHECK_ARG(p.tensor.defined() && p.tensor.requires_grad(), kWhere, "parameters", "'", p.name,
                   "' must be a defined tensor that requires grad");
   }
-  aggregator_ = Aggregator::create(std::move(process_group), parameters, options_.gradiveq);  // validates the rest
+  return parameters;
+}
+
+}  // namespace
+
+GradientSynchronizer::GradientSynchronizer(c10::intrusive_ptr<c10d::ProcessGroup> process_group,
+                                           std::vector<NamedParameter> parameters, SynchronizerOptions options)
+    : GradientSynchronizer(GradiVeQAggregator::create(std::move(process_group), checked(parameters, options),
+                                                      options.gradiveq),  // validates the rest
+                           parameters, options) {}
+
+GradientSynchronizer::GradientSynchronizer(std::shared_ptr<BucketAggregator> engine,
+                                           std::vector<NamedParameter> parameters, SynchronizerOptions options)
+    : engine_(std::move(engine)), options_(std::move(options)) {
+  GVQ_CHECK_ARG(engine_ != nullptr, kWhere, "engine", "is null");
+  checked(parameters, options_);
 
   // Buckets in reverse registration order, split by size and dtype.
   const size_t n = parameters.size();
@@ -74,6 +91,17 @@ GradientSynchronizer::GradientSynchronizer(c10::intrusive_ptr<c10d::ProcessGroup
   }
 }
 
+GradiVeQAggregator& GradientSynchronizer::aggregator() {
+  auto* gradiveq = dynamic_cast<GradiVeQAggregator*>(engine_.get());
+  GVQ_CHECK_ARG(gradiveq != nullptr, "GradientSynchronizer.aggregator", "engine",
+                "is not the GradiVeQ engine; use engine() for any engine");
+  return *gradiveq;
+}
+
+const GradiVeQAggregator& GradientSynchronizer::aggregator() const {
+  return const_cast<GradientSynchronizer*>(this)->aggregator();
+}
+
 GradientSynchronizer::~GradientSynchronizer() {
   for (size_t k = 0; k < hook_handles_.size(); ++k) {
     try {
@@ -112,7 +140,7 @@ void GradientSynchronizer::launch_ready_buckets() {
 void GradientSynchronizer::launch(size_t index) {
   Bucket& b = *buckets_[index];
   b.launched = true;
-  b.future = aggregator_->aggregate_bucket(b.buffer, b.views, b.tensors, int64_t(index), index + 1 == buckets_.size());
+  b.future = engine_->aggregate_bucket(b.buffer, b.views, b.tensors, int64_t(index), index + 1 == buckets_.size());
 }
 
 void GradientSynchronizer::begin() {

@@ -7,8 +7,8 @@
 #include <vector>
 
 #include "gradiveq/errors.h"
-#include "hash_mix.h"
-#include "packed_bits.h"
+#include "util/hash_mix.h"
+#include "util/packed_bits.h"
 
 namespace gradiveq {
 
@@ -222,6 +222,36 @@ at::Tensor CasqCodec::decode(const at::Tensor& packed, int64_t numel) const {
   at::Tensor out = at::zeros({numel}, at::kFloat);
   decode_add(packed, out);
   return out;
+}
+
+// --- as a message codec -------------------------------------------------------------------------------
+
+namespace {
+double sum_sq(const at::Tensor& x) {
+  const float* p = x.data_ptr<float>();
+  double s = 0.0;
+  for (int64_t i = 0; i < x.numel(); ++i) s += double(p[i]) * double(p[i]);
+  return s;
+}
+}  // namespace
+
+CasqMessageCodec::CasqMessageCodec(const CasqOptions& options) : codec_(options) {}
+
+EncodedMessage CasqMessageCodec::encode(const at::Tensor& values, int64_t, uint64_t seed) {
+  EncodedMessage m;
+  m.packed = codec_.encode(values, seed);
+  // The error statistic needs the decoded values; decoding is a codebook lookup, cheap next to the
+  // clustering.
+  at::Tensor q = codec_.decode(m.packed, values.numel());
+  if (bool(at::isfinite(q).all().item<bool>())) {
+    m.residual_sq = sum_sq(q.sub_(values));
+    m.signal_sq = sum_sq(values);
+  }
+  return m;
+}
+
+void CasqMessageCodec::decode_add(const at::Tensor& packed, at::Tensor& out) const {
+  codec_.decode_add(packed, out);
 }
 
 }  // namespace gradiveq

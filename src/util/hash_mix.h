@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 namespace gradiveq::detail {
 
@@ -21,6 +22,13 @@ inline uint64_t mix(uint64_t h, uint64_t v) {
 /// independently (and in parallel, on any device) with the same result.
 inline double uniform01(uint64_t seed, uint64_t index) {
   return double(splitmix64(seed + 0x9E3779B97F4A7C15ull * (index + 1)) >> 11) * 0x1.0p-53;
+}
+
+/// FNV-1a of a string: stable across processes and platforms (std::hash is not), for names in seeds and checksums.
+inline uint64_t hash_string(const std::string& s) {
+  uint64_t h = 1469598103934665603ull;
+  for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
+  return h;
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -9,7 +9,7 @@
 #include <mutex>
 #include <string>
 
-#include "gradiveq/bucket_aggregator.h"
+#include "gradiveq/types.h"
 
 namespace gradiveq::detail {
 

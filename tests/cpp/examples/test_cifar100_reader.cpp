@@ -1,5 +1,5 @@
 // Tests of the C++ example's CIFAR-100 reader (examples/cpp/cifar100.h) on files the test writes.
-#include "../examples/cpp/cifar100.h"
+#include "examples/cpp/cifar100.h"
 
 #include <gtest/gtest.h>
 

@@ -2,6 +2,8 @@
 // real Gloo process groups, one thread per rank.
 #include <cmath>
 
+#include "gradiveq/casq.h"
+#include "gradiveq/co3.h"
 #include "gradiveq/gather_aggregator.h"
 #include "rank_threads.h"
 #include "test_helpers.h"
@@ -39,7 +41,7 @@ std::vector<at::Tensor> aggregate(GatherAggregator& agg, const Model& model,
 
 std::shared_ptr<GatherAggregator> co3(c10::intrusive_ptr<c10d::ProcessGroup> pg, const Model& m,
                                       Co3Format format, double gamma) {
-  return GatherAggregator::create(pg, m.params, std::make_unique<Co3GatherCodec>(Co3Options{format}, gamma));
+  return GatherAggregator::create(pg, m.params, std::make_unique<Co3MessageCodec>(Co3Options{format}, gamma));
 }
 
 class GatherRanks : public ::testing::TestWithParam<int> {};
@@ -110,7 +112,7 @@ TEST_P(GatherRanks, CasqIsUnbiasedIdenticalOnRanksAndSendsItsFormula) {
   run_ranks(world, [&](int rank, c10::intrusive_ptr<c10d::ProcessGroup> pg) {
     Model model;
     CasqOptions o;
-    auto agg = GatherAggregator::create(pg, model.params, std::make_unique<CasqGatherCodec>(o), {1000, 7});
+    auto agg = GatherAggregator::create(pg, model.params, std::make_unique<CasqMessageCodec>(o), {1000, 7});
     at::Tensor plain = at::zeros({64, 64});
     for (int r = 0; r < world; ++r) plain += gradients_of(r, 0)[0];
     plain /= world;
@@ -144,7 +146,7 @@ TEST_P(GatherRanks, SeveralBucketsInFlightAverageCorrectly) {
     std::vector<NamedParameter> params;
     for (int i = 0; i < 4; ++i) params.push_back({"p" + std::to_string(i), at::zeros({2000 + 500 * i})});
     auto agg = GatherAggregator::create(pg, params,
-                                        std::make_unique<Co3GatherCodec>(Co3Options{Co3Format::kFp8}, 0.0));
+                                        std::make_unique<Co3MessageCodec>(Co3Options{Co3Format::kFp8}, 0.0));
     std::vector<at::Tensor> buffers;
     std::vector<c10::intrusive_ptr<c10::ivalue::Future>> futures;
     for (int i = 0; i < 4; ++i) {
@@ -169,11 +171,11 @@ TEST(GatherAggregator, NonFiniteGradientStaysNonFiniteOnEveryRank) {
   for (bool casq : {false, true}) {
     run_ranks(2, [&](int rank, c10::intrusive_ptr<c10d::ProcessGroup> pg) {
       Model model;
-      std::unique_ptr<GatherCodec> codec;
+      std::unique_ptr<MessageCodec> codec;
       if (casq) {
-        codec = std::make_unique<CasqGatherCodec>(CasqOptions{});
+        codec = std::make_unique<CasqMessageCodec>(CasqOptions{});
       } else {
-        codec = std::make_unique<Co3GatherCodec>(Co3Options{}, 0.9);
+        codec = std::make_unique<Co3MessageCodec>(Co3Options{}, 0.9);
       }
       auto agg = GatherAggregator::create(pg, model.params, std::move(codec));
       auto g = gradients_of(rank, 0);
@@ -219,7 +221,7 @@ TEST(GatherAggregator, Co3ErrorMemoryRoundTripsThroughSlotStates) {
     EXPECT_TRUE(at::equal(b->save_slot_states()[0].second, before[0].second));
     EXPECT_EQ(b->iteration(), 3);
 
-    auto c = GatherAggregator::create(pg, model.params, std::make_unique<CasqGatherCodec>(CasqOptions{}));
+    auto c = GatherAggregator::create(pg, model.params, std::make_unique<CasqMessageCodec>(CasqOptions{}));
     expect_invalid([&] { c->load_slot_states(saved, 0); }, {"states", "casq"});
   });
 }
@@ -227,18 +229,18 @@ TEST(GatherAggregator, Co3ErrorMemoryRoundTripsThroughSlotStates) {
 TEST(GatherAggregator, RejectsBadArguments) {
   run_ranks(1, [&](int, c10::intrusive_ptr<c10d::ProcessGroup> pg) {
     Model model;
-    expect_invalid([&] { Co3GatherCodec(Co3Options{}, 1.5); }, {"gamma", "1.5"});
+    expect_invalid([&] { Co3MessageCodec(Co3Options{}, 1.5); }, {"gamma", "1.5"});
     expect_invalid([&] { GatherAggregator::create(pg, model.params, nullptr); }, {"codec"});
     expect_invalid(
-        [&] { GatherAggregator::create(pg, {}, std::make_unique<CasqGatherCodec>(CasqOptions{})); },
+        [&] { GatherAggregator::create(pg, {}, std::make_unique<CasqMessageCodec>(CasqOptions{})); },
         {"parameters"});
     expect_invalid(
         [&] {
-          GatherAggregator::create(pg, model.params, std::make_unique<CasqGatherCodec>(CasqOptions{}),
+          GatherAggregator::create(pg, model.params, std::make_unique<CasqMessageCodec>(CasqOptions{}),
                                    {-1, 0});
         },
         {"min_numel"});
-    auto agg = GatherAggregator::create(pg, model.params, std::make_unique<CasqGatherCodec>(CasqOptions{}));
+    auto agg = GatherAggregator::create(pg, model.params, std::make_unique<CasqMessageCodec>(CasqOptions{}));
     at::Tensor stranger = at::zeros({2000});
     expect_invalid([&] { agg->aggregate_bucket(stranger, {stranger}, {stranger}, 0, true); },
                    {"parameters", "not registered"});

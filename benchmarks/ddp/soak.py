@@ -5,8 +5,8 @@ goes through hundreds of sampling windows, fits and basis broadcasts. Every `--r
 rank's resident memory (VmRSS), the largest parameter difference between ranks (they must stay bit-identical),
 the hook's stats (held-out relative error, ratio, fits) and the loss. Writes benchmarks/results/<tag>.md.
 
-    python benchmarks/soak.py --steps 5000                 # the reported run
-    python benchmarks/soak.py --steps 120 --out /tmp/soak  # smoke run (CI)
+    python benchmarks/ddp/soak.py --steps 5000                 # the reported run
+    python benchmarks/ddp/soak.py --steps 120 --out /tmp/soak  # smoke run (CI)
 """
 
 import argparse
@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "python"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,8 +29,8 @@ import torch.multiprocessing as mp  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import gradiveq  # noqa: E402
-from gradiveq.datasets import FASHION_MNIST_DIR, load_fashion_mnist  # noqa: E402
-from gradiveq.models import SmallCNN  # noqa: E402
+from datasets import FASHION_MNIST_DIR, load_fashion_mnist  # noqa: E402
+from models import SmallCNN  # noqa: E402
 from methods import free_port, run_rank_process  # noqa: E402
 
 
@@ -124,7 +124,7 @@ def main():
     args = ap.parse_args()
     args.schedule = [int(v) for v in args.schedule.split(",")]
     args.report_every = min(args.report_every, args.steps)
-    command = "python benchmarks/soak.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = "python benchmarks/ddp/soak.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rows.pkl")
         mp.start_processes(_entry, args=(2, free_port(), args, out), nprocs=2, start_method="spawn")

@@ -5,8 +5,8 @@
 #include <limits>
 
 #include "gradiveq/errors.h"
-#include "hash_mix.h"
-#include "packed_bits.h"
+#include "util/hash_mix.h"
+#include "util/packed_bits.h"
 
 namespace gradiveq {
 
@@ -119,6 +119,20 @@ at::Tensor QsgdCodec::decode(const at::Tensor& packed, int64_t numel) const {
   at::Tensor out = at::zeros({numel}, at::kFloat);
   decode_add(packed, out);
   return out;
+}
+
+// --- as a message codec -------------------------------------------------------------------------------
+
+QsgdMessageCodec::QsgdMessageCodec(const QsgdOptions& options) : codec_(options) {}
+
+EncodedMessage QsgdMessageCodec::encode(const at::Tensor& values, int64_t, uint64_t seed) {
+  EncodedMessage m;
+  m.packed = codec_.encode(values, seed);
+  return m;
+}
+
+void QsgdMessageCodec::decode_add(const at::Tensor& packed, at::Tensor& out) const {
+  codec_.decode_add(packed, out);
 }
 
 }  // namespace gradiveq

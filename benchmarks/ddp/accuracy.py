@@ -7,8 +7,8 @@ difference to plain all-reduce, the conv-layer compression ratio, bytes per step
 error (each compressed step's local loss, eq. 7, on gradients the basis was not fitted on) and the time to reach
 a test accuracy, as a markdown table and plots in benchmarks/results/.
 
-    python benchmarks/accuracy.py --model cnn --methods plain,qsgd4,gradiveq,gradiveq-pooled --seeds 0,1,2
-    python benchmarks/accuracy.py --quick          # tiny subset, what CI runs
+    python benchmarks/ddp/accuracy.py --model cnn --methods plain,qsgd4,gradiveq,gradiveq-pooled --seeds 0,1,2
+    python benchmarks/ddp/accuracy.py --quick          # tiny subset, what CI runs
 """
 
 import argparse
@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "python"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,8 +30,8 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from gradiveq.datasets import FASHION_MNIST_DIR, load_fashion_mnist  # noqa: E402
-from gradiveq.models import SmallCNN, resnet32  # noqa: E402
+from datasets import FASHION_MNIST_DIR, load_fashion_mnist  # noqa: E402
+from models import SmallCNN, resnet32  # noqa: E402
 from methods import (GRADIVEQ_CONFIGS, QUANTIZER_METHODS, TORCH_METHODS, Method, add_gradiveq_config,  # noqa: E402
                      ddp_kwargs, free_port, run_rank_process, shaped_rerun)
 
@@ -318,7 +318,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     # Shell-quoted, and without --report-only: the command that trains these runs.
-    args.command = "python benchmarks/accuracy.py " + " ".join(shlex.quote(a) for a in argv if a != "--report-only")
+    args.command = "python benchmarks/ddp/accuracy.py " + " ".join(shlex.quote(a) for a in argv if a != "--report-only")
     if args.bandwidth_mbit and not os.environ.get("GRADIVEQ_NETNS"):
         rc = shaped_rerun(os.path.abspath(__file__), argv, args.bandwidth_mbit, args.burst_kb)
         if rc is not None:

@@ -7,7 +7,7 @@
 #include <limits>
 
 #include "gradiveq/errors.h"
-#include "packed_bits.h"
+#include "util/packed_bits.h"
 #include "gradiveq/huffman.h"
 
 namespace gradiveq {
@@ -314,6 +314,40 @@ at::Tensor Co3ErrorCorrection::step_with_scale(const Co3Codec& codec, const at::
   at::Tensor packed = codec.encode_with_scale(v, alpha, info);
   update(codec, v, packed, info);
   return packed;
+}
+
+// --- as a message codec -------------------------------------------------------------------------------
+
+Co3MessageCodec::Co3MessageCodec(const Co3Options& options, double gamma) : codec_(options), gamma_(gamma) {
+  GVQ_CHECK_ARG(gamma >= 0.0 && gamma <= 1.0, "Co3MessageCodec", "gamma", "must lie in [0, 1], got ", gamma);
+}
+
+Co3ErrorCorrection& Co3MessageCodec::correction(int64_t slot) {
+  GVQ_ASSERT(slot >= 0);
+  while (int64_t(corrections_.size()) <= slot) corrections_.emplace_back(gamma_);
+  return corrections_[slot];
+}
+
+EncodedMessage Co3MessageCodec::encode(const at::Tensor& values, int64_t slot, uint64_t) {
+  Co3EncodeInfo info;
+  EncodedMessage m;
+  m.packed = correction(slot).step(codec_, values, &info);
+  m.residual_sq = info.residual_sq;
+  m.signal_sq = info.signal_sq;
+  return m;
+}
+
+void Co3MessageCodec::decode_add(const at::Tensor& packed, at::Tensor& out) const {
+  codec_.decode_add(packed, out);
+}
+
+at::Tensor Co3MessageCodec::slot_state(int64_t slot) const {
+  if (slot >= int64_t(corrections_.size()) || !corrections_[slot].error().defined()) return {};
+  return corrections_[slot].error().clone();
+}
+
+void Co3MessageCodec::set_slot_state(int64_t slot, const at::Tensor& state) {
+  correction(slot).set_error(state);
 }
 
 }  // namespace gradiveq

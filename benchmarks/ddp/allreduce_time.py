@@ -1,7 +1,7 @@
 """Times a bare Gloo all-reduce of ResNet-32's whole gradient (0.46M float32 values) between W local ranks, for
 comparing the codec's cost with the communication it saves (benchmarks/results/cpu_codec.md).
 
-    python benchmarks/allreduce_time.py --bandwidth-mbit 1000 [--world-size 2 --reps 30]
+    python benchmarks/ddp/allreduce_time.py --bandwidth-mbit 1000 [--world-size 2 --reps 30]
 """
 import argparse
 import datetime
@@ -10,7 +10,7 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "python"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
@@ -50,7 +50,7 @@ def main(argv=None):
         if rc is not None:
             return rc
         args.bandwidth_mbit = 0
-    from gradiveq.models import resnet32
+    from models import resnet32
     numel = sum(p.numel() for p in resnet32().parameters())
     ctx = mp.get_context("spawn")
     q = ctx.SimpleQueue()

@@ -9,15 +9,15 @@ c10::intrusive_ptr<c10::ivalue::Future> run_bucket(BucketAggregator& aggregator,
                                      int64_t(bucket.getIndex()), bucket.isLast());
 }
 
-GradiVeQCommHook::GradiVeQCommHook(std::shared_ptr<BucketAggregator> aggregator) : aggregator_(std::move(aggregator)) {
-  GVQ_CHECK_ARG(aggregator_ != nullptr, "GradiVeQCommHook", "aggregator", "is null");
+AggregatorCommHook::AggregatorCommHook(std::shared_ptr<BucketAggregator> aggregator) : aggregator_(std::move(aggregator)) {
+  GVQ_CHECK_ARG(aggregator_ != nullptr, "AggregatorCommHook", "aggregator", "is null");
 }
 
-c10::intrusive_ptr<c10::ivalue::Future> GradiVeQCommHook::runHook(c10d::GradBucket& bucket) {
+c10::intrusive_ptr<c10::ivalue::Future> AggregatorCommHook::runHook(c10d::GradBucket& bucket) {
   return run_bucket(*aggregator_, bucket);
 }
 
-at::Tensor GradiVeQCommHook::parseHookResult(const c10::IValue& result) {
+at::Tensor AggregatorCommHook::parseHookResult(const c10::IValue& result) {
   if (result.isTensor()) return result.toTensor();
   GVQ_ASSERT(result.isTensorList(), "unexpected hook result ", result.tagKind());
   return result.toTensorVector()[0];

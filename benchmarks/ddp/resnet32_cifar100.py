@@ -5,9 +5,9 @@ reports per method: median / p90 step time, exposed aggregation (step minus the 
 aggregation time (bucket handed to the hook -> its future completed, summed per step), bytes sent per step per
 rank, compression ratio, loss, and test accuracy when real CIFAR-100 is given.
 
-    python benchmarks/resnet32_cifar100.py --bandwidth-mbit 50            # the demo setting (needs root to shape)
-    python benchmarks/resnet32_cifar100.py --methods plain,gradiveq --iters 30 --bandwidth-mbit 0
-    torchrun --nproc-per-node 2 benchmarks/resnet32_cifar100.py --methods plain,gradiveq
+    python benchmarks/ddp/resnet32_cifar100.py --bandwidth-mbit 50            # the demo setting (needs root to shape)
+    python benchmarks/ddp/resnet32_cifar100.py --methods plain,gradiveq --iters 30 --bandwidth-mbit 0
+    torchrun --nproc-per-node 2 benchmarks/ddp/resnet32_cifar100.py --methods plain,gradiveq
 
 --bandwidth-mbit R runs all ranks in a network namespace whose loopback is shaped to R Mbit/s with tc tbf. All
 ranks then share ONE link, so the ring all-reduce floor printed is N x (bytes each rank sends) / R.
@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "python"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,9 +34,9 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from gradiveq.data import SyntheticCifar100  # noqa: E402
-from gradiveq.datasets import CIFAR100_MEAN, CIFAR100_STD, read_cifar100_bin  # noqa: E402
-from gradiveq.models import resnet32  # noqa: E402
+from data import SyntheticCifar100  # noqa: E402
+from datasets import CIFAR100_MEAN, CIFAR100_STD, read_cifar100_bin  # noqa: E402
+from models import resnet32  # noqa: E402
 from methods import (GRADIVEQ_CONFIGS, QUANTIZER_METHODS, TORCH_METHODS, Method, add_gradiveq_config,  # noqa: E402
                      ddp_kwargs, free_port, run_rank_process, shaped_rerun)
 
@@ -473,7 +473,7 @@ def parse_args(argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    args.command = "python benchmarks/resnet32_cifar100.py " + " ".join(argv)
+    args.command = "python benchmarks/ddp/resnet32_cifar100.py " + " ".join(argv)
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if args.bandwidth_mbit and not os.environ.get("GRADIVEQ_NETNS") and not under_torchrun:
         rc = shaped_rerun(os.path.abspath(__file__), argv, args.bandwidth_mbit, args.burst_kb, args.mtu)

@@ -10,9 +10,9 @@
 #include <limits>
 #include <vector>
 
-#include "byte_io.h"
-#include "hash_mix.h"
-#include "cpu_codec_kernels.h"
+#include "util/byte_io.h"
+#include "util/hash_mix.h"
+#include "kernels/kernels.h"
 #include "gradiveq/errors.h"
 
 namespace gradiveq {

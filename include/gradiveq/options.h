@@ -1,0 +1,177 @@
+// Every option of the library, declared once: the structs, their defaults, validate() and paper().
+//
+// The Python package reads its defaults from these structs through the bindings (gradiveq._C exposes each
+// struct field by field), so a default changed here changes it everywhere; nothing else declares them.
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace gradiveq {
+
+// --- PCA fit (pca_compressor.h) ------------------------------------------------------------------------
+
+struct FitOptions {
+  /// Keep the smallest d whose eigenvalues hold at least this fraction of the total variance (the paper's
+  /// 1 - lambda; 0.99 is its lambda = 0.01). Must lie in (0, 1]. 1.0 keeps all K components (d = K), including
+  /// those of zero variance, so compression is lossless up to float rounding.
+  double energy = 0.99;
+  /// Upper bound on d; 0 means no cap.
+  int64_t max_components = 0;
+  /// If > 0, d is chosen for this compression ratio instead of by energy: d = ceil(K / target_ratio)
+  /// (energy is then ignored). Must be >= 1 or 0 (off).
+  double target_ratio = 0.0;
+  /// If > 0, caps d at floor(K / min_ratio) (at least 1) after the energy rule, so every layer compresses at
+  /// least this much however flat its spectrum is. Must be >= 1 or 0 (off).
+  double min_ratio = 0.0;
+  // Whatever the rule, d never exceeds the rank of the samples (n - 1 centred samples span at most n - 1
+  // directions; more would be directions of zero variance in the window) unless energy is 1.0, which keeps K.
+};
+
+// --- Schedule (schedule.h) -----------------------------------------------------------------------------
+
+struct ScheduleOptions {
+  int64_t warmup_iters = 2500;   ///< >= 0
+  int64_t sample_iters = 100;    ///< >= 1
+  int64_t compress_iters = 400;  ///< >= 0 (0: never compress, only sample)
+};
+
+// --- Message codecs (qsgd.h, co3.h, casq.h); each codec's constructor validates its options -------------
+
+enum class QsgdNorm { kMax, kL2 };
+
+/// Parses "max" / "l2".
+QsgdNorm parse_qsgd_norm(const std::string& name);
+
+struct QsgdOptions {
+  int64_t levels = 7;         ///< s >= 1: magnitude levels 0..s (7: "4-bit QSGD", 1 sign + 3 level bits)
+  int64_t bucket_size = 512;  ///< values per scale
+  QsgdNorm norm = QsgdNorm::kMax;
+};
+
+enum class Co3Format { kFp4, kFp8 };
+
+/// Parses "fp4" / "fp8".
+Co3Format parse_co3_format(const std::string& name);
+
+struct Co3Options {
+  Co3Format format = Co3Format::kFp4;
+  /// Error-correction decay of Co3MessageCodec, in [0, 1]: v = g + gamma e (the codec itself ignores it).
+  double gamma = 0.9;
+};
+
+struct CasqOptions {
+  int64_t bits = 2;                ///< b in {2, 3}: B = 2^b levels per bucket
+  int64_t clusters = 4;            ///< C in [1, 2^bits]: k-means clusters per bucket
+  int64_t bucket_size = 512;       ///< values per codebook
+  int64_t kmeans_iterations = 16;  ///< Lloyd steps, in [0, 1000]
+};
+
+// --- The GradiVeQ engine (gradiveq_aggregator.h) ---------------------------------------------------------
+
+/// How the sampling window is aggregated.
+enum class SampleQuantizer {
+  kQsgd4,  ///< 4-bit QSGD (7 levels, bucket 512, max norm), as in the paper; all-gather based
+  kNone,   ///< uncompressed, in the all-reduce
+};
+
+/// Which slices of a layer's aggregated gradient become PCA samples.
+enum class FitSamples {
+  kFirstSlice,  ///< the paper (s = infinity): the first slice of every sampled iteration
+  kAllSlices,   ///< every slice of every sampled iteration (more samples, higher rank)
+};
+
+/// How a layer is cut into slices.
+enum class SliceLayoutKind {
+  kKernelRow,       ///< K = W*D*F, the paper's default
+  kKernelPosition,  ///< K = D*F
+};
+
+/// Which parameters are compressed. A parameter is compressible when it is 4-D (a conv weight), has at least
+/// min_numel values, matches one of `include` (if any is given) and none of `exclude`. Patterns are globs on
+/// the parameter's name (`*` any run of characters, `?` one character), e.g. "layers.*.conv2.weight".
+struct LayerPolicy {
+  std::vector<std::string> include;
+  std::vector<std::string> exclude;
+  int64_t min_numel = 1000;
+};
+
+// The defaults are chosen by measurement (benchmarks/ddp/accuracy.py, docs/results.md): every slice of every
+// sampled gradient is a PCA sample, one kernel position per slice (K = D*F), energy 0.995 with d capped at K/8,
+// the sampling windows travel uncompressed and the coefficients in float16. On Fashion-MNIST they keep test
+// accuracy far closer to plain all-reduce than the paper's choices (paper()), at a conv-layer ratio of at least 8.
+struct GradiVeQOptions {
+  FitOptions fit = default_fit();
+  ScheduleOptions schedule;
+  SampleQuantizer sample_quantizer = SampleQuantizer::kNone;
+  FitSamples fit_on = FitSamples::kAllSlices;
+  SliceLayoutKind slice_layout = SliceLayoutKind::kKernelPosition;
+  /// dtype the compressed coefficients travel in: float16 (default: half the bytes of float32; on Fashion-MNIST
+  /// the same test accuracy as float32, docs/results.md), bfloat16, or float32 (one all-reduce for the whole
+  /// bucket; the paper's). Half-precision coefficients take a second all-reduce of their own dtype, while
+  /// uncompressed values stay float32. A float16 coefficient beyond 65504 (loss scaling too high) becomes inf on
+  /// every rank alike, which GradScaler detects and skips, as with torch's fp16 hook.
+  at::ScalarType coeff_dtype = at::kHalf;
+  /// dtype the bases are stored in: float32, or bfloat16 / float16 (half the basis memory and half the bytes
+  /// the codec streams per step; products still accumulate in float32). The fitting rank rounds before the
+  /// broadcast, so every rank holds the same basis.
+  at::ScalarType basis_dtype = at::kFloat;
+  LayerPolicy policy;
+  /// Carry a checksum of the iteration, the schedule and all bases in the first bucket of every step and raise
+  /// on every rank when any rank differs (docs/design.md, "Verification").
+  bool verify_bases = true;
+  uint64_t seed = 0;  ///< seeds QSGD's stochastic rounding (mixed with iteration, rank and layer)
+  /// The paper's adaptive window (eq. 7); 0 disables it, otherwise it must be > 1. Each rank measures its local
+  /// loss over the layers it compresses in a step, E = sqrt(sum ||x - U U^T x||^2 / sum ||g||^2) with
+  /// x = g - mu/N. When E exceeds restart_error_growth times the window's baseline E on any rank, every rank
+  /// leaves the compressed window after that step and starts a new sampling window (the baseline is the mean E
+  /// of the window's first 3 compressed steps, which never vote). The ranks agree through one float carried in
+  /// the step's last all-reduce, so the decision is identical on all.
+  double restart_error_growth = 0.0;
+  /// Compressed steps: the compressed layers of a bucket are cut into up to this many groups of about equal size,
+  /// each with its own all-reduce, so the codec of one group overlaps the transfer of another. 1 = one all-reduce
+  /// per bucket. Must be >= 1.
+  int64_t pipeline_chunks = 1;
+
+  /// Throws InvalidArgument naming the first bad option.
+  void validate() const;
+
+  /// The paper's method exactly (Yu et al. 2018): first-slice fit, K = one kernel row, energy 0.99, 4-bit QSGD
+  /// sampling, schedule 2500 / 100 / 400, no adaptive window, float32 coefficients. The defaults above differ
+  /// where measurements on real data showed the paper's choices to cost accuracy (docs/results.md).
+  static GradiVeQOptions paper();
+
+ private:
+  static FitOptions default_fit() {
+    FitOptions f;
+    f.energy = 0.995;
+    f.min_ratio = 8.0;
+    return f;
+  }
+};
+
+/// Deprecated name of GradiVeQOptions (0.1); removed in the next release.
+using AggregatorOptions [[deprecated("use gradiveq::GradiVeQOptions")]] = GradiVeQOptions;
+
+// --- The gather engine (gather_aggregator.h): QSGD, CO3, CASQ --------------------------------------------
+
+struct GatherAggregatorOptions {
+  int64_t min_numel = 1000;  ///< smaller parameters travel uncompressed
+  uint64_t seed = 0;         ///< mixed with iteration, rank and position into each message's seed
+};
+
+// --- The LibTorch front end (gradient_synchronizer.h) -----------------------------------------------------
+
+struct SynchronizerOptions {
+  /// The GradiVeQ engine's options, used by the constructor that builds a GradiVeQ engine itself.
+  GradiVeQOptions gradiveq;
+  int64_t bucket_cap_bytes = 25 * 1024 * 1024;
+  /// Launch each bucket from a gradient hook as soon as backward fills it (one backward per step after
+  /// zero_grad()); off: synchronize() averages whatever .grad holds (gradient accumulation).
+  bool overlap_with_backward = true;
+};
+
+}  // namespace gradiveq

@@ -1,0 +1,57 @@
+// Private: how every rank comes to hold the same bases, and how the engine checks that they do.
+//
+// Fit and broadcast: after each sampling window, compressible layer j is fitted by rank j % N from the samples
+// of the window (aggregated gradients, identical on every rank) and its serialized basis, rounded to
+// basis_dtype first, is broadcast by that rank; everyone deserializes the same bytes.
+//
+// Verification (verify_bases): a 64-bit code of the iteration, the schedule, the energy, the adaptive window's
+// shift and all bases rides in the first bucket's all-reduce of every step, cut into chunks small enough that N
+// of them sum exactly in float32 (< 2^24). After the all-reduce every rank checks that each summed chunk is N
+// times its own: any rank that differs makes every rank raise.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "engine/engine_layer.h"
+#include "gradiveq/options.h"
+
+namespace gradiveq::detail {
+
+/// Fits the layers this rank owns and broadcasts every fitted basis from its owner; every layer's basis, checksum
+/// and fit stats are updated (under `mutex`) and the window's samples dropped.
+void fit_and_broadcast(c10d::ProcessGroup& pg, const std::vector<std::unique_ptr<EngineLayer>>& layers,
+                       const GradiVeQOptions& options, std::mutex& mutex);
+
+/// Combined checksum of every layer's basis (0 for a layer without one), by layer name.
+uint64_t bases_checksum(const std::vector<std::unique_ptr<EngineLayer>>& layers);
+
+/// The state code of one step, written into the all-reduce and checked from it, side by side.
+class VerificationCode {
+ public:
+  VerificationCode(uint64_t code, int64_t world_size);
+  /// The code of the state the ranks must agree on at `iteration`.
+  static uint64_t of_state(int64_t iteration, const GradiVeQOptions& options, int64_t schedule_shift,
+                           uint64_t bases_checksum);
+
+  /// Float32 values it takes in the all-reduce.
+  int64_t length() const { return 64 / bits_; }
+  /// Writes the chunks into `slot` (length() float32 values).
+  void write(at::Tensor slot) const;
+  /// Raises (every rank alike) unless each summed chunk in `summed` is world_size times this rank's own.
+  void check(const at::Tensor& summed, int64_t iteration, int64_t rank) const;
+
+ private:
+  uint64_t chunk(int64_t j) const { return (code_ >> (j * bits_)) & ((uint64_t(1) << bits_) - 1); }
+
+  uint64_t code_;
+  int64_t world_size_;
+  int64_t bits_;
+};
+
+}  // namespace gradiveq::detail

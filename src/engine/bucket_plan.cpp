@@ -1,0 +1,163 @@
+#include "engine/bucket_plan.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "util/hash_mix.h"
+
+namespace gradiveq::detail {
+
+namespace {
+
+// The aggregated (summed) gradient of a sampled layer is its PCA sample; a non-finite one never enters a fit.
+void keep_sample(EngineLayer& l, const at::Tensor& sum, const PlanContext& ctx) {
+  const bool finite = at::isfinite(sum).all().item<bool>();
+  std::lock_guard<std::mutex> lock(*ctx.samples_mutex);
+  if (!finite) {
+    l.stats.skipped_samples += 1;
+    return;
+  }
+  at::Tensor slices = l.layout.slices(sum.to(at::kCPU));
+  at::Tensor sample = ctx.fit_on == FitSamples::kFirstSlice ? slices.narrow(0, 0, 1) : slices;
+  l.samples.push_back(sample.clone());
+}
+
+void unpack_sample(Entry& e, const at::Tensor& sum, BucketPlan& plan, const PlanContext& ctx) {
+  keep_sample(*e.layer, sum, ctx);
+  e.layer->layout.from_paper_order_into(sum.to(plan.buffer.device()).mul(1.0 / double(ctx.world_size)), e.grad);
+}
+
+// --- raw: uncompressed, in the float32 all-reduce ---------------------------------------------------------
+
+const Route kRawRoute{
+    "uncompressed",
+    [](Entry& e, Segments& s) {
+      e.raw_offset = s.raw;
+      e.raw_len = e.layer->numel;
+      s.raw += e.raw_len;
+    },
+    [](Entry& e, BucketPlan& plan, const PlanContext&) {
+      plan.packed.narrow(0, e.raw_offset, e.raw_len).view(e.grad.sizes()).copy_(e.grad);
+    },
+    [](Entry& e, BucketPlan& plan, const PlanContext& ctx) {
+      e.grad.copy_(plan.packed.narrow(0, e.raw_offset, e.raw_len).view(e.grad.sizes()))
+          .mul_(1.0 / double(ctx.world_size));
+    },
+    [](const Entry& e, const PlanContext&, LayerStats& st, StepRecorder&) { st.bytes_out = e.layer->numel * 4; },
+};
+
+// --- compressed: coefficients and the slices' tail; decompressed once --------------------------------------
+
+const Route kCompressedRoute{
+    "compressed",
+    [](Entry& e, Segments& s) {
+      const EngineLayer& l = *e.layer;
+      e.coeff_offset = s.coeff;
+      e.coeff_len = l.layout.num_slices() * l.pca.num_components();
+      e.raw_offset = s.raw;
+      e.raw_len = l.layout.tail_len();
+      s.coeff += e.coeff_len;
+      s.raw += e.raw_len;
+    },
+    [](Entry& e, BucketPlan& plan, const PlanContext& ctx) {
+      const EngineLayer& l = *e.layer;
+      const int64_t n = ctx.world_size;
+      at::Tensor flat = l.layout.to_paper_order(e.grad.to(at::kFloat));
+      at::Tensor slices = l.layout.slices(flat);
+      at::Tensor c = l.pca.compress(slices, n);
+      plan.coeffs.narrow(0, e.coeff_offset, e.coeff_len).view(c.sizes()).copy_(c);
+      plan.packed.narrow(0, e.raw_offset, e.raw_len).copy_(l.layout.tail(flat));
+      // Local loss of eq. 7 without decompressing: U is orthonormal, so with x = g - mu/N,
+      // ||x - U U^T x||^2 = ||x||^2 - ||U^T x||^2.
+      e.residual_sq = (slices - l.pca.mean() / double(n)).pow(2).sum() - c.pow(2).sum();
+      e.signal_sq = slices.pow(2).sum();
+    },
+    [](Entry& e, BucketPlan& plan, const PlanContext& ctx) {
+      const EngineLayer& l = *e.layer;
+      at::Tensor flat = at::empty({l.numel}, plan.packed.options());
+      l.pca.decompress_into(plan.coeffs.narrow(0, e.coeff_offset, e.coeff_len).view({l.layout.num_slices(), -1}),
+                            l.layout.slices(flat));
+      l.layout.tail(flat).copy_(plan.packed.narrow(0, e.raw_offset, e.raw_len));
+      l.layout.from_paper_order_into(flat.mul_(1.0 / double(ctx.world_size)), e.grad);
+    },
+    [](const Entry& e, const PlanContext& ctx, LayerStats& st, StepRecorder& steps) {
+      st.bytes_out = e.coeff_len * int64_t(c10::elementSize(ctx.coeff_dtype)) + e.raw_len * 4;
+      const double signal = e.signal_sq.item<double>(), residual = e.residual_sq.item<double>();
+      st.relative_error = signal > 0 ? std::sqrt(std::max(0.0, residual) / signal) : 0.0;
+      steps.add_error_terms(residual, signal);
+    },
+};
+
+// --- sampled raw: uncompressed in paper order, kept as a sample --------------------------------------------
+
+const Route kSampledRawRoute{
+    "sampling",
+    kRawRoute.reserve,
+    [](Entry& e, BucketPlan& plan, const PlanContext&) {
+      at::Tensor dst = plan.packed.narrow(0, e.raw_offset, e.raw_len);
+      e.layer->layout.to_paper_order_into(e.grad, dst);
+    },
+    [](Entry& e, BucketPlan& plan, const PlanContext& ctx) {
+      unpack_sample(e, plan.packed.narrow(0, e.raw_offset, e.raw_len), plan, ctx);
+    },
+    [](const Entry& e, const PlanContext&, LayerStats& st, StepRecorder&) { st.bytes_out = e.layer->numel * 4; },
+};
+
+// --- sampled QSGD: the paper's 4-bit QSGD through the gather pipeline, kept as a sample ----------------------
+
+const Route kSampledQsgdRoute{
+    "sampling",
+    [](Entry&, Segments&) {},  // its message goes to the pipeline, not to the all-reduce
+    [](Entry& e, BucketPlan& plan, const PlanContext& ctx) {
+      const EngineLayer& l = *e.layer;
+      at::Tensor flat = l.layout.to_paper_order(e.grad.to(at::kFloat)).to(at::kCPU);
+      const uint64_t seed = mix(mix(mix(ctx.seed, uint64_t(plan.iter)), uint64_t(ctx.rank)), hash_string(l.name));
+      e.message = plan.sampling->num_messages();
+      e.message_bytes = plan.sampling->add(flat, l.slot, seed).packed.numel();
+    },
+    [](Entry& e, BucketPlan& plan, const PlanContext& ctx) { unpack_sample(e, plan.sampled_sums[e.message], plan, ctx); },
+    [](const Entry& e, const PlanContext&, LayerStats& st, StepRecorder&) { st.bytes_out = e.message_bytes; },
+};
+
+}  // namespace
+
+Mode mode_for(const EngineLayer& layer, Phase phase, SampleQuantizer sample_quantizer) {
+  if (layer.compressible && phase == Phase::kSampling) {
+    return sample_quantizer == SampleQuantizer::kQsgd4 ? Mode::kSampledQsgd : Mode::kSampledRaw;
+  }
+  if (layer.compressible && phase == Phase::kCompressed && layer.pca.is_fitted()) return Mode::kCompressed;
+  return Mode::kRaw;
+}
+
+const Route& route_of(Mode mode) {
+  switch (mode) {
+    case Mode::kRaw: return kRawRoute;
+    case Mode::kCompressed: return kCompressedRoute;
+    case Mode::kSampledRaw: return kSampledRawRoute;
+    case Mode::kSampledQsgd: return kSampledQsgdRoute;
+  }
+  return kRawRoute;
+}
+
+std::vector<std::vector<Entry>> split_into_groups(std::vector<Entry> entries, int64_t pipeline_chunks) {
+  int64_t compressed_numel = 0, compressed_layers = 0;
+  for (const auto& e : entries) {
+    if (e.mode != Mode::kCompressed) continue;
+    compressed_numel += e.layer->numel;
+    ++compressed_layers;
+  }
+  // Groups keep the bucket's order, so every rank issues the same collectives in the same order.
+  const int64_t groups = std::max<int64_t>(1, std::min(pipeline_chunks, compressed_layers));
+  std::vector<std::vector<Entry>> chunks(static_cast<size_t>(groups));
+  int64_t done = 0;
+  for (auto& e : entries) {
+    const int64_t g = std::min<int64_t>(groups - 1, done * groups / std::max<int64_t>(compressed_numel, 1));
+    if (e.mode == Mode::kCompressed) done += e.layer->numel;
+    chunks[size_t(g)].push_back(std::move(e));
+  }
+  // A layer larger than a group's share leaves the next group empty: only non-empty groups go out.
+  chunks.erase(std::remove_if(chunks.begin(), chunks.end(), [](const auto& c) { return c.empty(); }), chunks.end());
+  return chunks;
+}
+
+}  // namespace gradiveq::detail

@@ -1,0 +1,104 @@
+// Private: how the parameters of one bucket (or one pipelining group of it) travel in a step.
+//
+// Each parameter takes one of four routes, and everything a route does lives in one place (bucket_plan.cpp):
+//   raw            uncompressed, in the float32 all-reduce
+//   compressed     coefficients U^T (g - mu/N) (float32 in the all-reduce, or their own all-reduce in
+//                  coeff_dtype) plus the slices' tail in the float32 all-reduce; decompressed once
+//   sampled raw    uncompressed in paper order; the aggregated gradient becomes a PCA sample
+//   sampled QSGD   4-bit QSGD through the gather pipeline; the decoded sum becomes a PCA sample
+// The float32 all-reduce is [raw values | float32 coefficients | verification code | restart vote].
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <vector>
+
+#include "engine/basis_sync.h"
+#include "engine/engine_layer.h"
+#include "engine/gather_pipeline.h"
+#include "engine/step_recorder.h"
+#include "gradiveq/schedule.h"
+
+namespace gradiveq {
+class GradiVeQAggregator;
+}
+
+namespace gradiveq::detail {
+
+enum class Mode { kRaw, kCompressed, kSampledRaw, kSampledQsgd };
+
+/// Which route `layer` takes in `phase`.
+Mode mode_for(const EngineLayer& layer, Phase phase, SampleQuantizer sample_quantizer);
+
+struct Entry {
+  EngineLayer* layer = nullptr;
+  Mode mode = Mode::kRaw;
+  at::Tensor grad;                          // view into the bucket buffer, parameter-shaped
+  int64_t raw_offset = 0, raw_len = 0;      // in the float32 all-reduce (paper order for sampled layers)
+  int64_t coeff_offset = 0, coeff_len = 0;  // in the coefficient segment
+  int64_t message = -1, message_bytes = 0;  // sampled QSGD: index and size of its message in the pipeline
+  at::Tensor residual_sq, signal_sq;        // eq. 7 local loss terms (0-dim), compressed entries only
+};
+
+/// What the routes need from the engine.
+struct PlanContext {
+  int64_t world_size = 1;
+  int64_t rank = 0;
+  uint64_t seed = 0;
+  at::ScalarType coeff_dtype = at::kFloat;
+  FitSamples fit_on = FitSamples::kAllSlices;
+  std::mutex* samples_mutex = nullptr;  // guards layers' samples and stats
+};
+
+struct BucketPlan {
+  at::Tensor buffer;
+  std::vector<Entry> entries;
+  int64_t iter = 0;
+  Phase phase = Phase::kWarmup;
+  bool in_place = false;  // plain all-reduce of `buffer` itself
+  at::Tensor packed;      // the float32 all-reduce
+  at::Tensor coeffs;      // coefficient segment: a view of `packed`, or its own tensor of coeff_dtype
+  std::unique_ptr<GatherPipeline> sampling;  // sampled QSGD layers' messages
+  std::vector<at::Tensor> sampled_sums;      // their decoded sums over ranks, once gathered
+  std::optional<VerificationCode> verify;
+  int64_t verify_offset = -1;
+  bool vote = false;
+  int64_t vote_offset = -1;
+  bool is_last = false;
+  bool whole_bucket = true;  // false: one of several pipelining groups of a bucket
+  bool first_group = true;
+  Clock::time_point start;
+  CollectiveBytes bytes;
+  std::shared_ptr<GradiVeQAggregator> owner;  // keeps the engine alive until the callback runs
+};
+
+/// Segment lengths of a plan, filled in as entries reserve their space.
+struct Segments {
+  int64_t raw = 0;
+  int64_t coeff = 0;
+};
+
+/// Everything one route does.
+struct Route {
+  const char* phase;  // LayerStats::phase
+  /// Reserves the entry's space in the plan's segments (sets its offsets).
+  void (*reserve)(Entry& e, Segments& segments);
+  /// Writes this rank's values of the entry into the plan.
+  void (*pack)(Entry& e, BucketPlan& plan, const PlanContext& ctx);
+  /// Writes the average over ranks back into the entry's gradient (sampled routes also keep the sample).
+  void (*unpack)(Entry& e, BucketPlan& plan, const PlanContext& ctx);
+  /// Updates the layer's stats after the step (caller holds the samples mutex).
+  void (*record)(const Entry& e, const PlanContext& ctx, LayerStats& stats, StepRecorder& steps);
+};
+
+const Route& route_of(Mode mode);
+
+/// Cuts a bucket's entries into up to `pipeline_chunks` groups of about equal compressed size, in bucket order;
+/// only non-empty groups are returned.
+std::vector<std::vector<Entry>> split_into_groups(std::vector<Entry> entries, int64_t pipeline_chunks);
+
+}  // namespace gradiveq::detail

@@ -1,0 +1,46 @@
+// Private: one parameter the GradiVeQ engine knows, with its layer policy verdict, slice layout, basis and
+// sampling window.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "gradiveq/conv_layout.h"
+#include "gradiveq/options.h"
+#include "gradiveq/pca_compressor.h"
+#include "gradiveq/types.h"
+
+namespace gradiveq::detail {
+
+struct EngineLayer {
+  std::string name;
+  std::vector<int64_t> shape;
+  int64_t numel = 0;
+  int64_t slot = 0;  ///< registration index
+  bool compressible = false;
+  ConvSliceLayout layout;
+  at::Device device{at::kCPU};
+  PcaCompressor pca;
+  uint64_t checksum = 0;            ///< of pca's serialized image
+  std::vector<at::Tensor> samples;  ///< aggregated slices of the current window, (rows, K) float32 CPU each
+  LayerStats stats;
+
+  int64_t sample_rows() const {
+    int64_t rows = 0;
+    for (const auto& s : samples) rows += s.size(0);
+    return rows;
+  }
+};
+
+/// The layer policy (LayerPolicy's comment in options.h) applied to one parameter.
+bool is_compressible(const NamedParameter& parameter, const LayerPolicy& policy);
+
+/// A layer for `parameter`, its layout chosen by `options.slice_layout` when it is compressible.
+EngineLayer make_layer(const NamedParameter& parameter, int64_t slot, const GradiVeQOptions& options);
+
+bool is_float_like(at::ScalarType t);
+
+}  // namespace gradiveq::detail

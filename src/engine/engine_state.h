@@ -1,0 +1,52 @@
+// Private: the GradiVeQ engine's checkpoint image (GradiVeQAggregator::save_state / load_state).
+//
+// Layout, little-endian (version 4):
+//   "GVQS" [uint32 version] [int64 world size] [int64 iteration] [uint8 pending fit] [int64 schedule shift]
+//   [int64 restarts] [uint8 pending restart vote] [int64 layers], then per layer:
+//   [string name] [int64 ndim] [int64 shape...] [uint8 compressible], and for a compressible layer:
+//   [int64 K] [int64 fits] [uint8 has basis] ([bytes basis image]) [int64 sample blocks] ([int64 rows][bytes])...
+//   and last a checksum of everything before it (8 bytes), so a damaged file is refused.
+// Version 2 added the adaptive window's fields, version 3 the trailing checksum, version 4 a stronger one.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "engine/engine_layer.h"
+
+namespace gradiveq::detail {
+
+/// The engine-wide fields of the image.
+struct EngineCounters {
+  int64_t world_size = 1;
+  int64_t iteration = 0;
+  bool pending_fit = false;
+  int64_t schedule_shift = 0;
+  int64_t window_restarts = 0;
+  bool pending_vote = false;
+};
+
+/// One layer's part of a read image.
+struct LoadedLayer {
+  PcaCompressor pca;
+  uint64_t checksum = 0;
+  int64_t fits = 0;
+  std::vector<at::Tensor> samples;
+};
+
+struct LoadedState {
+  EngineCounters counters;
+  std::vector<LoadedLayer> layers;  // one per engine layer, in order
+};
+
+at::Tensor write_state_image(const EngineCounters& counters, const std::vector<std::unique_ptr<EngineLayer>>& layers);
+
+/// Parses and checks an image against this engine's world size and layers, changing nothing. Raises
+/// InvalidArgument naming what does not match; a basis of another dtype is converted to `basis_dtype`.
+LoadedState read_state_image(const at::Tensor& image, int64_t world_size,
+                             const std::vector<std::unique_ptr<EngineLayer>>& layers, at::ScalarType basis_dtype);
+
+}  // namespace gradiveq::detail

@@ -1,0 +1,65 @@
+// Private: the one gather pipeline. Encode this rank's messages, frame them into one payload, all-gather every
+// rank's payload, decode and sum per message. GatherAggregator (QSGD, CO3, CASQ) and the GradiVeQ engine's
+// QSGD-coded sampling windows both aggregate through it.
+//
+// Payload framing (docs/algorithms.md, "Gather framing"):
+//   with a length table   [int64 length of each message, in order][message 0][message 1]...
+//   without (QSGD)        [message 0][message 1]...   sizes follow from the shapes: fixed_message_bytes
+// When a codec's sizes depend on the data (CO3), every rank's payload size is all-gathered first (one int64 per
+// rank) and waited for in issue(): that host sync keeps the payload all-gather in the hook call, in bucket
+// order. Payloads are all-gathered padded to the largest one.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/core/ivalue.h>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+
+#include <cstdint>
+#include <vector>
+
+#include "gradiveq/message_codec.h"
+
+namespace gradiveq::detail {
+
+/// What a plan's collectives carried, counted the same way for every engine: payload = bytes this rank put
+/// into collectives; wire = bytes it sends on a ring (2(N-1)/N per all-reduce byte, N-1 per all-gather byte).
+struct CollectiveBytes {
+  int64_t collectives = 0;
+  int64_t payload = 0;
+  int64_t wire = 0;
+
+  void all_reduce(int64_t bytes, int64_t world_size);
+  void all_gather(int64_t bytes, int64_t world_size);
+};
+
+class GatherPipeline {
+ public:
+  /// `codec` must outlive the pipeline (its owner keeps both alive until the callback has run).
+  explicit GatherPipeline(MessageCodec& codec) : codec_(&codec) {}
+
+  /// Encodes `values` (contiguous 1-D float32 CPU) as this rank's next message.
+  const EncodedMessage& add(const at::Tensor& values, int64_t slot, uint64_t seed);
+  int64_t num_messages() const { return int64_t(numels_.size()); }
+
+  /// Frames the messages and all-gathers every rank's payload on `device`; returns that collective's future,
+  /// or none when there is no message. Adds what it sent to `bytes`.
+  c10::intrusive_ptr<c10::ivalue::Future> issue(c10d::ProcessGroup& pg, const at::Device& device,
+                                                CollectiveBytes& bytes);
+
+  /// Once issue()'s future has completed: for each message, the sum over ranks of its decoded values (float32
+  /// CPU, the message's size), ranks added in rank order.
+  std::vector<at::Tensor> decoded_sums() const;
+
+ private:
+  at::Tensor frame() const;
+  int64_t message_bytes(const uint8_t* payload, int64_t k) const;
+
+  MessageCodec* codec_;
+  std::vector<EncodedMessage> messages_;  // until framed
+  std::vector<int64_t> numels_;
+  bool fixed_sizes_ = true;
+  std::vector<int64_t> sizes_;         // every rank's payload bytes (without padding)
+  std::vector<at::Tensor> gathered_;   // every rank's padded payload, after the all-gather
+};
+
+}  // namespace gradiveq::detail

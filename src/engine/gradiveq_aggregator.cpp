@@ -1,0 +1,388 @@
+#include "gradiveq/gradiveq_aggregator.h"
+
+#include <c10/core/GradMode.h>
+
+#include <algorithm>
+#include <unordered_set>
+
+#include "engine/adaptive_window.h"
+#include "engine/basis_sync.h"
+#include "engine/bucket_plan.h"
+#include "engine/collectives.h"
+#include "engine/engine_layer.h"
+#include "engine/engine_state.h"
+#include "engine/step_recorder.h"
+#include "gradiveq/errors.h"
+
+namespace gradiveq {
+
+using detail::BucketPlan;
+using detail::Clock;
+using detail::EngineLayer;
+using detail::Entry;
+using detail::Mode;
+using detail::ms_since;
+using detail::route_of;
+
+// --- options -----------------------------------------------------------------------------------------------
+
+void GradiVeQOptions::validate() const {
+  constexpr const char* kWhere = "AggregatorOptions";
+  GVQ_CHECK_ARG(fit.energy > 0.0 && fit.energy <= 1.0, kWhere, "energy", "must lie in (0, 1], got ", fit.energy);
+  GVQ_CHECK_ARG(fit.max_components >= 0, kWhere, "max_components", "must be >= 0 (0 = no cap), got ",
+                fit.max_components);
+  GVQ_CHECK_ARG(fit.target_ratio == 0.0 || fit.target_ratio >= 1.0, kWhere, "target_ratio",
+                "must be >= 1 or 0 (off), got ", fit.target_ratio);
+  GVQ_CHECK_ARG(fit.min_ratio == 0.0 || fit.min_ratio >= 1.0, kWhere, "min_ratio", "must be >= 1 or 0 (off), got ",
+                fit.min_ratio);
+  GVQ_CHECK_ARG(fit.energy < 1.0 || (fit.min_ratio == 0.0 && fit.target_ratio == 0.0), kWhere, "energy",
+                "is 1.0 (keep all K components: lossless) but min_ratio = ", fit.min_ratio, " and target_ratio = ",
+                fit.target_ratio, " limit d; set both to 0 (and coeff_dtype to float32) for a lossless run");
+  GVQ_CHECK_ARG(restart_error_growth == 0.0 || restart_error_growth > 1.0, kWhere, "restart_error_growth",
+                "must be > 1 or 0 (off), got ", restart_error_growth);
+  Schedule{schedule};  // validates the schedule
+  GVQ_CHECK_ARG(detail::is_float_like(coeff_dtype), kWhere, "coeff_dtype",
+                "must be float32, float16 or bfloat16, got ", coeff_dtype);
+  GVQ_CHECK_ARG(detail::is_float_like(basis_dtype), kWhere, "basis_dtype",
+                "must be float32, float16 or bfloat16, got ", basis_dtype);
+  GVQ_CHECK_ARG(policy.min_numel >= 0, kWhere, "min_numel", "must be >= 0, got ", policy.min_numel);
+  GVQ_CHECK_ARG(pipeline_chunks >= 1, kWhere, "pipeline_chunks", "must be >= 1, got ", pipeline_chunks);
+}
+
+GradiVeQOptions GradiVeQOptions::paper() {
+  GradiVeQOptions o;
+  o.fit = FitOptions{};
+  o.fit.energy = 0.99;
+  o.schedule = ScheduleOptions{2500, 100, 400};
+  o.sample_quantizer = SampleQuantizer::kQsgd4;
+  o.fit_on = FitSamples::kFirstSlice;
+  o.slice_layout = SliceLayoutKind::kKernelRow;
+  o.restart_error_growth = 0.0;
+  o.coeff_dtype = at::kFloat;
+  return o;
+}
+
+// --- construction ------------------------------------------------------------------------------------------
+
+std::shared_ptr<GradiVeQAggregator> GradiVeQAggregator::create(c10::intrusive_ptr<c10d::ProcessGroup> process_group,
+                                                               std::vector<NamedParameter> parameters,
+                                                               GradiVeQOptions options) {
+  return std::shared_ptr<GradiVeQAggregator>(
+      new GradiVeQAggregator(std::move(process_group), std::move(parameters), std::move(options)));
+}
+
+GradiVeQAggregator::GradiVeQAggregator(c10::intrusive_ptr<c10d::ProcessGroup> process_group,
+                                       std::vector<NamedParameter> parameters, GradiVeQOptions options)
+    : pg_(std::move(process_group)),
+      options_(std::move(options)),
+      schedule_((options_.validate(), options_.schedule)),
+      sampling_codec_(QsgdOptions{7, 512, QsgdNorm::kMax}) {
+  constexpr const char* kWhere = "Aggregator";
+  GVQ_CHECK_ARG(pg_, kWhere, "process_group", "is null");
+  GVQ_CHECK_ARG(!parameters.empty(), kWhere, "parameters", "is empty: nothing to aggregate");
+  rank_ = pg_->getRank();
+  world_size_ = pg_->getSize();
+  std::unordered_set<std::string> names;
+  const at::Device device = parameters.front().tensor.device();
+  for (auto& p : parameters) {
+    GVQ_CHECK_ARG(p.tensor.defined(), kWhere, "parameters", "holds an undefined tensor named '", p.name, "'");
+    GVQ_CHECK_ARG(names.insert(p.name).second, kWhere, "parameters", "holds the name '", p.name, "' twice");
+    GVQ_CHECK_ARG(p.tensor.device() == device, kWhere, "parameters", "are on mixed devices: '",
+                  parameters.front().name, "' on ", device, ", '", p.name, "' on ", p.tensor.device());
+    auto layer = std::make_unique<EngineLayer>(detail::make_layer(p, int64_t(layers_.size()), options_));
+    by_impl_[p.tensor.unsafeGetTensorImpl()] = layer.get();
+    layers_.push_back(std::move(layer));
+  }
+  window_ = std::make_unique<detail::AdaptiveWindow>(options_.restart_error_growth);
+  steps_ = std::make_unique<detail::StepRecorder>();
+}
+
+GradiVeQAggregator::~GradiVeQAggregator() = default;
+
+Phase GradiVeQAggregator::phase() const { return phase_at(iteration_); }
+
+Phase GradiVeQAggregator::phase_at(int64_t iter) const { return window_->phase_at(schedule_, iter); }
+
+int64_t GradiVeQAggregator::window_restarts() const { return window_->restarts(); }
+
+EngineLayer* GradiVeQAggregator::find_layer(const at::Tensor& parameter) {
+  auto it = by_impl_.find(parameter.unsafeGetTensorImpl());
+  return it == by_impl_.end() ? nullptr : it->second;
+}
+
+detail::PlanContext GradiVeQAggregator::plan_context() {
+  return {world_size_, rank_, options_.seed, options_.coeff_dtype, options_.fit_on, &stats_mutex_};
+}
+
+// --- one step ----------------------------------------------------------------------------------------------
+
+void GradiVeQAggregator::begin_iteration() {
+  window_->begin_step(schedule_, iteration_);
+  steps_->begin(iteration_, phase_name(phase_at(iteration_)),
+                options_.sample_quantizer == SampleQuantizer::kQsgd4 ? "all-gather of 4-bit QSGD (not summable)"
+                                                                      : "all-reduce (uncompressed)");
+  steps_->set_window_restarts(window_->restarts());
+  if (!pending_fit_) return;
+  pending_fit_ = false;
+  if (options_.schedule.compress_iters > 0) {
+    refit_and_broadcast();
+  } else {
+    std::lock_guard<std::mutex> lock(stats_mutex_);
+    for (auto& l : layers_) l->samples.clear();
+  }
+}
+
+void GradiVeQAggregator::refit_and_broadcast() {
+  const auto start = Clock::now();
+  detail::fit_and_broadcast(*pg_, layers_, options_, stats_mutex_);
+  steps_->add_fit_ms(ms_since(start));
+  update_bases_checksum();
+}
+
+c10::intrusive_ptr<c10::ivalue::Future> GradiVeQAggregator::aggregate_bucket(
+    const at::Tensor& buffer, const std::vector<at::Tensor>& gradients, const std::vector<at::Tensor>& parameters,
+    int64_t index, bool is_last) {
+  constexpr const char* kWhere = "Aggregator.aggregate_bucket";
+  GVQ_CHECK_ARG(gradients.size() == parameters.size(), kWhere, "gradients", "has ", gradients.size(),
+                " tensors but parameters has ", parameters.size());
+  GVQ_CHECK_ARG(index >= 0, kWhere, "index", "must be >= 0, got ", index);
+  c10::NoGradGuard no_grad;
+  const auto start = Clock::now();
+  if (index == 0) begin_iteration();
+  std::vector<std::shared_ptr<BucketPlan>> plans = plan_bucket(buffer, gradients, parameters, index, is_last);
+  std::vector<c10::intrusive_ptr<c10::ivalue::Future>> futures;
+  for (auto& plan : plans) {
+    plan->start = start;
+    futures.push_back(issue_plan(plan));
+  }
+  if (is_last) {
+    if (schedule_.fits_after(iteration_ - window_->shift())) pending_fit_ = true;
+    ++iteration_;
+  }
+  if (futures.size() == 1) return futures[0];
+  // The bucket is done when all its groups are: only then does it count as finished in the step's stats.
+  return detail::when_all(futures)->then(
+      [buffer, start, owner = std::make_shared<std::shared_ptr<GradiVeQAggregator>>(shared_from_this())](
+          c10::ivalue::Future& f) {
+        auto self = std::move(*owner);  // let go before returning (see issue_plan)
+        f.value();                      // rethrows the first failed group
+        self->steps_->finished(0.0, start, /*bucket_done=*/true);
+        return c10::IValue(buffer);
+      },
+      c10::TensorType::get());
+}
+
+// Pipelining: the compressed layers are cut into up to pipeline_chunks groups, each with its own all-reduce
+// issued as soon as it is packed, so that compressing group i + 1 overlaps the transfer of group i, and
+// decompressing group i (in its callback) overlaps the transfer of group i + 1.
+std::vector<std::shared_ptr<BucketPlan>> GradiVeQAggregator::plan_bucket(const at::Tensor& buffer,
+                                                                         const std::vector<at::Tensor>& gradients,
+                                                                         const std::vector<at::Tensor>& parameters,
+                                                                         int64_t index, bool is_last) {
+  const Phase phase = phase_at(iteration_);
+  std::vector<Entry> entries;
+  for (size_t i = 0; i < parameters.size(); ++i) {
+    EngineLayer* layer = find_layer(parameters[i]);
+    GVQ_CHECK_ARG(layer != nullptr, "Aggregator.aggregate_bucket", "parameters", "holds a parameter of shape ",
+                  parameters[i].sizes(), " that was not registered with this aggregator");
+    Entry e;
+    e.layer = layer;
+    e.grad = gradients[i];
+    e.mode = detail::mode_for(*layer, phase, options_.sample_quantizer);
+    entries.push_back(std::move(e));
+  }
+  auto groups = detail::split_into_groups(std::move(entries), options_.pipeline_chunks);
+  std::vector<std::shared_ptr<BucketPlan>> plans;
+  for (size_t g = 0; g < groups.size(); ++g) {
+    auto plan = std::make_shared<BucketPlan>();
+    plan->iter = iteration_;
+    plan->phase = phase;
+    plan->buffer = buffer;
+    plan->entries = std::move(groups[g]);
+    plan->is_last = is_last && g + 1 == groups.size();
+    plan->whole_bucket = groups.size() == 1;
+    plan->first_group = g == 0;
+    if (options_.verify_bases && index == 0 && g == 0) {
+      plan->verify.emplace(
+          detail::VerificationCode::of_state(iteration_, options_, window_->shift(), bases_checksum_), world_size_);
+    }
+    // The adaptive window's vote rides in the step's last all-reduce of every compressed step, after every
+    // layer of the step has been compressed.
+    plan->vote = window_->enabled() && plan->is_last && phase == Phase::kCompressed;
+    plans.push_back(std::move(plan));
+  }
+  return plans;
+}
+
+c10::intrusive_ptr<c10::ivalue::Future> GradiVeQAggregator::issue_plan(const std::shared_ptr<BucketPlan>& plan) {
+  // This plan's own packing time (plan->start is the bucket's hand-over, shared by its pipelining groups).
+  const auto issue_start = plan->first_group ? plan->start : Clock::now();
+  detail::Segments segments;
+  bool all_raw = true, any_qsgd = false;
+  for (auto& e : plan->entries) {
+    route_of(e.mode).reserve(e, segments);
+    all_raw &= e.mode == Mode::kRaw;
+    any_qsgd |= e.mode == Mode::kSampledQsgd;
+  }
+  const at::Tensor& buffer = plan->buffer;
+  const int64_t n = world_size_;
+  std::vector<c10::intrusive_ptr<c10::ivalue::Future>> futures;
+  const auto all_reduce = [&](const at::Tensor& t) {
+    std::vector<at::Tensor> tensors{t};
+    futures.push_back(pg_->allreduce(tensors)->getFuture());
+    plan->bytes.all_reduce(t.nbytes(), n);
+  };
+  if (all_raw && plan->whole_bucket && !plan->verify && !plan->vote) {
+    // Nothing to compress: the bucket itself is all-reduced in place, exactly like DDP's default.
+    plan->in_place = true;
+    all_reduce(buffer);
+  } else {
+    const bool separate_coeffs = options_.coeff_dtype != at::kFloat && segments.coeff > 0;
+    int64_t packed_len = segments.raw + (separate_coeffs ? 0 : segments.coeff);
+    if (plan->verify) {
+      plan->verify_offset = packed_len;
+      packed_len += plan->verify->length();
+    }
+    plan->vote_offset = packed_len;
+    if (plan->vote) packed_len += 1;
+    const auto fopts = buffer.options().dtype(at::kFloat);
+    plan->packed = at::empty({packed_len}, fopts);
+    plan->coeffs = separate_coeffs ? at::empty({segments.coeff}, fopts.dtype(options_.coeff_dtype))
+                                   : plan->packed.narrow(0, segments.raw, segments.coeff);
+    if (any_qsgd) plan->sampling = std::make_unique<detail::GatherPipeline>(sampling_codec_);
+    const detail::PlanContext ctx = plan_context();
+    for (auto& e : plan->entries) {
+      route_of(e.mode).pack(e, *plan, ctx);
+      if (window_->enabled() && e.residual_sq.defined()) window_->add_terms(e.residual_sq, e.signal_sq);
+    }
+    if (plan->verify) plan->verify->write(plan->packed.narrow(0, plan->verify_offset, plan->verify->length()));
+    if (plan->vote) {
+      window_->write_vote(plan->packed.narrow(0, plan->vote_offset, 1),
+                          window_->first_compressed_at(schedule_, plan->iter));
+    }
+    if (packed_len > 0) all_reduce(plan->packed);
+    if (separate_coeffs) all_reduce(plan->coeffs);
+    if (plan->sampling) futures.push_back(plan->sampling->issue(*pg_, buffer.device(), plan->bytes));
+  }
+  int64_t uncompressed = 0;
+  for (const auto& e : plan->entries) uncompressed += e.layer->numel * 4;
+  steps_->issued(plan->bytes.collectives, plan->bytes.payload, plan->bytes.wire, uncompressed,
+                 plan->in_place ? 0.0 : ms_since(issue_start), plan->is_last, /*new_bucket=*/plan->first_group);
+
+  // The callback keeps the engine alive while it runs and lets go of it before it returns: were the closure to
+  // hold the last reference when the communication thread destroys it, ~ProcessGroupGloo would join that very
+  // thread. (Whoever owns the engine waits for the future, which completes only after the body.)
+  plan->owner = shared_from_this();
+  return detail::when_all(futures)->then(
+      [plan](c10::ivalue::Future& f) {
+        auto release = std::move(plan->owner);
+        f.value();  // rethrows a failed collective
+        c10::NoGradGuard no_grad;
+        release->finish_plan(*plan);
+        return c10::IValue(plan->buffer);
+      },
+      c10::TensorType::get());
+}
+
+void GradiVeQAggregator::finish_plan(BucketPlan& plan) {
+  const auto start = Clock::now();
+  const detail::PlanContext ctx = plan_context();
+  if (plan.in_place) {
+    plan.buffer.mul_(1.0 / double(world_size_));
+  } else {
+    if (plan.verify) {
+      plan.verify->check(plan.packed.narrow(0, plan.verify_offset, plan.verify->length()), plan.iter, rank_);
+    }
+    if (plan.sampling) plan.sampled_sums = plan.sampling->decoded_sums();
+    for (auto& e : plan.entries) route_of(e.mode).unpack(e, plan, ctx);
+  }
+  const double decompress_ms = ms_since(start);
+  {
+    std::lock_guard<std::mutex> lock(stats_mutex_);
+    for (const auto& e : plan.entries) {
+      const detail::Route& route = route_of(e.mode);
+      e.layer->stats.phase = route.phase;
+      route.record(e, ctx, e.layer->stats, *steps_);
+    }
+  }
+  steps_->finished(plan.in_place ? 0.0 : decompress_ms, plan.start, /*bucket_done=*/plan.whole_bucket);
+}
+
+// --- introspection and state -------------------------------------------------------------------------------
+
+std::vector<LayerStats> GradiVeQAggregator::layer_stats() const {
+  std::lock_guard<std::mutex> lock(stats_mutex_);
+  std::vector<LayerStats> out;
+  for (const auto& l : layers_) {
+    LayerStats st = l->stats;
+    st.window_samples = l->sample_rows();
+    if (l->pca.is_fitted()) {
+      st.num_components = l->pca.num_components();
+      st.compression_ratio = l->pca.compression_ratio();
+      st.explained_variance = l->pca.explained_variance();
+      st.basis_checksum = l->checksum;
+      st.basis_bytes = l->pca.basis().nbytes() + l->pca.mean().nbytes();
+    }
+    out.push_back(std::move(st));
+  }
+  return out;
+}
+
+StepStats GradiVeQAggregator::step_stats() const { return steps_->last(); }
+
+at::Tensor GradiVeQAggregator::save_state() const {
+  std::lock_guard<std::mutex> lock(stats_mutex_);
+  // The last step's restart vote has completed by the time a step boundary is saved.
+  const detail::EngineCounters counters{world_size_,         iteration_,          pending_fit_,
+                                        window_->shift(), window_->restarts(), window_->pending_vote()};
+  return detail::write_state_image(counters, layers_);
+}
+
+void GradiVeQAggregator::load_state(const at::Tensor& image) {
+  detail::LoadedState loaded = detail::read_state_image(image, world_size_, layers_, options_.basis_dtype);
+  // Everything parsed and checked: commit.
+  std::lock_guard<std::mutex> lock(stats_mutex_);
+  const auto& c = loaded.counters;
+  iteration_ = c.iteration;
+  pending_fit_ = c.pending_fit;
+  window_->restore(c.schedule_shift, c.window_restarts, c.pending_vote);
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    EngineLayer& l = *layers_[i];
+    if (!l.compressible) continue;
+    detail::LoadedLayer& in = loaded.layers[i];
+    l.pca = in.pca.is_fitted() ? in.pca.to(l.device) : PcaCompressor();
+    l.checksum = in.checksum;
+    l.samples = std::move(in.samples);
+    l.stats.fits = in.fits;
+    l.stats.fit_status = l.pca.is_fitted() ? "loaded" : "";
+  }
+  update_bases_checksum();
+}
+
+EngineLayer& GradiVeQAggregator::layer_named(const std::string& name, const char* where) const {
+  auto it = std::find_if(layers_.begin(), layers_.end(), [&](const auto& l) { return l->name == name; });
+  GVQ_CHECK_ARG(it != layers_.end(), where, "name", "'", name, "' is not a parameter of this aggregator");
+  return **it;
+}
+
+PcaCompressor GradiVeQAggregator::basis(const std::string& name) const {
+  const EngineLayer& l = layer_named(name, "Aggregator.basis");
+  std::lock_guard<std::mutex> lock(stats_mutex_);
+  return l.pca;
+}
+
+void GradiVeQAggregator::set_basis(const std::string& name, const PcaCompressor& pca) {
+  constexpr const char* kWhere = "Aggregator.set_basis";
+  EngineLayer& l = layer_named(name, kWhere);
+  GVQ_CHECK_ARG(l.compressible, kWhere, "name", "'", name, "' is not a compressible layer");
+  GVQ_CHECK_ARG(pca.is_fitted() && pca.slice_len() == l.layout.slice_len, kWhere, "pca", "must be fitted with K = ",
+                l.layout.slice_len, " for '", name, "', got K = ", pca.slice_len());
+  std::lock_guard<std::mutex> lock(stats_mutex_);
+  l.pca = pca.to(l.device);
+  l.checksum = l.pca.checksum();
+  update_bases_checksum();
+}
+
+void GradiVeQAggregator::update_bases_checksum() { bases_checksum_ = detail::bases_checksum(layers_); }
+
+}  // namespace gradiveq
