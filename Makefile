@@ -1,7 +1,8 @@
 # Two commands on a fresh Debian 12 machine:
-#   make test   set everything up (idempotent), build, run every C++ and Python test suite
+#   make test   set everything up (idempotent), build, run every C++ and Python test suite, and the C++ suite
+#               again under AddressSanitizer + UndefinedBehaviorSanitizer
 #   make demo   set everything up, build, run the demo
-# Other targets: make setup | build | test-sanitize | bench | format | clean
+# Other targets: make setup | build | build-sanitize | test-sanitize | bench | format | clean
 
 VENV      ?= .venv
 PYTHON    := $(VENV)/bin/python
@@ -13,7 +14,7 @@ CMAKE_ARGS ?=
 export CCACHE_BASEDIR := $(CURDIR)
 export CCACHE_NOHASHDIR := true
 
-.PHONY: all setup configure build test test-sanitize demo bench format clean
+.PHONY: all setup configure build build-sanitize test test-sanitize demo bench format clean
 
 all: build
 
@@ -29,8 +30,8 @@ configure: setup $(BUILD_DIR)/build.ninja
 build: configure
 	cmake --build $(BUILD_DIR) -j $(JOBS)
 
-test: build
-	@bash scripts/run_tests.sh $(BUILD_DIR) $(PYTHON)
+test: build build-sanitize
+	@bash scripts/run_tests.sh $(BUILD_DIR) $(PYTHON) $(SANITIZE_DIR)
 
 # A short run of the ResNet-32 benchmark: 2 ranks, synthetic data, every method, 50 Mbit/s when it can shape.
 demo: build
@@ -48,16 +49,18 @@ bench: build
 # no Python module: the interpreter is not ASan-built). Leak checking is off: torch's static initialisation
 # leaves reachable allocations that LeakSanitizer reports as leaks of libtorch, not of this project.
 SANITIZE_DIR ?= build-sanitize
-test-sanitize: setup
+SANITIZER_ENV := ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+build-sanitize: setup
 	cmake -S . -B $(SANITIZE_DIR) -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DGRADIVEQ_SANITIZE=ON \
 	  -DGRADIVEQ_BUILD_PYTHON=OFF -DGRADIVEQ_BUILD_BENCHMARKS=OFF -DGRADIVEQ_ENABLE_CUDA=OFF \
 	  -DPython3_EXECUTABLE=$(abspath $(PYTHON)) $(CMAKE_ARGS)
 	cmake --build $(SANITIZE_DIR) -j $(JOBS) --target gradiveq_tests
-	ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-	  $(SANITIZE_DIR)/tests/gradiveq_tests
+
+test-sanitize: build-sanitize
+	$(SANITIZER_ENV) $(SANITIZE_DIR)/tests/gradiveq_tests
 
 format:
 	clang-format -i $$(git ls-files 'include/*.h' 'src/*.h' 'src/*.cpp' 'tests/*.cpp' 'tests/*.h' 'benchmarks/*.cpp' 'python/*.cpp' 'examples/*.cpp' 'examples/*.h')
 
 clean:
-	rm -rf $(BUILD_DIR) python/gradiveq/_C*.so
+	rm -rf $(BUILD_DIR) $(SANITIZE_DIR) python/gradiveq/_C*.so

@@ -29,13 +29,7 @@ c10::intrusive_ptr<c10d::ProcessGroup> group(c10d::ProcessGroup& pg) {
   return c10::intrusive_ptr<c10d::ProcessGroup>::reclaim_copy(&pg);
 }
 
-}  // namespace
-
-PYBIND11_MODULE(_C, m) {
-  m.doc() = "GradiVeQ core (C++): conv slice layout, PCA compressor, QSGD / CO3 / CASQ codecs, schedule";
-  m.attr("__version__") = kVersion;
-  py::register_exception<InvalidArgument>(m, "InvalidArgument", PyExc_ValueError);
-
+void bind_codecs(py::module_& m) {
   py::class_<ConvSliceLayout>(m, "ConvSliceLayout")
       .def_static("for_weight", [](std::vector<int64_t> shape, int64_t slice_len) {
             return ConvSliceLayout::for_weight(shape, slice_len);
@@ -111,6 +105,9 @@ PYBIND11_MODULE(_C, m) {
       .def("encode", &CasqCodec::encode, py::arg("values"), py::arg("seed"))
       .def("decode", &CasqCodec::decode, py::arg("packed"), py::arg("numel"));
 
+}
+
+void bind_schedule(py::module_& m) {
   py::enum_<Phase>(m, "Phase")
       .value("warmup", Phase::kWarmup)
       .value("sampling", Phase::kSampling)
@@ -135,6 +132,9 @@ PYBIND11_MODULE(_C, m) {
       .value("kernel_row", SliceLayoutKind::kKernelRow)
       .value("kernel_position", SliceLayoutKind::kKernelPosition);
 
+}
+
+void bind_options(py::module_& m) {
   // Every GradiVeQ option, field by field (options.h is their only declaration; Python reads the defaults here).
   py::class_<GradiVeQOptions> options(m, "GradiVeQOptions");
   options.def(py::init<>())
@@ -180,6 +180,9 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("clusters", &CasqOptions::clusters)
       .def_readwrite("bucket_size", &CasqOptions::bucket_size);
 
+}
+
+void bind_stats(py::module_& m) {
   py::class_<LayerStats>(m, "LayerStats")
       .def_readonly("name", &LayerStats::name)
       .def_readonly("shape", &LayerStats::shape)
@@ -219,6 +222,9 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("values_encoded", &StepStats::values_encoded)
       .def_readonly("bytes_encoded", &StepStats::bytes_encoded);
 
+}
+
+void bind_engines(py::module_& m) {
   py::class_<BucketAggregator, std::shared_ptr<BucketAggregator>>(m, "BucketAggregator")
       .def_property_readonly("iteration", &BucketAggregator::iteration)
       .def("step_stats", &BucketAggregator::step_stats)
@@ -288,4 +294,17 @@ PYBIND11_MODULE(_C, m) {
         },
         py::arg("reducer"), py::arg("aggregator"), py::call_guard<py::gil_scoped_release>(),
         "Registers the C++ hook of any engine on a DDP reducer (ddp_model.reducer).");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "GradiVeQ core (C++): conv slice layout, PCA compressor, QSGD / CO3 / CASQ codecs, schedule, engines";
+  m.attr("__version__") = kVersion;
+  py::register_exception<InvalidArgument>(m, "InvalidArgument", PyExc_ValueError);
+  bind_codecs(m);
+  bind_schedule(m);
+  bind_options(m);
+  bind_stats(m);
+  bind_engines(m);
 }

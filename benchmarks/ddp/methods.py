@@ -207,7 +207,7 @@ def free_port() -> int:
 
 def shaped_rerun(script, argv, mbit, burst_kb=256, mtu=0):
     """Re-runs `script argv` inside a new network namespace whose loopback is shaped to `mbit` Mbit/s with tc tbf
-    (burst `burst_kb` KB, as in design.md; it must exceed the loopback MTU, 64 KiB unless `mtu` lowers it).
+    (burst `burst_kb` KB,; it must exceed the loopback MTU, 64 KiB unless `mtu` lowers it).
     Returns the exit code, or None when shaping is impossible (not root, no ip/tc): the caller runs unshaped.
     The namespace is removed on exit, on Ctrl-C and on SIGTERM."""
     name = f"gvq{os.getpid()}"

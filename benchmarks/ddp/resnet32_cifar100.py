@@ -423,7 +423,7 @@ def parse_args(argv):
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--bandwidth-mbit", type=float, default=0, help="shape the loopback (0: unshaped)")
     ap.add_argument("--burst-kb", type=int, default=256,
-                    help="tc tbf burst in KB (default 256, as in design.md; must exceed the loopback MTU)")
+                    help="tc tbf burst in KB (default 256; must exceed the loopback MTU)")
     ap.add_argument("--mtu", type=int, default=0, help="loopback MTU inside the namespace (0: keep 65536)")
     ap.add_argument("--data", default=None, help="directory with CIFAR-100 binary train.bin / test.bin")
     ap.add_argument("--schedule-scale", type=float, default=0.1,

@@ -86,17 +86,22 @@ TORCH_MODULE(ResNet32);
 struct Args {
   int world_size = 2, rank = -1, iters = 100, batch = 32, log_every = 10, threads = 1;
   int store_port = 0;
-  std::string data, save, load;
+  std::string data, save, load, method = "gradiveq";
   double lr = 0.1, energy = gradiveq::GradiVeQOptions{}.fit.energy;
   int64_t warmup = 20, sample = 10, compress = 40;
   uint64_t seed = 0;
 };
 
 [[noreturn]] void usage(const std::string& error) {
-  std::cerr << "train_resnet32: " << error << "\n"
-            << "usage: train_resnet32 [--world-size W] [--iters N] [--batch B] [--data DIR] [--log-every N]\n"
-            << "       [--lr LR] [--energy E] [--schedule W,S,C] [--threads T] [--seed S] [--save FILE] [--load FILE]\n";
-  std::exit(2);
+  (error.empty() ? std::cout : std::cerr)
+      << (error.empty() ? "" : "train_resnet32: " + error + "\n")
+      << "usage: train_resnet32 [--method gradiveq|qsgd|co3|casq] [--world-size W] [--iters N] [--batch B]\n"
+      << "       [--data DIR] [--log-every N] [--lr LR] [--energy E] [--schedule W,S,C] [--threads T] [--seed S]\n"
+      << "       [--save FILE] [--load FILE]\n"
+      << "defaults: --method gradiveq --world-size 2 --iters 100 --batch 32 --log-every 10 --lr 0.1 --energy "
+      << gradiveq::GradiVeQOptions{}.fit.energy << " --schedule 20,10,40 --threads 1 --seed 0; synthetic data\n"
+      << "without --data. --energy and --schedule are GradiVeQ's; --save/--load checkpoint GradiVeQ's state.\n";
+  std::exit(error.empty() ? 0 : 2);
 }
 
 Args parse(int argc, char** argv) {
@@ -104,6 +109,7 @@ Args parse(int argc, char** argv) {
   std::map<std::string, std::string> kv;
   for (int i = 1; i < argc; ++i) {
     std::string key = argv[i];
+    if (key == "--help" || key == "-h") usage("");
     if (key.rfind("--", 0) != 0 || i + 1 >= argc) usage("bad argument '" + key + "'");
     kv[key.substr(2)] = argv[++i];
   }
@@ -119,8 +125,17 @@ Args parse(int argc, char** argv) {
   num("world-size", a.world_size), num("rank", a.rank), num("iters", a.iters), num("batch", a.batch);
   num("log-every", a.log_every), num("threads", a.threads), num("store-port", a.store_port);
   num("lr", a.lr), num("energy", a.energy), num("seed", a.seed);
-  for (const char* k : {"data", "save", "load"}) {
-    if (kv.count(k)) (std::string(k) == "data" ? a.data : std::string(k) == "save" ? a.save : a.load) = kv[k], kv.erase(k);
+  for (const char* k : {"data", "save", "load", "method"}) {
+    if (!kv.count(k)) continue;
+    const std::string key = k;
+    (key == "data" ? a.data : key == "save" ? a.save : key == "load" ? a.load : a.method) = kv[k];
+    kv.erase(k);
+  }
+  if (a.method != "gradiveq" && a.method != "qsgd" && a.method != "co3" && a.method != "casq") {
+    usage("argument --method must be gradiveq, qsgd, co3 or casq, got '" + a.method + "'");
+  }
+  if (a.method != "gradiveq" && (!a.save.empty() || !a.load.empty())) {
+    usage("arguments --save / --load checkpoint the GradiVeQ engine; --method " + a.method + " has none here");
   }
   if (kv.count("schedule")) {
     if (std::sscanf(kv["schedule"].c_str(), "%ld,%ld,%ld", &a.warmup, &a.sample, &a.compress) != 3) {
@@ -176,6 +191,69 @@ int launch(int argc, char** argv, const Args& a) {
 }
 
 // ---- One rank -------------------------------------------------------------------------------------------------
+// The engine --method names: GradiVeQ's summable PCA codec, or one of the message codecs through the gather
+// engine (all-gather, decode, sum). Either runs behind the same GradientSynchronizer.
+std::shared_ptr<gradiveq::BucketAggregator> make_engine(const Args& a, c10::intrusive_ptr<c10d::ProcessGroup> pg,
+                                                        const std::vector<gradiveq::NamedParameter>& params) {
+  if (a.method == "gradiveq") {
+    gradiveq::GradiVeQOptions o;
+    o.fit.energy = a.energy;
+    o.schedule = {a.warmup, a.sample, a.compress};
+    o.seed = a.seed;
+    return gradiveq::GradiVeQAggregator::create(std::move(pg), params, o);
+  }
+  std::unique_ptr<gradiveq::MessageCodec> codec;
+  if (a.method == "qsgd") codec = std::make_unique<gradiveq::QsgdMessageCodec>(gradiveq::QsgdOptions{});
+  if (a.method == "co3") codec = std::make_unique<gradiveq::Co3MessageCodec>(gradiveq::Co3Options{}, gradiveq::Co3Options{}.gamma);
+  if (a.method == "casq") codec = std::make_unique<gradiveq::CasqMessageCodec>(gradiveq::CasqOptions{});
+  gradiveq::GatherAggregatorOptions o;
+  o.seed = a.seed;
+  return gradiveq::GatherAggregator::create(std::move(pg), params, std::move(codec), o);
+}
+
+// --load: the model and the GradiVeQ engine's state; returns the iteration to go on from.
+int resume(const Args& a, ResNet32& model, gradiveq::GradientSynchronizer& sync) {
+  torch::load(model, a.load + ".model");
+  std::ifstream in(a.load + ".gradiveq", std::ios::binary | std::ios::ate);
+  if (!in) throw std::runtime_error("--load: cannot open '" + a.load + ".gradiveq'");
+  std::vector<char> bytes(static_cast<size_t>(in.tellg()));
+  in.seekg(0).read(bytes.data(), bytes.size());
+  sync.aggregator().load_state(at::from_blob(bytes.data(), {int64_t(bytes.size())}, at::kByte).clone());
+  return int(sync.aggregator().iteration());
+}
+
+// After training, on rank 0: test accuracy (real data only), the checkpoint (--save) and one layer's basis.
+void finish(const Args& a, ResNet32& model, gradiveq::GradientSynchronizer& sync, const cifar100::Split* test) {
+  if (a.rank != 0) return;
+  if (test != nullptr) {
+    const cifar100::Split& test_split = *test;
+    torch::NoGradGuard ng;
+    model->eval();
+    int64_t correct = 0, n = test_split.fine.size(0);
+    for (int64_t i = 0; i < n; i += 500) {
+      const int64_t m = std::min<int64_t>(500, n - i);
+      auto logits = model->forward(cifar100::normalize(test_split.images.narrow(0, i, m)));
+      correct += logits.argmax(1).eq(test_split.fine.narrow(0, i, m)).sum().item<int64_t>();
+    }
+    std::printf("test accuracy %.4f\n", double(correct) / double(n));
+  }
+  if (!a.save.empty()) {
+    torch::save(model, a.save + ".model");
+    at::Tensor state = sync.aggregator().save_state();
+    std::ofstream(a.save + ".gradiveq", std::ios::binary).write(reinterpret_cast<const char*>(state.data_ptr()), state.numel());
+    std::printf("saved %s.model and %s.gradiveq at iteration %ld\n", a.save.c_str(), a.save.c_str(),
+                long(sync.aggregator().iteration()));
+  }
+  if (a.method == "gradiveq") {
+    for (const auto& l : sync.aggregator().layer_stats()) {
+      if (l.compressible && l.name == "layers.14.conv2.weight") {
+        std::printf("layers.14.conv2.weight: K %ld, d %ld, ratio %.1f, local relative error %.3f, fits %ld\n",
+                    long(l.slice_len), long(l.num_components), l.compression_ratio, l.relative_error, long(l.fits));
+      }
+    }
+  }
+}
+
 int train(const Args& a) {
   torch::set_num_threads(a.threads);
   auto store = gradiveq::connect_store({"127.0.0.1", uint16_t(a.store_port)}, a.rank, a.world_size,
@@ -187,22 +265,9 @@ int train(const Args& a) {
   torch::optim::SGD opt(model->parameters(), torch::optim::SGDOptions(a.lr).momentum(0.9).weight_decay(5e-4));
   std::vector<gradiveq::NamedParameter> params;
   for (auto& p : model->named_parameters()) params.push_back({p.key(), p.value()});
-  gradiveq::SynchronizerOptions options;
-  options.gradiveq.fit.energy = a.energy;
-  options.gradiveq.schedule = {a.warmup, a.sample, a.compress};
-  options.gradiveq.seed = a.seed;
-  gradiveq::GradientSynchronizer sync(pg, params, options);
+  gradiveq::GradientSynchronizer sync(make_engine(a, pg, params), params);
 
-  int start = 0;
-  if (!a.load.empty()) {
-    torch::load(model, a.load + ".model");
-    std::ifstream in(a.load + ".gradiveq", std::ios::binary | std::ios::ate);
-    if (!in) throw std::runtime_error("--load: cannot open '" + a.load + ".gradiveq'");
-    std::vector<char> bytes(static_cast<size_t>(in.tellg()));
-    in.seekg(0).read(bytes.data(), bytes.size());
-    sync.aggregator().load_state(at::from_blob(bytes.data(), {int64_t(bytes.size())}, at::kByte).clone());
-    start = int(sync.aggregator().iteration());
-  }
+  const int start = a.load.empty() ? 0 : resume(a, model, sync);
 
   // Data: real CIFAR-100 when --data is given, otherwise synthetic images with a class-dependent template.
   cifar100::Split train_split, test_split;
@@ -225,9 +290,9 @@ int train(const Args& a) {
     return {cifar100::normalize(train_split.images.index_select(0, idx)), train_split.fine.index_select(0, idx)};
   };
   if (a.rank == 0) {
-    std::printf("ResNet-32 in LibTorch + GradiVeQ: %d ranks (Gloo, 127.0.0.1), %s, batch %d/rank, schedule %ld/%ld/%ld, "
-                "energy %.3g, %ld buckets\n",
-                a.world_size, synthetic ? "SYNTHETIC CIFAR-100-shaped data (no --data given)" : ("CIFAR-100 from " + a.data).c_str(),
+    std::printf("ResNet-32 in LibTorch + GradiVeQ (--method %s): %d ranks (Gloo, 127.0.0.1), %s, batch %d/rank, "
+                "schedule %ld/%ld/%ld, energy %.3g, %ld buckets\n",
+                a.method.c_str(), a.world_size, synthetic ? "SYNTHETIC CIFAR-100-shaped data (no --data given)" : ("CIFAR-100 from " + a.data).c_str(),
                 a.batch, a.warmup, a.sample, a.compress, a.energy, long(sync.num_buckets()));
   }
   double step_ms_sum = 0, agg_ms_sum = 0, loss_sum = 0;
@@ -242,7 +307,7 @@ int train(const Args& a) {
     sync.synchronize();
     opt.step();
     const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-    const auto st = sync.aggregator().step_stats();
+    const auto st = sync.engine().step_stats();
     step_ms_sum += ms, agg_ms_sum += st.aggregation_ms, bytes_sum += st.bytes_payload, loss_sum += loss.item<double>();
     ++window;
     if (a.rank == 0 && ((it + 1) % a.log_every == 0 || it + 1 == start + a.iters)) {
@@ -254,32 +319,7 @@ int train(const Args& a) {
       step_ms_sum = agg_ms_sum = loss_sum = 0, bytes_sum = 0, window = 0;
     }
   }
-  if (!synthetic && a.rank == 0) {
-    torch::NoGradGuard ng;
-    model->eval();
-    int64_t correct = 0, n = test_split.fine.size(0);
-    for (int64_t i = 0; i < n; i += 500) {
-      const int64_t m = std::min<int64_t>(500, n - i);
-      auto logits = model->forward(cifar100::normalize(test_split.images.narrow(0, i, m)));
-      correct += logits.argmax(1).eq(test_split.fine.narrow(0, i, m)).sum().item<int64_t>();
-    }
-    std::printf("test accuracy %.4f\n", double(correct) / double(n));
-  }
-  if (!a.save.empty() && a.rank == 0) {
-    torch::save(model, a.save + ".model");
-    at::Tensor state = sync.aggregator().save_state();
-    std::ofstream(a.save + ".gradiveq", std::ios::binary).write(reinterpret_cast<const char*>(state.data_ptr()), state.numel());
-    std::printf("saved %s.model and %s.gradiveq at iteration %ld\n", a.save.c_str(), a.save.c_str(),
-                long(sync.aggregator().iteration()));
-  }
-  if (a.rank == 0) {
-    for (const auto& l : sync.aggregator().layer_stats()) {
-      if (l.compressible && l.name == "layers.14.conv2.weight") {
-        std::printf("layers.14.conv2.weight: K %ld, d %ld, ratio %.1f, local relative error %.3f, fits %ld\n",
-                    long(l.slice_len), long(l.num_components), l.compression_ratio, l.relative_error, long(l.fits));
-      }
-    }
-  }
+  finish(a, model, sync, synthetic ? nullptr : &test_split);
   return 0;
 }
 

@@ -1,5 +1,5 @@
 // CASQ, cluster-aware quantization (Ge, Zhang, Fu, Lai, Deng, Li; Sci. China Inf. Sci. 2023 / IEEE CLUSTER
-// 2021), as the reproduction design of ../shared/spec/algorithms.md §5.2: only the abstracts were found, so
+// 2021), as the reproduction design in docs/algorithms.md, "CASQ": only the abstracts were found, so
 // the clustering, the allocation and the message format below are that document's ASSUMPTION, made concrete.
 //
 // Values are cut into buckets of `bucket_size` consecutive elements. In each bucket:
@@ -30,7 +30,7 @@
 //   [ceil(n / bucket_size) codebooks of B float32 levels, ascending][n indices of `bits` bits, LSB first]
 // so bits per element = (32 B ceil(n / bucket_size) + 8 ceil(n bits / 8)) / n, about bits + 32 B /
 // bucket_size: 2.25 at bits = 2 and 3.5 at bits = 3 for the default bucket of 512. Decoding is a codebook
-// lookup, so the cluster boundaries of §5.2's message are not needed and not sent (that saves 32 C /
+// lookup, so the cluster boundaries of that design's message are not needed and not sent (that saves 32 C /
 // bucket_size bits). Unused levels (a bucket with fewer distinct values than B) repeat the bucket's max.
 //
 // Non-finite input: a bucket holding NaN or inf gets an all-NaN codebook and decodes to NaN, so an overflow

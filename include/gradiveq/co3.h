@@ -1,7 +1,7 @@
 // CO3, "convert, compress, correct" (Chen, Hernandez, Huang, Rini; arXiv 2203.09044 / 2204.08211): gradients
 // are rounded to a tiny floating-point grid after a per-layer scale, the grid indices are Huffman-coded, and
 // the rounding error is fed back with a decay factor. What is known of the method:
-// ../shared/spec/algorithms.md §4.
+// docs/algorithms.md, "CO3".
 //
 // Convert. q = round_grid(alpha * v) / alpha, where round_grid rounds to the nearest value of the format's
 // grid (values past the largest magnitude clamp to it). The grids are IEEE-754 style with subnormals and with

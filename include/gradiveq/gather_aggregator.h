@@ -7,19 +7,18 @@
 //   1. parameters with fewer than `min_numel` values (biases, BatchNorm) travel uncompressed in one float32
 //      all-reduce;
 //   2. the others are encoded (one message per parameter) and go through the one gather pipeline: framed into
-//      this rank's payload, sizes all-gathered first when they depend on the data (CO3), payloads all-gathered
-//      padded to the largest (docs/algorithms.md, "Gather framing").
+//      this rank's payload, sizes all-gathered first when they depend on the data (CO3), payloads
+//      all-gathered padded to the largest (docs/algorithms.md, "Gather framing").
 // The future's callback decodes every rank's messages, sums them and writes the average into the bucket.
 //
 // Per-parameter codec state (CO3's error memory) is keyed by parameter identity (the TensorImpl of each
 // registered parameter), not by position in a bucket: DDP rebuilds its buckets after the first iteration.
 #pragma once
 
-#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
-
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -65,8 +64,9 @@ class GatherAggregator : public BucketAggregator, public std::enable_shared_from
  private:
   struct Bucket;
 
-  GatherAggregator(c10::intrusive_ptr<c10d::ProcessGroup> process_group, std::vector<NamedParameter> parameters,
-                   std::unique_ptr<MessageCodec> codec, GatherAggregatorOptions options);
+  GatherAggregator(c10::intrusive_ptr<c10d::ProcessGroup> process_group,
+                   std::vector<NamedParameter> parameters, std::unique_ptr<MessageCodec> codec,
+                   GatherAggregatorOptions options);
   int64_t slot_of(const at::Tensor& parameter) const;
   void encode_bucket(Bucket& bucket, const std::vector<at::Tensor>& parameters, int64_t index);
   static void finish_bucket(Bucket& bucket, int64_t world_size);

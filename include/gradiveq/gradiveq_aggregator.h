@@ -21,19 +21,19 @@
 
 #include <ATen/ATen.h>
 #include <ATen/core/ivalue.h>
-#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
 #include <cstdint>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <unordered_map>
 #include <vector>
 
 #include "gradiveq/bucket_aggregator.h"
 #include "gradiveq/conv_layout.h"
-#include "gradiveq/pca_compressor.h"
 #include "gradiveq/options.h"
+#include "gradiveq/pca_compressor.h"
 #include "gradiveq/qsgd.h"
 #include "gradiveq/schedule.h"
 #include "gradiveq/types.h"
@@ -46,6 +46,7 @@ class AdaptiveWindow;
 struct BucketPlan;
 struct EngineLayer;
 struct PlanContext;
+struct Segments;
 }  // namespace detail
 
 class GradiVeQAggregator : public BucketAggregator, public std::enable_shared_from_this<GradiVeQAggregator> {
@@ -88,18 +89,20 @@ class GradiVeQAggregator : public BucketAggregator, public std::enable_shared_fr
   void set_basis(const std::string& name, const PcaCompressor& pca);
 
  private:
-  GradiVeQAggregator(c10::intrusive_ptr<c10d::ProcessGroup> process_group, std::vector<NamedParameter> parameters,
-                     GradiVeQOptions options);
+  GradiVeQAggregator(c10::intrusive_ptr<c10d::ProcessGroup> process_group,
+                     std::vector<NamedParameter> parameters, GradiVeQOptions options);
   void begin_iteration();
   Phase phase_at(int64_t iter) const;
   void refit_and_broadcast();
   std::vector<std::shared_ptr<detail::BucketPlan>> plan_bucket(const at::Tensor& buffer,
-                                                                const std::vector<at::Tensor>& gradients,
-                                                                const std::vector<at::Tensor>& parameters,
-                                                                int64_t index, bool is_last);
-  /// Packs and compresses one plan (a bucket, or one pipelining group of it), issues its collectives and returns
-  /// a future that completes once they have and the plan's gradients are written back.
+                                                               const std::vector<at::Tensor>& gradients,
+                                                               const std::vector<at::Tensor>& parameters,
+                                                               int64_t index, bool is_last);
+  /// Packs and compresses one plan (a bucket, or one pipelining group of it), issues its collectives and
+  /// returns a future that completes once they have and the plan's gradients are written back.
   c10::intrusive_ptr<c10::ivalue::Future> issue_plan(const std::shared_ptr<detail::BucketPlan>& plan);
+  void pack_plan(detail::BucketPlan& plan, const detail::Segments& segments, bool separate_coeffs,
+                 bool any_qsgd);
   void finish_plan(detail::BucketPlan& plan);
   detail::PlanContext plan_context();
   detail::EngineLayer* find_layer(const at::Tensor& parameter);

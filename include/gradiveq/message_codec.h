@@ -1,6 +1,6 @@
 // MessageCodec: what a codec whose messages cannot be summed (QSGD, CO3, CASQ) provides to the one gather
-// pipeline (all-gather every rank's messages, decode, sum, average; gather_aggregator.h), which GatherAggregator
-// and the GradiVeQ engine's QSGD-coded sampling windows share.
+// pipeline (all-gather every rank's messages, decode, sum, average; gather_aggregator.h), which
+// GatherAggregator and the GradiVeQ engine's QSGD-coded sampling windows share.
 //
 // A codec encodes one parameter's values into one message. Per-parameter state (CO3's error memory) lives in
 // the codec, keyed by `slot`, the parameter's registration index: DDP rebuilds its buckets after the first
@@ -16,9 +16,10 @@ namespace gradiveq {
 
 /// One encoded parameter of this rank.
 struct EncodedMessage {
-  at::Tensor packed;         ///< uint8 message
-  double residual_sq = -1.0; ///< ||decode(packed) - v||^2 of the values v encoded; -1: not measured or non-finite
-  double signal_sq = 0.0;    ///< ||v||^2
+  at::Tensor packed;  ///< uint8 message
+  double residual_sq =
+      -1.0;  ///< ||decode(packed) - v||^2 of the values v encoded; -1: not measured or non-finite
+  double signal_sq = 0.0;  ///< ||v||^2
 };
 
 /// encode() runs on the hook thread only; decode_add() may run on several communication threads at once and

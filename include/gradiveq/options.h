@@ -16,8 +16,8 @@ namespace gradiveq {
 
 struct FitOptions {
   /// Keep the smallest d whose eigenvalues hold at least this fraction of the total variance (the paper's
-  /// 1 - lambda; 0.99 is its lambda = 0.01). Must lie in (0, 1]. 1.0 keeps all K components (d = K), including
-  /// those of zero variance, so compression is lossless up to float rounding.
+  /// 1 - lambda; 0.99 is its lambda = 0.01). Must lie in (0, 1]. 1.0 keeps all K components (d = K),
+  /// including those of zero variance, so compression is lossless up to float rounding.
   double energy = 0.99;
   /// Upper bound on d; 0 means no cap.
   int64_t max_components = 0;
@@ -29,6 +29,9 @@ struct FitOptions {
   double min_ratio = 0.0;
   // Whatever the rule, d never exceeds the rank of the samples (n - 1 centred samples span at most n - 1
   // directions; more would be directions of zero variance in the window) unless energy is 1.0, which keeps K.
+
+  /// Throws InvalidArgument naming the first bad option; `where` names the caller in the message.
+  void validate(const char* where) const;
 };
 
 // --- Schedule (schedule.h) -----------------------------------------------------------------------------
@@ -100,48 +103,49 @@ struct LayerPolicy {
 };
 
 // The defaults are chosen by measurement (benchmarks/ddp/accuracy.py, docs/results.md): every slice of every
-// sampled gradient is a PCA sample, one kernel position per slice (K = D*F), energy 0.995 with d capped at K/8,
-// the sampling windows travel uncompressed and the coefficients in float16. On Fashion-MNIST they keep test
-// accuracy far closer to plain all-reduce than the paper's choices (paper()), at a conv-layer ratio of at least 8.
+// sampled gradient is a PCA sample, one kernel position per slice (K = D*F), energy 0.995 with d capped at
+// K/8, the sampling windows travel uncompressed and the coefficients in float16. On Fashion-MNIST they keep
+// test accuracy far closer to plain all-reduce than the paper's choices (paper()), at a conv-layer ratio of
+// at least 8.
 struct GradiVeQOptions {
   FitOptions fit = default_fit();
   ScheduleOptions schedule;
   SampleQuantizer sample_quantizer = SampleQuantizer::kNone;
   FitSamples fit_on = FitSamples::kAllSlices;
   SliceLayoutKind slice_layout = SliceLayoutKind::kKernelPosition;
-  /// dtype the compressed coefficients travel in: float16 (default: half the bytes of float32; on Fashion-MNIST
-  /// the same test accuracy as float32, docs/results.md), bfloat16, or float32 (one all-reduce for the whole
-  /// bucket; the paper's). Half-precision coefficients take a second all-reduce of their own dtype, while
-  /// uncompressed values stay float32. A float16 coefficient beyond 65504 (loss scaling too high) becomes inf on
-  /// every rank alike, which GradScaler detects and skips, as with torch's fp16 hook.
+  /// dtype the compressed coefficients travel in: float16 (default: half the bytes of float32; on
+  /// Fashion-MNIST the same test accuracy as float32, docs/results.md), bfloat16, or float32 (one all-reduce
+  /// for the whole bucket; the paper's). Half-precision coefficients take a second all-reduce of their own
+  /// dtype, while uncompressed values stay float32. A float16 coefficient beyond 65504 (loss scaling too
+  /// high) becomes inf on every rank alike, which GradScaler detects and skips, as with torch's fp16 hook.
   at::ScalarType coeff_dtype = at::kHalf;
   /// dtype the bases are stored in: float32, or bfloat16 / float16 (half the basis memory and half the bytes
   /// the codec streams per step; products still accumulate in float32). The fitting rank rounds before the
   /// broadcast, so every rank holds the same basis.
   at::ScalarType basis_dtype = at::kFloat;
   LayerPolicy policy;
-  /// Carry a checksum of the iteration, the schedule and all bases in the first bucket of every step and raise
-  /// on every rank when any rank differs (docs/design.md, "Verification").
+  /// Carry a checksum of the iteration, the schedule and all bases in the first bucket of every step and
+  /// raise on every rank when any rank differs (docs/design.md, "Verification code").
   bool verify_bases = true;
   uint64_t seed = 0;  ///< seeds QSGD's stochastic rounding (mixed with iteration, rank and layer)
-  /// The paper's adaptive window (eq. 7); 0 disables it, otherwise it must be > 1. Each rank measures its local
-  /// loss over the layers it compresses in a step, E = sqrt(sum ||x - U U^T x||^2 / sum ||g||^2) with
+  /// The paper's adaptive window (eq. 7); 0 disables it, otherwise it must be > 1. Each rank measures its
+  /// local loss over the layers it compresses in a step, E = sqrt(sum ||x - U U^T x||^2 / sum ||g||^2) with
   /// x = g - mu/N. When E exceeds restart_error_growth times the window's baseline E on any rank, every rank
-  /// leaves the compressed window after that step and starts a new sampling window (the baseline is the mean E
-  /// of the window's first 3 compressed steps, which never vote). The ranks agree through one float carried in
-  /// the step's last all-reduce, so the decision is identical on all.
+  /// leaves the compressed window after that step and starts a new sampling window (the baseline is the mean
+  /// E of the window's first 3 compressed steps, which never vote). The ranks agree through one float carried
+  /// in the step's last all-reduce, so the decision is identical on all.
   double restart_error_growth = 0.0;
-  /// Compressed steps: the compressed layers of a bucket are cut into up to this many groups of about equal size,
-  /// each with its own all-reduce, so the codec of one group overlaps the transfer of another. 1 = one all-reduce
-  /// per bucket. Must be >= 1.
+  /// Compressed steps: the compressed layers of a bucket are cut into up to this many groups of about equal
+  /// size, each with its own all-reduce, so the codec of one group overlaps the transfer of another. 1 = one
+  /// all-reduce per bucket. Must be >= 1.
   int64_t pipeline_chunks = 1;
 
   /// Throws InvalidArgument naming the first bad option.
   void validate() const;
 
-  /// The paper's method exactly (Yu et al. 2018): first-slice fit, K = one kernel row, energy 0.99, 4-bit QSGD
-  /// sampling, schedule 2500 / 100 / 400, no adaptive window, float32 coefficients. The defaults above differ
-  /// where measurements on real data showed the paper's choices to cost accuracy (docs/results.md).
+  /// The paper's method exactly (Yu et al. 2018): first-slice fit, K = one kernel row, energy 0.99, 4-bit
+  /// QSGD sampling, schedule 2500 / 100 / 400, no adaptive window, float32 coefficients. The defaults above
+  /// differ where measurements on real data showed the paper's choices to cost accuracy (docs/results.md).
   static GradiVeQOptions paper();
 
  private:

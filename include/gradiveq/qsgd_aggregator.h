@@ -17,16 +17,16 @@ struct [[deprecated("use GatherAggregatorOptions and QsgdOptions")]] QsgdAggrega
   uint64_t seed = 0;
 };
 
-/// The old entry point, now over GatherAggregator. It takes the model's parameters, as every gather engine does
-/// (they key the codec's per-parameter state).
-struct [[deprecated("use GatherAggregator::create with a QsgdMessageCodec")]] QsgdAggregator {
-  template <typename Options>
-  static std::shared_ptr<GatherAggregator> create(c10::intrusive_ptr<c10d::ProcessGroup> process_group,
-                                                  std::vector<NamedParameter> parameters, const Options& options) {
-    return GatherAggregator::create(std::move(process_group), std::move(parameters),
-                                    std::make_unique<QsgdMessageCodec>(options.codec),
-                                    GatherAggregatorOptions{options.min_numel, options.seed});
-  }
-};
+/// The old entry point, now over GatherAggregator. It takes the model's parameters, as every gather engine
+/// does (they key the codec's per-parameter state).
+struct [[deprecated("use GatherAggregator::create with a QsgdMessageCodec")]] QsgdAggregator{
+    template <typename Options> static std::shared_ptr<GatherAggregator> create(
+        c10::intrusive_ptr<c10d::ProcessGroup> process_group, std::vector<NamedParameter> parameters,
+        const Options& options){return GatherAggregator::create(
+        std::move(process_group), std::move(parameters), std::make_unique<QsgdMessageCodec>(options.codec),
+        GatherAggregatorOptions{options.min_numel, options.seed});
+}  // namespace gradiveq
+}
+;
 
 }  // namespace gradiveq

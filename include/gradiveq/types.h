@@ -25,18 +25,20 @@ struct StepStats {
   int64_t collectives = 0;
   int64_t bytes_uncompressed = 0;  ///< float32 bytes of all gradients aggregated
   int64_t bytes_payload = 0;       ///< bytes this rank contributed to collectives
-  int64_t bytes_wire = 0;          ///< bytes this rank sends on a ring: 2(N-1)/N per all-reduce byte, N-1 per all-gather byte
-  double aggregation_ms = 0.0;     ///< sum over buckets of (bucket handed over -> its future completed)
-  double compress_ms = 0.0;        ///< packing and compressing, in the hook call
-  double decompress_ms = 0.0;      ///< unpacking and decompressing, in the callbacks
-  double fit_ms = 0.0;             ///< fitting and distributing bases (only on steps that fit)
+  int64_t bytes_wire =
+      0;  ///< bytes this rank sends on a ring: 2(N-1)/N per all-reduce byte, N-1 per all-gather byte
+  double aggregation_ms = 0.0;  ///< sum over buckets of (bucket handed over -> its future completed)
+  double compress_ms = 0.0;     ///< packing and compressing, in the hook call
+  double decompress_ms = 0.0;   ///< unpacking and decompressing, in the callbacks
+  double fit_ms = 0.0;          ///< fitting and distributing bases (only on steps that fit)
   std::string sampling_aggregation;
-  /// This rank's local loss (eq. 7) over the layers it compressed in the step, sqrt(sum of squared residuals /
-  /// sum of squared gradients); -1 when nothing was compressed.
+  /// This rank's local loss (eq. 7) over the layers it compressed in the step, sqrt(sum of squared residuals
+  /// / sum of squared gradients); -1 when nothing was compressed.
   double relative_error = -1.0;
   int64_t window_restarts = 0;  ///< compressed windows left early by the adaptive window, so far
   /// Codecs with per-parameter messages (GatherAggregator): values this rank encoded, and the bytes of their
-  /// messages (without the length table and padding), so 8 * bytes_encoded / values_encoded is bits per value.
+  /// messages (without the length table and padding), so 8 * bytes_encoded / values_encoded is bits per
+  /// value.
   int64_t values_encoded = 0;
   int64_t bytes_encoded = 0;
 };
@@ -46,20 +48,22 @@ struct LayerStats {
   std::string name;
   std::vector<int64_t> shape;
   bool compressible = false;
-  std::string phase;  ///< how the layer last travelled: "uncompressed", "sampling", "compressed", or "" (never)
+  std::string
+      phase;  ///< how the layer last travelled: "uncompressed", "sampling", "compressed", or "" (never)
   int64_t slice_len = 0, num_slices = 0, tail_len = 0;
-  int64_t num_components = 0;        ///< d of the current basis (0: none yet)
-  double compression_ratio = 0.0;    ///< K / d
-  double explained_variance = 0.0;   ///< of the fitting window
-  double relative_error = -1.0;      ///< ||g_n - (U c_n + mu/N)|| / ||g_n|| of this rank's gradient (eq. 7), last compressed step; -1 before
-  int64_t bytes_in = 0;              ///< float32 bytes of the layer's gradient
-  int64_t bytes_out = 0;             ///< bytes the layer put into collectives in its last step
-  int64_t window_samples = 0;        ///< samples collected in the current window
-  int64_t skipped_samples = 0;       ///< sampled iterations dropped because the aggregate was not finite
-  int64_t fits = 0;                  ///< bases fitted so far
-  std::string fit_status;            ///< outcome of the last fit ("ok", or why it was skipped)
+  int64_t num_components = 0;       ///< d of the current basis (0: none yet)
+  double compression_ratio = 0.0;   ///< K / d
+  double explained_variance = 0.0;  ///< of the fitting window
+  double relative_error = -1.0;  ///< ||g_n - (U c_n + mu/N)|| / ||g_n|| of this rank's gradient (eq. 7), last
+                                 ///< compressed step; -1 before
+  int64_t bytes_in = 0;          ///< float32 bytes of the layer's gradient
+  int64_t bytes_out = 0;         ///< bytes the layer put into collectives in its last step
+  int64_t window_samples = 0;    ///< samples collected in the current window
+  int64_t skipped_samples = 0;   ///< sampled iterations dropped because the aggregate was not finite
+  int64_t fits = 0;              ///< bases fitted so far
+  std::string fit_status;        ///< outcome of the last fit ("ok", or why it was skipped)
   uint64_t basis_checksum = 0;
-  int64_t basis_bytes = 0;           ///< memory of U and mu
+  int64_t basis_bytes = 0;  ///< memory of U and mu
 };
 
 }  // namespace gradiveq

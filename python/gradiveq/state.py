@@ -248,7 +248,7 @@ class CO3State(_GatherState):
     scale), and its grid indices are Huffman-coded with the table sent along. Each rank keeps its own error
     memory e <- v - Q(v) per parameter (``state_dict()`` holds it: save one per rank). The messages cannot be
     summed, so every rank all-gathers them (sizes first: they vary), decodes, sums and averages; smaller
-    parameters travel uncompressed in one all-reduce. See the README, "CO3 and CASQ".
+    parameters travel uncompressed in one all-reduce. See docs/algorithms.md, "CO3".
 
         state = gradiveq.CO3State(format="fp4", gamma=0.9)
         gradiveq.register_hook(ddp_model, state)   # or CO3State(model=ddp_model) + ddp_model.register_comm_hook(
@@ -278,7 +278,7 @@ class CO3State(_GatherState):
 
 class CASQState(_GatherState):
     """CASQ (Ge et al. 2021/2023, cluster-aware quantization) as a DDP hook state, in the reading of
-    algorithms.md §5.2 (the paper's full text was not available; see the README, "CO3 and CASQ").
+    docs/algorithms.md, "CASQ" (the paper's full text was not available).
 
     Each parameter with at least ``min_numel`` values is cut into buckets of ``bucket_size`` values; each bucket
     is clustered (1-D k-means, ``clusters``), its 2^``bits`` levels are shared among the clusters by Neyman
@@ -323,7 +323,7 @@ class CASQState(_GatherState):
 class GradiVeQState(_HookState):
     """Options and state of GradiVeQ gradient aggregation for one DDP model.
 
-    The defaults were chosen by measurement on real data (README, "Accuracy on real data"): every slice of every
+    The defaults were chosen by measurement on real data (docs/results.md, "Accuracy on real data"): every slice of every
     sampled gradient is a PCA sample, one kernel position per slice, energy 0.995 with d capped at K/8, and the
     sampling windows travel uncompressed. ``GradiVeQState.paper()`` gives the paper's method exactly.
 
@@ -345,10 +345,10 @@ class GradiVeQState(_HookState):
             high) turns inf on every rank alike; GradScaler skips that step, as with torch's fp16 hook.
         basis_dtype: torch.float32, or torch.bfloat16 / torch.float16 to store the PCA bases in half precision:
             half the basis memory and half the bytes the codec streams per step (products still accumulate in
-            float32; README, "Basis cost").
+            float32; docs/results.md, "Basis cost and codec time").
         pipeline_chunks: compressed steps cut a bucket's compressed layers into up to this many groups of about
             equal size, each with its own all-reduce, so compressing one group overlaps the transfer of the
-            previous one and decompressing it the transfer of the next (README, "Hiding the aggregation").
+            previous one and decompressing it the transfer of the next (docs/results.md, "Hiding the aggregation").
         include, exclude: glob patterns on parameter names; by default every conv weight (4-D parameter) with at
             least ``min_numel`` values is compressed.
         min_numel: smallest layer worth compressing.
@@ -364,7 +364,7 @@ class GradiVeQState(_HookState):
             3 compressed steps on any rank, all ranks leave the compressed window and sample again from the next
             step (they agree through one float in the step's last all-reduce). ``stats()["step"]`` reports E
             ("relative_error") and the restarts so far.
-        error_feedback: not supported; True raises (see the README: with a fixed basis the residual is
+        error_feedback: not supported; True raises (see docs/algorithms.md: with a fixed basis the residual is
             orthogonal to the basis, is never sent, and was measured to cost accuracy).
         verify_bases: carry a checksum of the iteration counter and all bases in the first bucket's all-reduce
             of every step, and raise on every rank when any rank differs.
@@ -387,7 +387,7 @@ class GradiVeQState(_HookState):
             raise ValueError(
                 "GradiVeQState: argument 'error_feedback' must be False: with a fixed PCA basis the residual "
                 "g - U U^T g is orthogonal to U, so it is never sent while the basis stays, grows, and arrives at "
-                "once after a re-fit (measured: -6.4 points of test accuracy); see the README")
+                "once after a re-fit (measured: -6.4 points of test accuracy); see docs/algorithms.md")
         for name, value in (("sample_quantizer", sample_quantizer), ("fit_on", fit_on),
                             ("slice_layout", slice_layout)):
             members = sorted(_ENUM_OPTIONS[name].__members__)

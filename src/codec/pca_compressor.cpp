@@ -108,38 +108,50 @@ uint64_t checksum_bytes(const at::Tensor& bytes) {
   return scramble(h ^ n);
 }
 
-PcaCompressor PcaCompressor::fit(const at::Tensor& samples, const FitOptions& options) {
-  constexpr const char* kWhere = "PcaCompressor.fit";
-  GVQ_CHECK_ARG(options.energy > 0.0 && options.energy <= 1.0, kWhere, "energy",
-                "must lie in (0, 1], got ", options.energy);
-  GVQ_CHECK_ARG(options.max_components >= 0, kWhere, "max_components",
-                "must be >= 0 (0 = no cap), got ", options.max_components);
-  GVQ_CHECK_ARG(options.target_ratio == 0.0 || options.target_ratio >= 1.0, kWhere, "target_ratio",
-                "must be >= 1 or 0 (off), got ", options.target_ratio);
-  GVQ_CHECK_ARG(options.min_ratio == 0.0 || options.min_ratio >= 1.0, kWhere, "min_ratio",
-                "must be >= 1 or 0 (off), got ", options.min_ratio);
-  GVQ_CHECK_ARG(options.energy < 1.0 || (options.min_ratio == 0.0 && options.target_ratio == 0.0), kWhere,
-                "energy", "is 1.0 (keep all K components: lossless) but min_ratio = ", options.min_ratio,
-                " and target_ratio = ", options.target_ratio, " limit d; set both to 0 for a lossless fit");
-  GVQ_CHECK_ARG(samples.defined(), kWhere, "samples", "is an undefined tensor");
-  GVQ_CHECK_ARG(samples.scalar_type() == at::kFloat, kWhere, "samples", "must be float32, got ",
-                samples.scalar_type());
-  GVQ_CHECK_ARG(samples.dim() == 2, kWhere, "samples", "must be 2-D (n samples, K), got shape ",
-                samples.sizes());
-  const int64_t n = samples.size(0), k = samples.size(1);
-  GVQ_CHECK_ARG(n >= 2, kWhere, "samples", "must hold at least 2 samples to estimate a covariance, got ", n);
-  GVQ_CHECK_ARG(k >= 1, kWhere, "samples", "must have a positive slice length K, got ", k);
-  GVQ_CHECK_ARG(at::isfinite(samples).all().item<bool>(), kWhere, "samples",
-                "contains non-finite values (NaN or inf); such a window must not be fitted");
+void FitOptions::validate(const char* where) const {
+  GVQ_CHECK_ARG(energy > 0.0 && energy <= 1.0, where, "energy", "must lie in (0, 1], got ", energy);
+  GVQ_CHECK_ARG(max_components >= 0, where, "max_components", "must be >= 0 (0 = no cap), got ", max_components);
+  GVQ_CHECK_ARG(target_ratio == 0.0 || target_ratio >= 1.0, where, "target_ratio", "must be >= 1 or 0 (off), got ",
+                target_ratio);
+  GVQ_CHECK_ARG(min_ratio == 0.0 || min_ratio >= 1.0, where, "min_ratio", "must be >= 1 or 0 (off), got ",
+                min_ratio);
+  GVQ_CHECK_ARG(energy < 1.0 || (min_ratio == 0.0 && target_ratio == 0.0), where, "energy",
+                "is 1.0 (keep all K components: lossless) but min_ratio = ", min_ratio, " and target_ratio = ",
+                target_ratio, " limit d; set both to 0 (and, for the engine, coeff_dtype to float32) for a lossless run");
+}
 
-  c10::NoGradGuard no_grad;
-  const at::Tensor x = samples.to(at::kCPU, at::kDouble).contiguous();
-  const Eigen::Map<const MatD> xs(x.data_ptr<double>(), n, k);
-  const Eigen::RowVectorXd mean = xs.colwise().mean();
-  const MatD xc = xs.rowwise() - mean;
+namespace {
 
-  Eigen::VectorXd variances;  // eigenvalues of the sample covariance, decreasing
-  MatD u;                     // K x r orthonormal principal directions with non-zero variance
+// d: the smallest count whose eigenvalues (`variances`, decreasing, r of them) reach the energy threshold
+// (paper eq. 6), or the count that gives the target ratio; then the caps.
+int64_t choose_components(const Eigen::VectorXd& variances, int64_t k, const FitOptions& options) {
+  const int64_t r = variances.size();
+  int64_t d = 0;
+  const double total = variances.sum();
+  if (options.target_ratio > 0.0) {
+    d = std::min<int64_t>(int64_t(std::ceil(double(k) / options.target_ratio - 1e-9)), std::max<int64_t>(r, 1));
+  } else if (options.energy >= 1.0) {
+    d = k;
+  } else if (total <= 0.0) {
+    d = 1;  // no variance at all: one direction is as good as any; the mean carries the signal
+  } else {
+    double cumulative = 0.0;
+    for (int64_t i = 0; i < r && cumulative + variances(i) < options.energy * total; ++i) {
+      cumulative += variances(i);
+      d = i + 1;
+    }
+    d += 1;
+    d = std::min(d, r);
+  }
+  if (options.min_ratio > 0.0) d = std::min<int64_t>(d, int64_t(std::floor(double(k) / options.min_ratio + 1e-9)));
+  if (options.max_components > 0) d = std::min(d, options.max_components);
+  return std::max<int64_t>(d, 1);
+}
+
+// The principal directions of the centred samples `xc` (n x K) with non-zero variance, and their variances
+// (decreasing): from the n x n Gram matrix when n <= K (cheaper), else from the K x K covariance.
+void principal_directions(const MatD& xc, Eigen::VectorXd& variances, MatD& u) {
+  const int64_t n = xc.rows(), k = xc.cols();
   // Number of eigenvalues above the rank tolerance (0 when the top one is not positive).
   auto numerical_rank = [](const Eigen::VectorXd& vals) -> int64_t {
     const double top = std::max(vals(0), 0.0);
@@ -168,30 +180,35 @@ PcaCompressor PcaCompressor::fit(const at::Tensor& samples, const FitOptions& op
     variances = cov_vals.head(r);
     u = cov_vecs.leftCols(r);
   }
-  const int64_t r = variances.size();
+}
 
-  // d: the smallest count whose eigenvalues reach the energy threshold (paper eq. 6), or the count that gives
-  // the target ratio.
-  int64_t d = 0;
-  const double total = variances.sum();
-  if (options.target_ratio > 0.0) {
-    d = std::min<int64_t>(int64_t(std::ceil(double(k) / options.target_ratio - 1e-9)), std::max<int64_t>(r, 1));
-  } else if (options.energy >= 1.0) {
-    d = k;
-  } else if (total <= 0.0) {
-    d = 1;  // no variance at all: one direction is as good as any; the mean carries the signal
-  } else {
-    double cumulative = 0.0;
-    for (int64_t i = 0; i < r && cumulative + variances(i) < options.energy * total; ++i) {
-      cumulative += variances(i);
-      d = i + 1;
-    }
-    d += 1;
-    d = std::min(d, r);
-  }
-  if (options.min_ratio > 0.0) d = std::min<int64_t>(d, int64_t(std::floor(double(k) / options.min_ratio + 1e-9)));
-  if (options.max_components > 0) d = std::min(d, options.max_components);
-  d = std::max<int64_t>(d, 1);
+}  // namespace
+
+PcaCompressor PcaCompressor::fit(const at::Tensor& samples, const FitOptions& options) {
+  constexpr const char* kWhere = "PcaCompressor.fit";
+  options.validate(kWhere);
+  GVQ_CHECK_ARG(samples.defined(), kWhere, "samples", "is an undefined tensor");
+  GVQ_CHECK_ARG(samples.scalar_type() == at::kFloat, kWhere, "samples", "must be float32, got ",
+                samples.scalar_type());
+  GVQ_CHECK_ARG(samples.dim() == 2, kWhere, "samples", "must be 2-D (n samples, K), got shape ",
+                samples.sizes());
+  const int64_t n = samples.size(0), k = samples.size(1);
+  GVQ_CHECK_ARG(n >= 2, kWhere, "samples", "must hold at least 2 samples to estimate a covariance, got ", n);
+  GVQ_CHECK_ARG(k >= 1, kWhere, "samples", "must have a positive slice length K, got ", k);
+  GVQ_CHECK_ARG(at::isfinite(samples).all().item<bool>(), kWhere, "samples",
+                "contains non-finite values (NaN or inf); such a window must not be fitted");
+
+  c10::NoGradGuard no_grad;
+  const at::Tensor x = samples.to(at::kCPU, at::kDouble).contiguous();
+  const Eigen::Map<const MatD> xs(x.data_ptr<double>(), n, k);
+  const Eigen::RowVectorXd mean = xs.colwise().mean();
+  const MatD xc = xs.rowwise() - mean;
+
+  Eigen::VectorXd variances;  // eigenvalues of the sample covariance, decreasing
+  MatD u;                     // K x r orthonormal principal directions with non-zero variance
+  principal_directions(xc, variances, u);
+  const int64_t r = variances.size();
+  const int64_t d = choose_components(variances, k, options);
 
   PcaCompressor pca;
   pca.mean_ = to_float_tensor(mean).view({k});

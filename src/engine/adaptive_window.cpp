@@ -32,8 +32,8 @@ void AdaptiveWindow::write_vote(at::Tensor slot, bool first_compressed) {
   } else {
     at::Tensor error = (residual_sq_.clamp_min(0.0) / signal_sq_.clamp_min(1e-30)).sqrt();
     if (first_compressed || !baseline_.defined()) {
-      // A fresh basis: the window's first steps set its scale. One minibatch's E varies by about +-25% on real
-      // data, so the baseline is a mean over kBaselineSteps steps.
+      // A fresh basis: the window's first steps set its scale. One minibatch's E varies by about +-25% on
+      // real data, so the baseline is a mean over kBaselineSteps steps.
       baseline_ = error.detach().clone();
       baseline_steps_ = 1;
       slot.zero_();

@@ -1,7 +1,7 @@
-// Private: the paper's adaptive window (eq. 7; GradiVeQOptions::restart_error_growth). Each rank sums its local
-// loss terms over the layers it compresses in a step; the step's last all-reduce carries one float, this rank's
-// vote to restart; the summed vote, read at the start of the next step, is identical on every rank, so every
-// rank shifts the schedule at the same iteration.
+// Private: the paper's adaptive window (eq. 7; GradiVeQOptions::restart_error_growth). Each rank sums its
+// local loss terms over the layers it compresses in a step; the step's last all-reduce carries one float,
+// this rank's vote to restart; the summed vote, read at the start of the next step, is identical on every
+// rank, so every rank shifts the schedule at the same iteration.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -33,7 +33,8 @@ class AdaptiveWindow {
 
   int64_t shift() const { return shift_; }
   int64_t restarts() const { return restarts_; }
-  /// Whether the last completed step voted to restart (read at a step boundary: its collective has completed).
+  /// Whether the last completed step voted to restart (read at a step boundary: its collective has
+  /// completed).
   bool pending_vote() const;
   /// Restores the checkpointed fields; the error baseline is per rank and set again by the next steps.
   void restore(int64_t shift, int64_t restarts, bool pending_vote);
@@ -42,10 +43,10 @@ class AdaptiveWindow {
   static constexpr int64_t kBaselineSteps = 3;
 
   double growth_;
-  int64_t shift_ = 0;     // iterations the schedule is shifted by
-  int64_t restarts_ = 0;  // restarts so far
+  int64_t shift_ = 0;                   // iterations the schedule is shifted by
+  int64_t restarts_ = 0;                // restarts so far
   at::Tensor residual_sq_, signal_sq_;  // this step's summed loss terms
-  at::Tensor baseline_;                 // sum of E over the window's first compressed steps (up to kBaselineSteps)
+  at::Tensor baseline_;  // sum of E over the window's first compressed steps (up to kBaselineSteps)
   int64_t baseline_steps_ = 0;
   at::Tensor vote_;  // the all-reduced vote of the last step
 };

@@ -31,8 +31,9 @@ void fit_owned(const std::vector<EngineLayer*>& fittable, const GradiVeQOptions&
     }
     try {
       // Rounded to basis_dtype before the broadcast: every rank then stores exactly the same basis.
-      images[j] =
-          PcaCompressor::fit(at::cat(l->samples), options.fit).with_basis_dtype(options.basis_dtype).serialize();
+      images[j] = PcaCompressor::fit(at::cat(l->samples), options.fit)
+                      .with_basis_dtype(options.basis_dtype)
+                      .serialize();
     } catch (const InvalidArgument& e) {
       failures[j] = std::string("skipped: ") + e.what();
     }
@@ -47,7 +48,8 @@ std::pair<at::Tensor, at::Tensor> broadcast_images(c10d::ProcessGroup& pg, int64
                                                    const at::TensorOptions& comm) {
   at::Tensor sizes = at::zeros({int64_t(owned.size())}, at::kLong);
   if (root == pg.getRank()) {
-    for (size_t i = 0; i < owned.size(); ++i) sizes[i] = images[owned[i]].defined() ? images[owned[i]].numel() : 0;
+    for (size_t i = 0; i < owned.size(); ++i)
+      sizes[i] = images[owned[i]].defined() ? images[owned[i]].numel() : 0;
   }
   c10d::BroadcastOptions opts;
   opts.rootRank = root;
@@ -70,8 +72,8 @@ std::pair<at::Tensor, at::Tensor> broadcast_images(c10d::ProcessGroup& pg, int64
 
 // Every rank installs the bases root `root` broadcast for its layers (caller holds the stats mutex).
 void install_bases(const std::vector<EngineLayer*>& fittable, const std::vector<size_t>& owned,
-                   const at::Tensor& sizes, const at::Tensor& payload, bool own, const std::vector<std::string>& failures,
-                   at::ScalarType basis_dtype) {
+                   const at::Tensor& sizes, const at::Tensor& payload, bool own,
+                   const std::vector<std::string>& failures, at::ScalarType basis_dtype) {
   int64_t offset = 0;
   for (size_t i = 0; i < owned.size(); ++i) {
     EngineLayer* l = fittable[owned[i]];

@@ -1,21 +1,21 @@
 // Private: how every rank comes to hold the same bases, and how the engine checks that they do.
 //
-// Fit and broadcast: after each sampling window, compressible layer j is fitted by rank j % N from the samples
-// of the window (aggregated gradients, identical on every rank) and its serialized basis, rounded to
+// Fit and broadcast: after each sampling window, compressible layer j is fitted by rank j % N from the
+// samples of the window (aggregated gradients, identical on every rank) and its serialized basis, rounded to
 // basis_dtype first, is broadcast by that rank; everyone deserializes the same bytes.
 //
-// Verification (verify_bases): a 64-bit code of the iteration, the schedule, the energy, the adaptive window's
-// shift and all bases rides in the first bucket's all-reduce of every step, cut into chunks small enough that N
-// of them sum exactly in float32 (< 2^24). After the all-reduce every rank checks that each summed chunk is N
-// times its own: any rank that differs makes every rank raise.
+// Verification (verify_bases): a 64-bit code of the iteration, the schedule, the energy, the adaptive
+// window's shift and all bases rides in the first bucket's all-reduce of every step, cut into chunks small
+// enough that N of them sum exactly in float32 (< 2^24). After the all-reduce every rank checks that each
+// summed chunk is N times its own: any rank that differs makes every rank raise.
 #pragma once
 
 #include <ATen/ATen.h>
-#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <vector>
 
 #include "engine/engine_layer.h"
@@ -23,8 +23,8 @@
 
 namespace gradiveq::detail {
 
-/// Fits the layers this rank owns and broadcasts every fitted basis from its owner; every layer's basis, checksum
-/// and fit stats are updated (under `mutex`) and the window's samples dropped.
+/// Fits the layers this rank owns and broadcasts every fitted basis from its owner; every layer's basis,
+/// checksum and fit stats are updated (under `mutex`) and the window's samples dropped.
 void fit_and_broadcast(c10d::ProcessGroup& pg, const std::vector<std::unique_ptr<EngineLayer>>& layers,
                        const GradiVeQOptions& options, std::mutex& mutex);
 

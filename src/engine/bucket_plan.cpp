@@ -24,7 +24,8 @@ void keep_sample(EngineLayer& l, const at::Tensor& sum, const PlanContext& ctx) 
 
 void unpack_sample(Entry& e, const at::Tensor& sum, BucketPlan& plan, const PlanContext& ctx) {
   keep_sample(*e.layer, sum, ctx);
-  e.layer->layout.from_paper_order_into(sum.to(plan.buffer.device()).mul(1.0 / double(ctx.world_size)), e.grad);
+  e.layer->layout.from_paper_order_into(sum.to(plan.buffer.device()).mul(1.0 / double(ctx.world_size)),
+                                        e.grad);
 }
 
 // --- raw: uncompressed, in the float32 all-reduce ---------------------------------------------------------
@@ -43,7 +44,9 @@ const Route kRawRoute{
       e.grad.copy_(plan.packed.narrow(0, e.raw_offset, e.raw_len).view(e.grad.sizes()))
           .mul_(1.0 / double(ctx.world_size));
     },
-    [](const Entry& e, const PlanContext&, LayerStats& st, StepRecorder&) { st.bytes_out = e.layer->numel * 4; },
+    [](const Entry& e, const PlanContext&, LayerStats& st, StepRecorder&) {
+      st.bytes_out = e.layer->numel * 4;
+    },
 };
 
 // --- compressed: coefficients and the slices' tail; decompressed once --------------------------------------
@@ -75,8 +78,9 @@ const Route kCompressedRoute{
     [](Entry& e, BucketPlan& plan, const PlanContext& ctx) {
       const EngineLayer& l = *e.layer;
       at::Tensor flat = at::empty({l.numel}, plan.packed.options());
-      l.pca.decompress_into(plan.coeffs.narrow(0, e.coeff_offset, e.coeff_len).view({l.layout.num_slices(), -1}),
-                            l.layout.slices(flat));
+      l.pca.decompress_into(
+          plan.coeffs.narrow(0, e.coeff_offset, e.coeff_len).view({l.layout.num_slices(), -1}),
+          l.layout.slices(flat));
       l.layout.tail(flat).copy_(plan.packed.narrow(0, e.raw_offset, e.raw_len));
       l.layout.from_paper_order_into(flat.mul_(1.0 / double(ctx.world_size)), e.grad);
     },
@@ -100,10 +104,13 @@ const Route kSampledRawRoute{
     [](Entry& e, BucketPlan& plan, const PlanContext& ctx) {
       unpack_sample(e, plan.packed.narrow(0, e.raw_offset, e.raw_len), plan, ctx);
     },
-    [](const Entry& e, const PlanContext&, LayerStats& st, StepRecorder&) { st.bytes_out = e.layer->numel * 4; },
+    [](const Entry& e, const PlanContext&, LayerStats& st, StepRecorder&) {
+      st.bytes_out = e.layer->numel * 4;
+    },
 };
 
-// --- sampled QSGD: the paper's 4-bit QSGD through the gather pipeline, kept as a sample ----------------------
+// --- sampled QSGD: the paper's 4-bit QSGD through the gather pipeline, kept as a sample
+// ----------------------
 
 const Route kSampledQsgdRoute{
     "sampling",
@@ -111,11 +118,14 @@ const Route kSampledQsgdRoute{
     [](Entry& e, BucketPlan& plan, const PlanContext& ctx) {
       const EngineLayer& l = *e.layer;
       at::Tensor flat = l.layout.to_paper_order(e.grad.to(at::kFloat)).to(at::kCPU);
-      const uint64_t seed = mix(mix(mix(ctx.seed, uint64_t(plan.iter)), uint64_t(ctx.rank)), hash_string(l.name));
+      const uint64_t seed =
+          mix(mix(mix(ctx.seed, uint64_t(plan.iter)), uint64_t(ctx.rank)), hash_string(l.name));
       e.message = plan.sampling->num_messages();
       e.message_bytes = plan.sampling->add(flat, l.slot, seed).packed.numel();
     },
-    [](Entry& e, BucketPlan& plan, const PlanContext& ctx) { unpack_sample(e, plan.sampled_sums[e.message], plan, ctx); },
+    [](Entry& e, BucketPlan& plan, const PlanContext& ctx) {
+      unpack_sample(e, plan.sampled_sums[e.message], plan, ctx);
+    },
     [](const Entry& e, const PlanContext&, LayerStats& st, StepRecorder&) { st.bytes_out = e.message_bytes; },
 };
 
@@ -131,10 +141,14 @@ Mode mode_for(const EngineLayer& layer, Phase phase, SampleQuantizer sample_quan
 
 const Route& route_of(Mode mode) {
   switch (mode) {
-    case Mode::kRaw: return kRawRoute;
-    case Mode::kCompressed: return kCompressedRoute;
-    case Mode::kSampledRaw: return kSampledRawRoute;
-    case Mode::kSampledQsgd: return kSampledQsgdRoute;
+    case Mode::kRaw:
+      return kRawRoute;
+    case Mode::kCompressed:
+      return kCompressedRoute;
+    case Mode::kSampledRaw:
+      return kSampledRawRoute;
+    case Mode::kSampledQsgd:
+      return kSampledQsgdRoute;
   }
   return kRawRoute;
 }
@@ -156,7 +170,8 @@ std::vector<std::vector<Entry>> split_into_groups(std::vector<Entry> entries, in
     chunks[size_t(g)].push_back(std::move(e));
   }
   // A layer larger than a group's share leaves the next group empty: only non-empty groups go out.
-  chunks.erase(std::remove_if(chunks.begin(), chunks.end(), [](const auto& c) { return c.empty(); }), chunks.end());
+  chunks.erase(std::remove_if(chunks.begin(), chunks.end(), [](const auto& c) { return c.empty(); }),
+               chunks.end());
   return chunks;
 }
 

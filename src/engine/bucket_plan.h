@@ -97,8 +97,8 @@ struct Route {
 
 const Route& route_of(Mode mode);
 
-/// Cuts a bucket's entries into up to `pipeline_chunks` groups of about equal compressed size, in bucket order;
-/// only non-empty groups are returned.
+/// Cuts a bucket's entries into up to `pipeline_chunks` groups of about equal compressed size, in bucket
+/// order; only non-empty groups are returned.
 std::vector<std::vector<Entry>> split_into_groups(std::vector<Entry> entries, int64_t pipeline_chunks);
 
 }  // namespace gradiveq::detail

@@ -38,7 +38,8 @@ bool any_match(const std::vector<std::string>& patterns, const std::string& name
 bool is_float_like(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
 
 bool is_compressible(const NamedParameter& p, const LayerPolicy& policy) {
-  return p.tensor.dim() == 4 && p.tensor.numel() >= policy.min_numel && is_float_like(p.tensor.scalar_type()) &&
+  return p.tensor.dim() == 4 && p.tensor.numel() >= policy.min_numel &&
+         is_float_like(p.tensor.scalar_type()) &&
          (policy.include.empty() || any_match(policy.include, p.name)) && !any_match(policy.exclude, p.name);
 }
 

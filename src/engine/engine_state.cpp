@@ -48,8 +48,9 @@ at::Tensor checked_body(const at::Tensor& image) {
   at::Tensor body = bytes.narrow(0, 0, int64_t(total - kStateChecksumBytes));
   uint64_t stored = 0;
   std::memcpy(&stored, data + total - kStateChecksumBytes, kStateChecksumBytes);
-  GVQ_CHECK_ARG(checksum_bytes(body) == stored, kWhere, "state",
-                "is corrupted: its checksum does not match its contents (a damaged, truncated or edited file)");
+  GVQ_CHECK_ARG(
+      checksum_bytes(body) == stored, kWhere, "state",
+      "is corrupted: its checksum does not match its contents (a damaged, truncated or edited file)");
   return body;
 }
 
@@ -69,35 +70,36 @@ EngineCounters read_counters(ByteReader& in, int64_t world_size, size_t num_laye
                 "state", "is corrupted: schedule shift ", c.schedule_shift, ", restarts ", c.window_restarts,
                 " at iteration ", c.iteration);
   const auto count = in.get<int64_t>();
-  GVQ_CHECK_ARG(count == int64_t(num_layers), kWhere, "state", "holds ", count, " parameters but this model has ",
-                num_layers, " (a different model?)");
+  GVQ_CHECK_ARG(count == int64_t(num_layers), kWhere, "state", "holds ", count,
+                " parameters but this model has ", num_layers, " (a different model?)");
   return c;
 }
 
 // Name, shape and policy verdict of layer `i` must be this model's.
 void read_layer_header(ByteReader& in, size_t i, const EngineLayer& l) {
   const std::string name = in.get_string();
-  GVQ_CHECK_ARG(name == l.name, kWhere, "state", "parameter ", i, " is '", name, "' but this model has '", l.name,
-                "' (a different model?)");
+  GVQ_CHECK_ARG(name == l.name, kWhere, "state", "parameter ", i, " is '", name, "' but this model has '",
+                l.name, "' (a different model?)");
   const auto ndim = in.get<int64_t>();
   GVQ_CHECK_ARG(ndim >= 0 && ndim <= 8, kWhere, "state", "is corrupted: parameter '", name, "' has ", ndim,
                 " dimensions");
   std::vector<int64_t> shape(static_cast<size_t>(ndim));
   for (auto& s : shape) s = in.get<int64_t>();
-  GVQ_CHECK_ARG(shape == l.shape, kWhere, "state", "parameter '", name, "' has shape ", at::IntArrayRef(shape),
-                " but this model's has ", at::IntArrayRef(l.shape));
+  GVQ_CHECK_ARG(shape == l.shape, kWhere, "state", "parameter '", name, "' has shape ",
+                at::IntArrayRef(shape), " but this model's has ", at::IntArrayRef(l.shape));
   const bool compressible = in.get<uint8_t>() != 0;
   GVQ_CHECK_ARG(compressible == l.compressible, kWhere, "state", "parameter '", name, "' is ",
-                compressible ? "" : "not ", "compressible in the saved state but ", l.compressible ? "is" : "is not",
-                " here (different include / exclude / min_numel?)");
+                compressible ? "" : "not ", "compressible in the saved state but ",
+                l.compressible ? "is" : "is not", " here (different include / exclude / min_numel?)");
 }
 
 LoadedLayer read_layer_body(ByteReader& in, const EngineLayer& l, at::ScalarType basis_dtype) {
   const std::string& name = l.name;
   LoadedLayer out;
   const auto k = in.get<int64_t>();
-  GVQ_CHECK_ARG(k == l.layout.slice_len, kWhere, "state", "parameter '", name, "' was saved with slice length ", k,
-                " but this layout has ", l.layout.slice_len, " (different slice_layout?)");
+  GVQ_CHECK_ARG(k == l.layout.slice_len, kWhere, "state", "parameter '", name,
+                "' was saved with slice length ", k, " but this layout has ", l.layout.slice_len,
+                " (different slice_layout?)");
   out.fits = in.get<int64_t>();
   if (in.get<uint8_t>() != 0) {
     at::Tensor img = in.get_tensor_bytes();
@@ -107,13 +109,13 @@ LoadedLayer read_layer_body(ByteReader& in, const EngineLayer& l, at::ScalarType
     } catch (const InvalidArgument& e) {  // say which state and layer, not only what deserialize saw
       GVQ_CHECK_ARG(false, kWhere, "state", "holds a corrupted basis for '", name, "': ", e.what());
     }
-    GVQ_CHECK_ARG(out.pca.slice_len() == k, kWhere, "state", "basis of '", name, "' has K = ", out.pca.slice_len(),
-                  " but the layer's slice length is ", k);
+    GVQ_CHECK_ARG(out.pca.slice_len() == k, kWhere, "state", "basis of '", name,
+                  "' has K = ", out.pca.slice_len(), " but the layer's slice length is ", k);
     out.checksum = out.pca.checksum();
   }
   const auto num_samples = in.get<int64_t>();
-  GVQ_CHECK_ARG(num_samples >= 0 && num_samples <= int64_t(in.remaining()), kWhere, "state", "is corrupted: ",
-                num_samples, " sample blocks for '", name, "'");
+  GVQ_CHECK_ARG(num_samples >= 0 && num_samples <= int64_t(in.remaining()), kWhere, "state",
+                "is corrupted: ", num_samples, " sample blocks for '", name, "'");
   for (int64_t s = 0; s < num_samples; ++s) {
     const auto rows = in.get<int64_t>();
     at::Tensor raw = in.get_tensor_bytes();
@@ -128,7 +130,8 @@ LoadedLayer read_layer_body(ByteReader& in, const EngineLayer& l, at::ScalarType
 
 }  // namespace
 
-at::Tensor write_state_image(const EngineCounters& c, const std::vector<std::unique_ptr<EngineLayer>>& layers) {
+at::Tensor write_state_image(const EngineCounters& c,
+                             const std::vector<std::unique_ptr<EngineLayer>>& layers) {
   ByteWriter w;
   w.put_raw(kStateMagic, 4);
   w.put(kStateVersion);
@@ -148,7 +151,8 @@ at::Tensor write_state_image(const EngineCounters& c, const std::vector<std::uni
 }
 
 LoadedState read_state_image(const at::Tensor& image, int64_t world_size,
-                             const std::vector<std::unique_ptr<EngineLayer>>& layers, at::ScalarType basis_dtype) {
+                             const std::vector<std::unique_ptr<EngineLayer>>& layers,
+                             at::ScalarType basis_dtype) {
   at::Tensor body = checked_body(image);
   ByteReader in(body.data_ptr<uint8_t>(), size_t(body.numel()), kWhere, "state");
   LoadedState state;

@@ -4,8 +4,8 @@
 //   "GVQS" [uint32 version] [int64 world size] [int64 iteration] [uint8 pending fit] [int64 schedule shift]
 //   [int64 restarts] [uint8 pending restart vote] [int64 layers], then per layer:
 //   [string name] [int64 ndim] [int64 shape...] [uint8 compressible], and for a compressible layer:
-//   [int64 K] [int64 fits] [uint8 has basis] ([bytes basis image]) [int64 sample blocks] ([int64 rows][bytes])...
-//   and last a checksum of everything before it (8 bytes), so a damaged file is refused.
+//   [int64 K] [int64 fits] [uint8 has basis] ([bytes basis image]) [int64 sample blocks] ([int64
+//   rows][bytes])... and last a checksum of everything before it (8 bytes), so a damaged file is refused.
 // Version 2 added the adaptive window's fields, version 3 the trailing checksum, version 4 a stronger one.
 #pragma once
 
@@ -42,11 +42,13 @@ struct LoadedState {
   std::vector<LoadedLayer> layers;  // one per engine layer, in order
 };
 
-at::Tensor write_state_image(const EngineCounters& counters, const std::vector<std::unique_ptr<EngineLayer>>& layers);
+at::Tensor write_state_image(const EngineCounters& counters,
+                             const std::vector<std::unique_ptr<EngineLayer>>& layers);
 
 /// Parses and checks an image against this engine's world size and layers, changing nothing. Raises
 /// InvalidArgument naming what does not match; a basis of another dtype is converted to `basis_dtype`.
 LoadedState read_state_image(const at::Tensor& image, int64_t world_size,
-                             const std::vector<std::unique_ptr<EngineLayer>>& layers, at::ScalarType basis_dtype);
+                             const std::vector<std::unique_ptr<EngineLayer>>& layers,
+                             at::ScalarType basis_dtype);
 
 }  // namespace gradiveq::detail

@@ -8,9 +8,9 @@
 
 #include "engine/collectives.h"
 #include "engine/gather_pipeline.h"
-#include "util/hash_mix.h"
-#include "gradiveq/errors.h"
 #include "engine/step_recorder.h"
+#include "gradiveq/errors.h"
+#include "util/hash_mix.h"
 
 namespace gradiveq {
 
@@ -29,8 +29,8 @@ std::shared_ptr<GatherAggregator> GatherAggregator::create(
 }
 
 GatherAggregator::GatherAggregator(c10::intrusive_ptr<c10d::ProcessGroup> process_group,
-                                   std::vector<NamedParameter> parameters, std::unique_ptr<MessageCodec> codec,
-                                   GatherAggregatorOptions options)
+                                   std::vector<NamedParameter> parameters,
+                                   std::unique_ptr<MessageCodec> codec, GatherAggregatorOptions options)
     : pg_(std::move(process_group)), options_(options), codec_(std::move(codec)) {
   constexpr const char* kWhere = "GatherAggregator";
   GVQ_CHECK_ARG(pg_, kWhere, "process_group", "is null");
@@ -127,7 +127,8 @@ c10::intrusive_ptr<c10::ivalue::Future> GatherAggregator::aggregate_bucket(
     futures.push_back(pg_->allreduce(t)->getFuture());
     bucket->bytes.all_reduce(bucket->raw.nbytes(), world_size_);
   }
-  if (auto gathered = bucket->pipeline.issue(*pg_, buffer.device(), bucket->bytes)) futures.push_back(gathered);
+  if (auto gathered = bucket->pipeline.issue(*pg_, buffer.device(), bucket->bytes))
+    futures.push_back(gathered);
   const auto& sent = bucket->bytes;
   steps_->issued(sent.collectives, sent.payload, sent.wire, uncompressed, ms_since(bucket->start), is_last);
   if (is_last) ++iteration_;

@@ -54,7 +54,8 @@ at::Tensor GatherPipeline::frame() const {
   return payload;
 }
 
-c10::intrusive_ptr<c10::ivalue::Future> GatherPipeline::issue(c10d::ProcessGroup& pg, const at::Device& device,
+c10::intrusive_ptr<c10::ivalue::Future> GatherPipeline::issue(c10d::ProcessGroup& pg,
+                                                              const at::Device& device,
                                                               CollectiveBytes& bytes) {
   if (messages_.empty()) return {};
   const int64_t n = pg.getSize();
@@ -70,7 +71,8 @@ c10::intrusive_ptr<c10::ivalue::Future> GatherPipeline::issue(c10d::ProcessGroup
     std::vector<at::Tensor> inputs{mine};
     pg.allgather(outputs, inputs)->wait();
     for (int64_t r = 0; r < n; ++r) sizes_[r] = outputs[0][r].item<int64_t>();
-    GVQ_ASSERT(sizes_[pg.getRank()] == payload_len, "all-gathered size of this rank differs from its payload");
+    GVQ_ASSERT(sizes_[pg.getRank()] == payload_len,
+               "all-gathered size of this rank differs from its payload");
     bytes.all_gather(8, n);
   }
   const int64_t padded = *std::max_element(sizes_.begin(), sizes_.end());

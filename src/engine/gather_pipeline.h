@@ -1,20 +1,20 @@
-// Private: the one gather pipeline. Encode this rank's messages, frame them into one payload, all-gather every
-// rank's payload, decode and sum per message. GatherAggregator (QSGD, CO3, CASQ) and the GradiVeQ engine's
-// QSGD-coded sampling windows both aggregate through it.
+// Private: the one gather pipeline. Encode this rank's messages, frame them into one payload, all-gather
+// every rank's payload, decode and sum per message. GatherAggregator (QSGD, CO3, CASQ) and the GradiVeQ
+// engine's QSGD-coded sampling windows both aggregate through it.
 //
 // Payload framing (docs/algorithms.md, "Gather framing"):
 //   with a length table   [int64 length of each message, in order][message 0][message 1]...
 //   without (QSGD)        [message 0][message 1]...   sizes follow from the shapes: fixed_message_bytes
-// When a codec's sizes depend on the data (CO3), every rank's payload size is all-gathered first (one int64 per
-// rank) and waited for in issue(): that host sync keeps the payload all-gather in the hook call, in bucket
-// order. Payloads are all-gathered padded to the largest one.
+// When a codec's sizes depend on the data (CO3), every rank's payload size is all-gathered first (one int64
+// per rank) and waited for in issue(): that host sync keeps the payload all-gather in the hook call, in
+// bucket order. Payloads are all-gathered padded to the largest one.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/core/ivalue.h>
-#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 
 #include <cstdint>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <vector>
 
 #include "gradiveq/message_codec.h"
@@ -58,8 +58,8 @@ class GatherPipeline {
   std::vector<EncodedMessage> messages_;  // until framed
   std::vector<int64_t> numels_;
   bool fixed_sizes_ = true;
-  std::vector<int64_t> sizes_;         // every rank's payload bytes (without padding)
-  std::vector<at::Tensor> gathered_;   // every rank's padded payload, after the all-gather
+  std::vector<int64_t> sizes_;        // every rank's payload bytes (without padding)
+  std::vector<at::Tensor> gathered_;  // every rank's padded payload, after the all-gather
 };
 
 }  // namespace gradiveq::detail

@@ -28,16 +28,7 @@ using detail::route_of;
 
 void GradiVeQOptions::validate() const {
   constexpr const char* kWhere = "AggregatorOptions";
-  GVQ_CHECK_ARG(fit.energy > 0.0 && fit.energy <= 1.0, kWhere, "energy", "must lie in (0, 1], got ", fit.energy);
-  GVQ_CHECK_ARG(fit.max_components >= 0, kWhere, "max_components", "must be >= 0 (0 = no cap), got ",
-                fit.max_components);
-  GVQ_CHECK_ARG(fit.target_ratio == 0.0 || fit.target_ratio >= 1.0, kWhere, "target_ratio",
-                "must be >= 1 or 0 (off), got ", fit.target_ratio);
-  GVQ_CHECK_ARG(fit.min_ratio == 0.0 || fit.min_ratio >= 1.0, kWhere, "min_ratio", "must be >= 1 or 0 (off), got ",
-                fit.min_ratio);
-  GVQ_CHECK_ARG(fit.energy < 1.0 || (fit.min_ratio == 0.0 && fit.target_ratio == 0.0), kWhere, "energy",
-                "is 1.0 (keep all K components: lossless) but min_ratio = ", fit.min_ratio, " and target_ratio = ",
-                fit.target_ratio, " limit d; set both to 0 (and coeff_dtype to float32) for a lossless run");
+  fit.validate(kWhere);
   GVQ_CHECK_ARG(restart_error_growth == 0.0 || restart_error_growth > 1.0, kWhere, "restart_error_growth",
                 "must be > 1 or 0 (off), got ", restart_error_growth);
   Schedule{schedule};  // validates the schedule
@@ -64,9 +55,9 @@ GradiVeQOptions GradiVeQOptions::paper() {
 
 // --- construction ------------------------------------------------------------------------------------------
 
-std::shared_ptr<GradiVeQAggregator> GradiVeQAggregator::create(c10::intrusive_ptr<c10d::ProcessGroup> process_group,
-                                                               std::vector<NamedParameter> parameters,
-                                                               GradiVeQOptions options) {
+std::shared_ptr<GradiVeQAggregator> GradiVeQAggregator::create(
+    c10::intrusive_ptr<c10d::ProcessGroup> process_group, std::vector<NamedParameter> parameters,
+    GradiVeQOptions options) {
   return std::shared_ptr<GradiVeQAggregator>(
       new GradiVeQAggregator(std::move(process_group), std::move(parameters), std::move(options)));
 }
@@ -119,8 +110,9 @@ detail::PlanContext GradiVeQAggregator::plan_context() {
 void GradiVeQAggregator::begin_iteration() {
   window_->begin_step(schedule_, iteration_);
   steps_->begin(iteration_, phase_name(phase_at(iteration_)),
-                options_.sample_quantizer == SampleQuantizer::kQsgd4 ? "all-gather of 4-bit QSGD (not summable)"
-                                                                      : "all-reduce (uncompressed)");
+                options_.sample_quantizer == SampleQuantizer::kQsgd4
+                    ? "all-gather of 4-bit QSGD (not summable)"
+                    : "all-reduce (uncompressed)");
   steps_->set_window_restarts(window_->restarts());
   if (!pending_fit_) return;
   pending_fit_ = false;
@@ -140,8 +132,8 @@ void GradiVeQAggregator::refit_and_broadcast() {
 }
 
 c10::intrusive_ptr<c10::ivalue::Future> GradiVeQAggregator::aggregate_bucket(
-    const at::Tensor& buffer, const std::vector<at::Tensor>& gradients, const std::vector<at::Tensor>& parameters,
-    int64_t index, bool is_last) {
+    const at::Tensor& buffer, const std::vector<at::Tensor>& gradients,
+    const std::vector<at::Tensor>& parameters, int64_t index, bool is_last) {
   constexpr const char* kWhere = "Aggregator.aggregate_bucket";
   GVQ_CHECK_ARG(gradients.size() == parameters.size(), kWhere, "gradients", "has ", gradients.size(),
                 " tensors but parameters has ", parameters.size());
@@ -175,16 +167,16 @@ c10::intrusive_ptr<c10::ivalue::Future> GradiVeQAggregator::aggregate_bucket(
 // Pipelining: the compressed layers are cut into up to pipeline_chunks groups, each with its own all-reduce
 // issued as soon as it is packed, so that compressing group i + 1 overlaps the transfer of group i, and
 // decompressing group i (in its callback) overlaps the transfer of group i + 1.
-std::vector<std::shared_ptr<BucketPlan>> GradiVeQAggregator::plan_bucket(const at::Tensor& buffer,
-                                                                         const std::vector<at::Tensor>& gradients,
-                                                                         const std::vector<at::Tensor>& parameters,
-                                                                         int64_t index, bool is_last) {
+std::vector<std::shared_ptr<BucketPlan>> GradiVeQAggregator::plan_bucket(
+    const at::Tensor& buffer, const std::vector<at::Tensor>& gradients,
+    const std::vector<at::Tensor>& parameters, int64_t index, bool is_last) {
   const Phase phase = phase_at(iteration_);
   std::vector<Entry> entries;
   for (size_t i = 0; i < parameters.size(); ++i) {
     EngineLayer* layer = find_layer(parameters[i]);
-    GVQ_CHECK_ARG(layer != nullptr, "Aggregator.aggregate_bucket", "parameters", "holds a parameter of shape ",
-                  parameters[i].sizes(), " that was not registered with this aggregator");
+    GVQ_CHECK_ARG(layer != nullptr, "Aggregator.aggregate_bucket", "parameters",
+                  "holds a parameter of shape ", parameters[i].sizes(),
+                  " that was not registered with this aggregator");
     Entry e;
     e.layer = layer;
     e.grad = gradients[i];
@@ -204,7 +196,8 @@ std::vector<std::shared_ptr<BucketPlan>> GradiVeQAggregator::plan_bucket(const a
     plan->first_group = g == 0;
     if (options_.verify_bases && index == 0 && g == 0) {
       plan->verify.emplace(
-          detail::VerificationCode::of_state(iteration_, options_, window_->shift(), bases_checksum_), world_size_);
+          detail::VerificationCode::of_state(iteration_, options_, window_->shift(), bases_checksum_),
+          world_size_);
     }
     // The adaptive window's vote rides in the step's last all-reduce of every compressed step, after every
     // layer of the step has been compressed.
@@ -214,7 +207,37 @@ std::vector<std::shared_ptr<BucketPlan>> GradiVeQAggregator::plan_bucket(const a
   return plans;
 }
 
-c10::intrusive_ptr<c10::ivalue::Future> GradiVeQAggregator::issue_plan(const std::shared_ptr<BucketPlan>& plan) {
+// Lays out the float32 all-reduce [raw | float32 coefficients | verification code | vote], packs every entry
+// into it (and the coefficients into their own tensor when they travel in half precision, the sampled QSGD
+// layers into the gather pipeline), then writes the verification code and the restart vote.
+void GradiVeQAggregator::pack_plan(BucketPlan& plan, const detail::Segments& segments, bool separate_coeffs,
+                                   bool any_qsgd) {
+  int64_t packed_len = segments.raw + (separate_coeffs ? 0 : segments.coeff);
+  if (plan.verify) {
+    plan.verify_offset = packed_len;
+    packed_len += plan.verify->length();
+  }
+  plan.vote_offset = packed_len;
+  if (plan.vote) packed_len += 1;
+  const auto fopts = plan.buffer.options().dtype(at::kFloat);
+  plan.packed = at::empty({packed_len}, fopts);
+  plan.coeffs = separate_coeffs ? at::empty({segments.coeff}, fopts.dtype(options_.coeff_dtype))
+                                : plan.packed.narrow(0, segments.raw, segments.coeff);
+  if (any_qsgd) plan.sampling = std::make_unique<detail::GatherPipeline>(sampling_codec_);
+  const detail::PlanContext ctx = plan_context();
+  for (auto& e : plan.entries) {
+    route_of(e.mode).pack(e, plan, ctx);
+    if (window_->enabled() && e.residual_sq.defined()) window_->add_terms(e.residual_sq, e.signal_sq);
+  }
+  if (plan.verify) plan.verify->write(plan.packed.narrow(0, plan.verify_offset, plan.verify->length()));
+  if (plan.vote) {
+    window_->write_vote(plan.packed.narrow(0, plan.vote_offset, 1),
+                        window_->first_compressed_at(schedule_, plan.iter));
+  }
+}
+
+c10::intrusive_ptr<c10::ivalue::Future> GradiVeQAggregator::issue_plan(
+    const std::shared_ptr<BucketPlan>& plan) {
   // This plan's own packing time (plan->start is the bucket's hand-over, shared by its pipelining groups).
   const auto issue_start = plan->first_group ? plan->start : Clock::now();
   detail::Segments segments;
@@ -238,40 +261,20 @@ c10::intrusive_ptr<c10::ivalue::Future> GradiVeQAggregator::issue_plan(const std
     all_reduce(buffer);
   } else {
     const bool separate_coeffs = options_.coeff_dtype != at::kFloat && segments.coeff > 0;
-    int64_t packed_len = segments.raw + (separate_coeffs ? 0 : segments.coeff);
-    if (plan->verify) {
-      plan->verify_offset = packed_len;
-      packed_len += plan->verify->length();
-    }
-    plan->vote_offset = packed_len;
-    if (plan->vote) packed_len += 1;
-    const auto fopts = buffer.options().dtype(at::kFloat);
-    plan->packed = at::empty({packed_len}, fopts);
-    plan->coeffs = separate_coeffs ? at::empty({segments.coeff}, fopts.dtype(options_.coeff_dtype))
-                                   : plan->packed.narrow(0, segments.raw, segments.coeff);
-    if (any_qsgd) plan->sampling = std::make_unique<detail::GatherPipeline>(sampling_codec_);
-    const detail::PlanContext ctx = plan_context();
-    for (auto& e : plan->entries) {
-      route_of(e.mode).pack(e, *plan, ctx);
-      if (window_->enabled() && e.residual_sq.defined()) window_->add_terms(e.residual_sq, e.signal_sq);
-    }
-    if (plan->verify) plan->verify->write(plan->packed.narrow(0, plan->verify_offset, plan->verify->length()));
-    if (plan->vote) {
-      window_->write_vote(plan->packed.narrow(0, plan->vote_offset, 1),
-                          window_->first_compressed_at(schedule_, plan->iter));
-    }
-    if (packed_len > 0) all_reduce(plan->packed);
+    pack_plan(*plan, segments, separate_coeffs, any_qsgd);
+    if (plan->packed.numel() > 0) all_reduce(plan->packed);
     if (separate_coeffs) all_reduce(plan->coeffs);
     if (plan->sampling) futures.push_back(plan->sampling->issue(*pg_, buffer.device(), plan->bytes));
   }
   int64_t uncompressed = 0;
   for (const auto& e : plan->entries) uncompressed += e.layer->numel * 4;
   steps_->issued(plan->bytes.collectives, plan->bytes.payload, plan->bytes.wire, uncompressed,
-                 plan->in_place ? 0.0 : ms_since(issue_start), plan->is_last, /*new_bucket=*/plan->first_group);
+                 plan->in_place ? 0.0 : ms_since(issue_start), plan->is_last,
+                 /*new_bucket=*/plan->first_group);
 
-  // The callback keeps the engine alive while it runs and lets go of it before it returns: were the closure to
-  // hold the last reference when the communication thread destroys it, ~ProcessGroupGloo would join that very
-  // thread. (Whoever owns the engine waits for the future, which completes only after the body.)
+  // The callback keeps the engine alive while it runs and lets go of it before it returns: were the closure
+  // to hold the last reference when the communication thread destroys it, ~ProcessGroupGloo would join that
+  // very thread. (Whoever owns the engine waits for the future, which completes only after the body.)
   plan->owner = shared_from_this();
   return detail::when_all(futures)->then(
       [plan](c10::ivalue::Future& f) {
@@ -333,7 +336,7 @@ StepStats GradiVeQAggregator::step_stats() const { return steps_->last(); }
 at::Tensor GradiVeQAggregator::save_state() const {
   std::lock_guard<std::mutex> lock(stats_mutex_);
   // The last step's restart vote has completed by the time a step boundary is saved.
-  const detail::EngineCounters counters{world_size_,         iteration_,          pending_fit_,
+  const detail::EngineCounters counters{world_size_,      iteration_,          pending_fit_,
                                         window_->shift(), window_->restarts(), window_->pending_vote()};
   return detail::write_state_image(counters, layers_);
 }
@@ -375,8 +378,9 @@ void GradiVeQAggregator::set_basis(const std::string& name, const PcaCompressor&
   constexpr const char* kWhere = "Aggregator.set_basis";
   EngineLayer& l = layer_named(name, kWhere);
   GVQ_CHECK_ARG(l.compressible, kWhere, "name", "'", name, "' is not a compressible layer");
-  GVQ_CHECK_ARG(pca.is_fitted() && pca.slice_len() == l.layout.slice_len, kWhere, "pca", "must be fitted with K = ",
-                l.layout.slice_len, " for '", name, "', got K = ", pca.slice_len());
+  GVQ_CHECK_ARG(pca.is_fitted() && pca.slice_len() == l.layout.slice_len, kWhere, "pca",
+                "must be fitted with K = ", l.layout.slice_len, " for '", name,
+                "', got K = ", pca.slice_len());
   std::lock_guard<std::mutex> lock(stats_mutex_);
   l.pca = pca.to(l.device);
   l.checksum = l.pca.checksum();

@@ -10,7 +10,11 @@
 #include <random>
 #include <thread>
 
+#include "gradiveq/casq.h"
+#include "gradiveq/co3.h"
+#include "gradiveq/gather_aggregator.h"
 #include "gradiveq/process_group.h"
+#include "gradiveq/qsgd.h"
 #include "rank_threads.h"
 #include "test_helpers.h"
 
@@ -95,6 +99,52 @@ TEST_P(SynchronizerRanks, FullRankEqualsPlainAllReduceAverageInEveryPhase) {
 }
 
 INSTANTIATE_TEST_SUITE_P(World, SynchronizerRanks, ::testing::Values(2, 3, 4));
+
+// The LibTorch front end runs any engine: QSGD, CO3 and CASQ through the gather engine. Each must average the
+// ranks' gradients (QSGD and CASQ unbiased, CO3 fp8 fine-grained) with every rank applying the same result, and
+// report its codec as the step's phase.
+std::unique_ptr<MessageCodec> codec_named(const std::string& name) {
+  if (name == "qsgd") return std::make_unique<QsgdMessageCodec>(QsgdOptions{});
+  if (name == "co3") return std::make_unique<Co3MessageCodec>(Co3Options{Co3Format::kFp8}, 0.0);
+  return std::make_unique<CasqMessageCodec>(CasqOptions{3, 4, 512, 16});
+}
+
+class SynchronizerCodecs : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(SynchronizerCodecs, RunsAnyMessageCodecAndAveragesLikePlainAllReduce) {
+  const std::string name = GetParam();
+  const int world = 2;
+  std::vector<std::vector<at::Tensor>> grads(world);
+  run_ranks(world, [&](int rank, c10::intrusive_ptr<c10d::ProcessGroup> pg) {
+    TinyNet net(5), reference(5);
+    SynchronizerOptions o;
+    o.bucket_cap_bytes = 4000;
+    GradientSynchronizer sync(GatherAggregator::create(pg, net.params, codec_named(name), {100, 3}), net.params, o);
+    for (int step = 0; step < 3; ++step) {
+      auto [x, y] = batch(rank, step);
+      net.zero_grad();
+      reference.zero_grad();
+      net.loss(x, y).backward();
+      reference.loss(x, y).backward();
+      sync.synchronize();
+      for (size_t i = 0; i < net.params.size(); ++i) {
+        std::vector<at::Tensor> t{reference.p(i).grad().clone()};
+        pg->allreduce(t)->wait();
+        // conv2 (1152 values) is encoded; the rest is smaller than min_numel = 100 or quantised too.
+        EXPECT_LT(rel_error(net.p(i).grad(), t[0] / double(world)), name == "co3" ? 0.05 : 0.6)
+            << name << " rank " << rank << " step " << step << " " << net.params[i].name;
+      }
+    }
+    for (auto& np : net.params) grads[rank].push_back(np.tensor.grad().clone());
+    EXPECT_EQ(sync.engine().step_stats().phase, name);
+    EXPECT_EQ(sync.engine().iteration(), 3);
+    EXPECT_GT(sync.engine().step_stats().values_encoded, 0);
+    expect_invalid([&] { sync.aggregator(); }, {"engine", "not the GradiVeQ engine"});
+  });
+  for (size_t i = 0; i < grads[0].size(); ++i) EXPECT_TRUE(at::equal(grads[0][i], grads[1][i])) << i;
+}
+
+INSTANTIATE_TEST_SUITE_P(Codecs, SynchronizerCodecs, ::testing::Values("qsgd", "co3", "casq"));
 
 TEST(GradientSynchronizer, RanksHoldIdenticalParametersAfterTraining) {
   const int world = 2;
@@ -277,6 +327,7 @@ TEST(GradientSynchronizer, RejectsBadInput) {
     bad.bucket_cap_bytes = 0;
     expect_invalid([&] { GradientSynchronizer(pg, {{"a", at::zeros({4}).set_requires_grad(true)}}, bad); },
                    {"bucket_cap_bytes"});
+    expect_invalid([&] { GradientSynchronizer(std::shared_ptr<BucketAggregator>(), frozen); }, {"engine", "null"});
   });
   expect_invalid([] { connect_store({}, 2, 2); }, {"rank", "[0, 2)", "got 2"});
   expect_invalid([] { connect_store({}, 0, 0); }, {"world_size"});
