@@ -73,6 +73,10 @@ class GradiVeQAggregator : public BucketAggregator, public std::enable_shared_fr
   int64_t rank() const { return rank_; }
 
   std::vector<LayerStats> layer_stats() const;
+  /// What this configuration leaves undone over the model's parameters ("" when nothing), as
+  /// StepStats::warning repeats every step: no parameter passes the layer policy, an include pattern matches
+  /// none, or the schedule never compresses.
+  const std::string& configuration_warning() const { return warning_; }
   StepStats step_stats() const override;
 
   /// Versioned binary image of the state: iteration, pending fit, per-layer bases (identical on all ranks)
@@ -104,7 +108,7 @@ class GradiVeQAggregator : public BucketAggregator, public std::enable_shared_fr
   void pack_plan(detail::BucketPlan& plan, const detail::Segments& segments, bool separate_coeffs,
                  bool any_qsgd);
   void finish_plan(detail::BucketPlan& plan);
-  detail::PlanContext plan_context();
+  detail::PlanContext plan_context(const detail::BucketPlan& plan);
   detail::EngineLayer* find_layer(const at::Tensor& parameter);
   detail::EngineLayer& layer_named(const std::string& name, const char* where) const;
   void update_bases_checksum();
@@ -120,7 +124,9 @@ class GradiVeQAggregator : public BucketAggregator, public std::enable_shared_fr
   int64_t iteration_ = 0;
   bool pending_fit_ = false;
   std::unique_ptr<detail::AdaptiveWindow> window_;
-  uint64_t bases_checksum_ = 0;  // combined over all layers, updated whenever a basis changes
+  uint64_t bases_checksum_ = 0;      // combined over all layers, updated whenever a basis changes
+  std::string warning_;              // what the configuration leaves undone (StepStats::warning)
+  uint64_t configuration_code_ = 0;  // of the layer policy and wire options, verified with the state
 
   mutable std::mutex stats_mutex_;  // guards layer stats and samples, written from Gloo/NCCL callback threads
   std::unique_ptr<detail::StepRecorder> steps_;

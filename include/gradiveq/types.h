@@ -23,7 +23,7 @@ struct StepStats {
   std::string phase;
   int64_t buckets = 0;
   int64_t collectives = 0;
-  int64_t bytes_uncompressed = 0;  ///< float32 bytes of all gradients aggregated
+  int64_t bytes_uncompressed = 0;  ///< bytes of all gradients aggregated, in their own dtype
   int64_t bytes_payload = 0;       ///< bytes this rank contributed to collectives
   int64_t bytes_wire =
       0;  ///< bytes this rank sends on a ring: 2(N-1)/N per all-reduce byte, N-1 per all-gather byte
@@ -41,6 +41,9 @@ struct StepStats {
   /// value.
   int64_t values_encoded = 0;
   int64_t bytes_encoded = 0;
+  /// A configuration that does less than asked, said on every step (empty: none). GradiVeQ: no parameter
+  /// passes the layer policy, an include pattern matches no parameter, or compress_iters is 0.
+  std::string warning;
 };
 
 /// Per-layer statistics of the GradiVeQ engine, as of the last step that aggregated the layer.
@@ -48,15 +51,18 @@ struct LayerStats {
   std::string name;
   std::vector<int64_t> shape;
   bool compressible = false;
-  std::string
-      phase;  ///< how the layer last travelled: "uncompressed", "sampling", "compressed", or "" (never)
+  /// Why the layer policy does not compress it ("" when it does), e.g. "a 2-D parameter: only 4-D (Conv2d)
+  /// weights are compressed".
+  std::string not_compressed_because;
+  /// How the layer last travelled: "uncompressed", "sampling", "compressed", or "" (never).
+  std::string phase;
   int64_t slice_len = 0, num_slices = 0, tail_len = 0;
   int64_t num_components = 0;       ///< d of the current basis (0: none yet)
   double compression_ratio = 0.0;   ///< K / d
   double explained_variance = 0.0;  ///< of the fitting window
   double relative_error = -1.0;  ///< ||g_n - (U c_n + mu/N)|| / ||g_n|| of this rank's gradient (eq. 7), last
                                  ///< compressed step; -1 before
-  int64_t bytes_in = 0;          ///< float32 bytes of the layer's gradient
+  int64_t bytes_in = 0;          ///< bytes of the layer's gradient in its own dtype
   int64_t bytes_out = 0;         ///< bytes the layer put into collectives in its last step
   int64_t window_samples = 0;    ///< samples collected in the current window
   int64_t skipped_samples = 0;   ///< sampled iterations dropped because the aggregate was not finite

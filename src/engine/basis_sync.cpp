@@ -118,6 +118,19 @@ void fit_and_broadcast(c10d::ProcessGroup& pg, const std::vector<std::unique_ptr
   for (const auto& l : layers) l->samples.clear();
 }
 
+uint64_t configuration_code(const std::vector<std::unique_ptr<EngineLayer>>& layers,
+                            const GradiVeQOptions& options) {
+  uint64_t h = mix(0x6776715f636f6e66ull, uint64_t(layers.size()));
+  for (const auto& l : layers) {
+    h = mix(mix(h, hash_string(l->name)), uint64_t(l->numel));
+    h = mix(mix(h, uint64_t(l->compressible)), uint64_t(l->layout.slice_len));
+  }
+  h = mix(mix(h, uint64_t(options.coeff_dtype)), uint64_t(options.basis_dtype));
+  h = mix(mix(h, uint64_t(options.sample_quantizer)), uint64_t(options.fit_on));
+  h = mix(mix(h, uint64_t(options.slice_layout)), uint64_t(options.pipeline_chunks));
+  return mix(h, double_bits(options.restart_error_growth));
+}
+
 uint64_t bases_checksum(const std::vector<std::unique_ptr<EngineLayer>>& layers) {
   uint64_t h = 0;
   for (const auto& l : layers) h = mix(mix(h, hash_string(l->name)), l->pca.is_fitted() ? l->checksum : 0);
@@ -128,13 +141,14 @@ VerificationCode::VerificationCode(uint64_t code, int64_t world_size)
     : code_(code), world_size_(world_size), bits_(world_size <= 256 ? 16 : 8) {}
 
 uint64_t VerificationCode::of_state(int64_t iteration, const GradiVeQOptions& options, int64_t schedule_shift,
-                                    uint64_t bases_checksum) {
+                                    uint64_t configuration_code, uint64_t bases_checksum) {
   uint64_t h = mix(0x6776715f73746174ull, uint64_t(iteration));
   h = mix(h, uint64_t(options.schedule.warmup_iters));
   h = mix(h, uint64_t(options.schedule.sample_iters));
   h = mix(h, uint64_t(options.schedule.compress_iters));
   h = mix(h, double_bits(options.fit.energy));
   h = mix(h, uint64_t(schedule_shift));
+  h = mix(h, configuration_code);
   return mix(h, bases_checksum);
 }
 
@@ -150,9 +164,13 @@ void VerificationCode::check(const at::Tensor& summed, int64_t iteration, int64_
     if (sums[j].item<double>() == double(chunk(j)) * double(world_size_)) continue;
     std::ostringstream msg;
     msg << "gradiveq: ranks disagree on GradiVeQ state at iteration " << iteration
-        << " (verify_bases): the iteration counter, the schedule or the PCA bases differ between ranks "
+        << " (verify_bases): the iteration counter, the schedule, the layer policy (include, exclude, "
+           "min_numel), "
+        << "the wire or basis dtypes, the sampling options or the PCA bases differ between ranks "
         << "(this rank " << rank << " of " << world_size_ << ", state checksum " << std::hex << code_
-        << "). Typical causes: a checkpoint loaded on some ranks only, or a basis modified on one rank.";
+        << "). Typical causes: options that differ between ranks, a checkpoint loaded on some ranks only, or "
+           "a "
+        << "basis modified on one rank.";
     throw std::runtime_error(msg.str());
   }
 }

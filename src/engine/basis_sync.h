@@ -5,9 +5,10 @@
 // basis_dtype first, is broadcast by that rank; everyone deserializes the same bytes.
 //
 // Verification (verify_bases): a 64-bit code of the iteration, the schedule, the energy, the adaptive
-// window's shift and all bases rides in the first bucket's all-reduce of every step, cut into chunks small
-// enough that N of them sum exactly in float32 (< 2^24). After the all-reduce every rank checks that each
-// summed chunk is N times its own: any rank that differs makes every rank raise.
+// window's shift, the configuration (layer policy, wire dtypes: configuration_code) and all bases rides in
+// the first bucket's all-reduce of every step, cut into chunks small enough that N of them sum exactly in
+// float32 (< 2^24). After the all-reduce every rank checks that each summed chunk is N times its own: any
+// rank that differs makes every rank raise.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -28,6 +29,13 @@ namespace gradiveq::detail {
 void fit_and_broadcast(c10d::ProcessGroup& pg, const std::vector<std::unique_ptr<EngineLayer>>& layers,
                        const GradiVeQOptions& options, std::mutex& mutex);
 
+/// A code of everything that decides the shape of a step's collectives and must match on every rank: each
+/// layer's name, shape, policy verdict and slice length, the wire and basis dtypes, the sampling quantizer,
+/// the fit samples, the pipelining and the adaptive window. A rank that differs in any of them would
+/// otherwise send collectives of other sizes (Gloo's "collective mismatch", or a hang until the timeout).
+uint64_t configuration_code(const std::vector<std::unique_ptr<EngineLayer>>& layers,
+                            const GradiVeQOptions& options);
+
 /// Combined checksum of every layer's basis (0 for a layer without one), by layer name.
 uint64_t bases_checksum(const std::vector<std::unique_ptr<EngineLayer>>& layers);
 
@@ -37,7 +45,7 @@ class VerificationCode {
   VerificationCode(uint64_t code, int64_t world_size);
   /// The code of the state the ranks must agree on at `iteration`.
   static uint64_t of_state(int64_t iteration, const GradiVeQOptions& options, int64_t schedule_shift,
-                           uint64_t bases_checksum);
+                           uint64_t configuration_code, uint64_t bases_checksum);
 
   /// Float32 values it takes in the all-reduce.
   int64_t length() const { return 64 / bits_; }

@@ -17,7 +17,8 @@ void keep_sample(EngineLayer& l, const at::Tensor& sum, const PlanContext& ctx) 
     l.stats.skipped_samples += 1;
     return;
   }
-  at::Tensor slices = l.layout.slices(sum.to(at::kCPU));
+  at::Tensor slices =
+      l.layout.slices(sum.to(at::kCPU, at::kFloat));  // half-precision buckets: fit in float32
   at::Tensor sample = ctx.fit_on == FitSamples::kFirstSlice ? slices.narrow(0, 0, 1) : slices;
   l.samples.push_back(sample.clone());
 }
@@ -44,8 +45,8 @@ const Route kRawRoute{
       e.grad.copy_(plan.packed.narrow(0, e.raw_offset, e.raw_len).view(e.grad.sizes()))
           .mul_(1.0 / double(ctx.world_size));
     },
-    [](const Entry& e, const PlanContext&, LayerStats& st, StepRecorder&) {
-      st.bytes_out = e.layer->numel * 4;
+    [](const Entry& e, const PlanContext& ctx, LayerStats& st, StepRecorder&) {
+      st.bytes_out = e.layer->numel * ctx.raw_element_size;
     },
 };
 
@@ -77,7 +78,7 @@ const Route kCompressedRoute{
     },
     [](Entry& e, BucketPlan& plan, const PlanContext& ctx) {
       const EngineLayer& l = *e.layer;
-      at::Tensor flat = at::empty({l.numel}, plan.packed.options());
+      at::Tensor flat = at::empty({l.numel}, plan.packed.options().dtype(at::kFloat));
       l.pca.decompress_into(
           plan.coeffs.narrow(0, e.coeff_offset, e.coeff_len).view({l.layout.num_slices(), -1}),
           l.layout.slices(flat));
@@ -85,7 +86,8 @@ const Route kCompressedRoute{
       l.layout.from_paper_order_into(flat.mul_(1.0 / double(ctx.world_size)), e.grad);
     },
     [](const Entry& e, const PlanContext& ctx, LayerStats& st, StepRecorder& steps) {
-      st.bytes_out = e.coeff_len * int64_t(c10::elementSize(ctx.coeff_dtype)) + e.raw_len * 4;
+      st.bytes_out =
+          e.coeff_len * int64_t(c10::elementSize(ctx.coeff_dtype)) + e.raw_len * ctx.raw_element_size;
       const double signal = e.signal_sq.item<double>(), residual = e.residual_sq.item<double>();
       st.relative_error = signal > 0 ? std::sqrt(std::max(0.0, residual) / signal) : 0.0;
       steps.add_error_terms(residual, signal);
@@ -104,8 +106,8 @@ const Route kSampledRawRoute{
     [](Entry& e, BucketPlan& plan, const PlanContext& ctx) {
       unpack_sample(e, plan.packed.narrow(0, e.raw_offset, e.raw_len), plan, ctx);
     },
-    [](const Entry& e, const PlanContext&, LayerStats& st, StepRecorder&) {
-      st.bytes_out = e.layer->numel * 4;
+    [](const Entry& e, const PlanContext& ctx, LayerStats& st, StepRecorder&) {
+      st.bytes_out = e.layer->numel * ctx.raw_element_size;
     },
 };
 

@@ -6,7 +6,8 @@
 //                  coeff_dtype) plus the slices' tail in the float32 all-reduce; decompressed once
 //   sampled raw    uncompressed in paper order; the aggregated gradient becomes a PCA sample
 //   sampled QSGD   4-bit QSGD through the gather pipeline; the decoded sum becomes a PCA sample
-// The float32 all-reduce is [raw values | float32 coefficients | verification code | restart vote].
+// A float32 bucket's all-reduce is [raw values | float32 coefficients | verification code | restart vote]; a
+// half-precision bucket's raw values travel in its own dtype and the rest in a second, float32 all-reduce.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -50,6 +51,7 @@ struct PlanContext {
   int64_t rank = 0;
   uint64_t seed = 0;
   at::ScalarType coeff_dtype = at::kFloat;
+  int64_t raw_element_size = 4;  // bytes per raw value on the wire (the bucket's dtype)
   FitSamples fit_on = FitSamples::kAllSlices;
   std::mutex* samples_mutex = nullptr;  // guards layers' samples and stats
 };
@@ -60,8 +62,10 @@ struct BucketPlan {
   int64_t iter = 0;
   Phase phase = Phase::kWarmup;
   bool in_place = false;  // plain all-reduce of `buffer` itself
-  at::Tensor packed;      // the float32 all-reduce
-  at::Tensor coeffs;      // coefficient segment: a view of `packed`, or its own tensor of coeff_dtype
+  at::Tensor packed;  // the raw values' all-reduce, in the bucket's dtype (float32 buckets: also the control)
+  at::Tensor control;  // float32 [coefficients if float32 | verification code | vote]: a view of `packed` for
+                       // float32 buckets, its own all-reduce for half-precision ones (exact integer sums)
+  at::Tensor coeffs;   // coefficient segment: a view of `packed`, or its own tensor of coeff_dtype
   std::unique_ptr<GatherPipeline> sampling;  // sampled QSGD layers' messages
   std::vector<at::Tensor> sampled_sums;      // their decoded sums over ranks, once gathered
   std::optional<VerificationCode> verify;

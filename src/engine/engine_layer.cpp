@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include "gradiveq/errors.h"
+
 namespace gradiveq::detail {
 
 namespace {
@@ -37,10 +39,44 @@ bool any_match(const std::vector<std::string>& patterns, const std::string& name
 
 bool is_float_like(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; }
 
-bool is_compressible(const NamedParameter& p, const LayerPolicy& policy) {
-  return p.tensor.dim() == 4 && p.tensor.numel() >= policy.min_numel &&
-         is_float_like(p.tensor.scalar_type()) &&
-         (policy.include.empty() || any_match(policy.include, p.name)) && !any_match(policy.exclude, p.name);
+std::string policy_verdict(const NamedParameter& p, const LayerPolicy& policy) {
+  if (!policy.include.empty() && !any_match(policy.include, p.name)) return "matches no include pattern";
+  if (any_match(policy.exclude, p.name)) return "matches an exclude pattern";
+  if (p.tensor.dim() != 4) {
+    return detail::concat("a ", p.tensor.dim(), "-D parameter: only 4-D (Conv2d) weights are compressed");
+  }
+  if (p.tensor.numel() < policy.min_numel) {
+    return detail::concat(p.tensor.numel(), " values, fewer than min_numel = ", policy.min_numel);
+  }
+  if (!is_float_like(p.tensor.scalar_type())) {
+    return detail::concat("dtype ", p.tensor.scalar_type(), " is not float32, float16 or bfloat16");
+  }
+  return "";
+}
+
+std::vector<std::string> configuration_warnings(const std::vector<NamedParameter>& parameters,
+                                                const GradiVeQOptions& options) {
+  std::vector<std::string> out;
+  const auto& policy = options.policy;
+  for (const auto& pattern : policy.include) {
+    const bool used = std::any_of(parameters.begin(), parameters.end(), [&](const NamedParameter& p) {
+      return glob_match(pattern.c_str(), p.name.c_str());
+    });
+    if (!used) out.push_back(detail::concat("include pattern '", pattern, "' matches no parameter"));
+  }
+  const auto compressible = std::count_if(parameters.begin(), parameters.end(), [&](const NamedParameter& p) {
+    return policy_verdict(p, policy).empty();
+  });
+  if (compressible == 0) {
+    out.push_back(detail::concat(
+        "no parameter is compressed: none of the ", parameters.size(),
+        " passes the layer policy (4-D conv weights with at least min_numel = ", policy.min_numel,
+        " values, matching include and not exclude), so every step is a plain "
+        "all-reduce; the layer stats name each parameter's reason"));
+  } else if (options.schedule.compress_iters == 0) {
+    out.push_back("compress_iters is 0: the schedule only samples, nothing is ever compressed");
+  }
+  return out;
 }
 
 EngineLayer make_layer(const NamedParameter& p, int64_t slot, const GradiVeQOptions& options) {
@@ -50,7 +86,8 @@ EngineLayer make_layer(const NamedParameter& p, int64_t slot, const GradiVeQOpti
   layer.numel = p.tensor.numel();
   layer.slot = slot;
   layer.device = p.tensor.device();
-  layer.compressible = is_compressible(p, options.policy);
+  layer.stats.not_compressed_because = policy_verdict(p, options.policy);
+  layer.compressible = layer.stats.not_compressed_because.empty();
   if (layer.compressible) {
     layer.layout = options.slice_layout == SliceLayoutKind::kKernelRow
                        ? ConvSliceLayout::for_weight(p.tensor.sizes())
@@ -60,7 +97,7 @@ EngineLayer make_layer(const NamedParameter& p, int64_t slot, const GradiVeQOpti
   st.name = p.name;
   st.shape = layer.shape;
   st.compressible = layer.compressible;
-  st.bytes_in = layer.numel * 4;
+  st.bytes_in = layer.numel * int64_t(p.tensor.element_size());
   if (layer.compressible) {
     st.slice_len = layer.layout.slice_len;
     st.num_slices = layer.layout.num_slices();

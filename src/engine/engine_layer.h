@@ -35,8 +35,14 @@ struct EngineLayer {
   }
 };
 
-/// The layer policy (LayerPolicy's comment in options.h) applied to one parameter.
-bool is_compressible(const NamedParameter& parameter, const LayerPolicy& policy);
+/// The layer policy (LayerPolicy's comment in options.h) applied to one parameter: "" when it is compressed,
+/// otherwise why not.
+std::string policy_verdict(const NamedParameter& parameter, const LayerPolicy& policy);
+
+/// What a configuration leaves undone over these parameters (one sentence each): no compressible parameter, an
+/// include pattern that matches none, a schedule that never compresses.
+std::vector<std::string> configuration_warnings(const std::vector<NamedParameter>& parameters,
+                                                const GradiVeQOptions& options);
 
 /// A layer for `parameter`, its layout chosen by `options.slice_layout` when it is compressible.
 EngineLayer make_layer(const NamedParameter& parameter, int64_t slot, const GradiVeQOptions& options);

@@ -97,7 +97,7 @@ void GatherAggregator::encode_bucket(Bucket& b, const std::vector<at::Tensor>& p
     if (m.residual_sq >= 0.0) steps_->add_error_terms(m.residual_sq, m.signal_sq);
   }
   if (raw_len > 0) {
-    b.raw = at::empty({raw_len}, b.buffer.options().dtype(at::kFloat));
+    b.raw = at::empty({raw_len}, b.buffer.options().dtype(detail::raw_dtype(b.buffer)));
     for (const auto& part : b.parts) {
       if (!part.encoded) b.raw.narrow(0, part.offset, part.grad.numel()).copy_(part.grad.reshape({-1}));
     }
@@ -116,7 +116,7 @@ c10::intrusive_ptr<c10::ivalue::Future> GatherAggregator::aggregate_bucket(
   if (index == 0) steps_->begin(iteration_, codec_->name(), "");
   int64_t uncompressed = 0;
   for (const auto& g : gradients) {
-    uncompressed += g.numel() * 4;
+    uncompressed += g.numel() * int64_t(g.element_size());
     bucket->parts.push_back({g, g.numel() >= options_.min_numel, 0});
   }
   encode_bucket(*bucket, parameters, index);

@@ -84,6 +84,10 @@ GradiVeQAggregator::GradiVeQAggregator(c10::intrusive_ptr<c10d::ProcessGroup> pr
     by_impl_[p.tensor.unsafeGetTensorImpl()] = layer.get();
     layers_.push_back(std::move(layer));
   }
+  configuration_code_ = detail::configuration_code(layers_, options_);
+  for (const auto& w : detail::configuration_warnings(parameters, options_)) {
+    warning_ += (warning_.empty() ? "" : "; ") + w;
+  }
   window_ = std::make_unique<detail::AdaptiveWindow>(options_.restart_error_growth);
   steps_ = std::make_unique<detail::StepRecorder>();
 }
@@ -101,8 +105,14 @@ EngineLayer* GradiVeQAggregator::find_layer(const at::Tensor& parameter) {
   return it == by_impl_.end() ? nullptr : it->second;
 }
 
-detail::PlanContext GradiVeQAggregator::plan_context() {
-  return {world_size_, rank_, options_.seed, options_.coeff_dtype, options_.fit_on, &stats_mutex_};
+detail::PlanContext GradiVeQAggregator::plan_context(const BucketPlan& plan) {
+  return {world_size_,
+          rank_,
+          options_.seed,
+          options_.coeff_dtype,
+          int64_t(c10::elementSize(detail::raw_dtype(plan.buffer))),
+          options_.fit_on,
+          &stats_mutex_};
 }
 
 // --- one step ----------------------------------------------------------------------------------------------
@@ -114,6 +124,7 @@ void GradiVeQAggregator::begin_iteration() {
                     ? "all-gather of 4-bit QSGD (not summable)"
                     : "all-reduce (uncompressed)");
   steps_->set_window_restarts(window_->restarts());
+  if (!warning_.empty()) steps_->set_warning(warning_);
   if (!pending_fit_) return;
   pending_fit_ = false;
   if (options_.schedule.compress_iters > 0) {
@@ -195,9 +206,9 @@ std::vector<std::shared_ptr<BucketPlan>> GradiVeQAggregator::plan_bucket(
     plan->whole_bucket = groups.size() == 1;
     plan->first_group = g == 0;
     if (options_.verify_bases && index == 0 && g == 0) {
-      plan->verify.emplace(
-          detail::VerificationCode::of_state(iteration_, options_, window_->shift(), bases_checksum_),
-          world_size_);
+      plan->verify.emplace(detail::VerificationCode::of_state(iteration_, options_, window_->shift(),
+                                                              configuration_code_, bases_checksum_),
+                           world_size_);
     }
     // The adaptive window's vote rides in the step's last all-reduce of every compressed step, after every
     // layer of the step has been compressed.
@@ -207,31 +218,39 @@ std::vector<std::shared_ptr<BucketPlan>> GradiVeQAggregator::plan_bucket(
   return plans;
 }
 
-// Lays out the float32 all-reduce [raw | float32 coefficients | verification code | vote], packs every entry
-// into it (and the coefficients into their own tensor when they travel in half precision, the sampled QSGD
-// layers into the gather pipeline), then writes the verification code and the restart vote.
+// Lays out the raw all-reduce and the float32 control values [float32 coefficients | verification code |
+// vote] (one tensor for a float32 bucket, two for a half-precision one), packs every entry into them (and the
+// coefficients into their own tensor when they travel in half precision, the sampled QSGD layers into the
+// gather pipeline), then writes the verification code and the restart vote.
 void GradiVeQAggregator::pack_plan(BucketPlan& plan, const detail::Segments& segments, bool separate_coeffs,
                                    bool any_qsgd) {
-  int64_t packed_len = segments.raw + (separate_coeffs ? 0 : segments.coeff);
-  if (plan.verify) {
-    plan.verify_offset = packed_len;
-    packed_len += plan.verify->length();
-  }
-  plan.vote_offset = packed_len;
-  if (plan.vote) packed_len += 1;
+  const int64_t coeffs_in_control = separate_coeffs ? 0 : segments.coeff;
+  const int64_t verify_len = plan.verify ? plan.verify->length() : 0;
+  const int64_t control_len = coeffs_in_control + verify_len + (plan.vote ? 1 : 0);
   const auto fopts = plan.buffer.options().dtype(at::kFloat);
-  plan.packed = at::empty({packed_len}, fopts);
+  const at::ScalarType raw = detail::raw_dtype(plan.buffer);
+  int64_t control_base = 0;
+  if (raw == at::kFloat) {
+    plan.packed = at::empty({segments.raw + control_len}, fopts);
+    plan.control = plan.packed;
+    control_base = segments.raw;
+  } else {
+    plan.packed = at::empty({segments.raw}, fopts.dtype(raw));
+    plan.control = at::empty({control_len}, fopts);
+  }
   plan.coeffs = separate_coeffs ? at::empty({segments.coeff}, fopts.dtype(options_.coeff_dtype))
-                                : plan.packed.narrow(0, segments.raw, segments.coeff);
+                                : plan.control.narrow(0, control_base, segments.coeff);
+  plan.verify_offset = control_base + coeffs_in_control;
+  plan.vote_offset = plan.verify_offset + verify_len;
   if (any_qsgd) plan.sampling = std::make_unique<detail::GatherPipeline>(sampling_codec_);
-  const detail::PlanContext ctx = plan_context();
+  const detail::PlanContext ctx = plan_context(plan);
   for (auto& e : plan.entries) {
     route_of(e.mode).pack(e, plan, ctx);
     if (window_->enabled() && e.residual_sq.defined()) window_->add_terms(e.residual_sq, e.signal_sq);
   }
-  if (plan.verify) plan.verify->write(plan.packed.narrow(0, plan.verify_offset, plan.verify->length()));
+  if (plan.verify) plan.verify->write(plan.control.narrow(0, plan.verify_offset, verify_len));
   if (plan.vote) {
-    window_->write_vote(plan.packed.narrow(0, plan.vote_offset, 1),
+    window_->write_vote(plan.control.narrow(0, plan.vote_offset, 1),
                         window_->first_compressed_at(schedule_, plan.iter));
   }
 }
@@ -263,11 +282,12 @@ c10::intrusive_ptr<c10::ivalue::Future> GradiVeQAggregator::issue_plan(
     const bool separate_coeffs = options_.coeff_dtype != at::kFloat && segments.coeff > 0;
     pack_plan(*plan, segments, separate_coeffs, any_qsgd);
     if (plan->packed.numel() > 0) all_reduce(plan->packed);
+    if (!plan->control.is_same(plan->packed) && plan->control.numel() > 0) all_reduce(plan->control);
     if (separate_coeffs) all_reduce(plan->coeffs);
     if (plan->sampling) futures.push_back(plan->sampling->issue(*pg_, buffer.device(), plan->bytes));
   }
   int64_t uncompressed = 0;
-  for (const auto& e : plan->entries) uncompressed += e.layer->numel * 4;
+  for (const auto& e : plan->entries) uncompressed += e.grad.numel() * int64_t(e.grad.element_size());
   steps_->issued(plan->bytes.collectives, plan->bytes.payload, plan->bytes.wire, uncompressed,
                  plan->in_place ? 0.0 : ms_since(issue_start), plan->is_last,
                  /*new_bucket=*/plan->first_group);
@@ -289,12 +309,12 @@ c10::intrusive_ptr<c10::ivalue::Future> GradiVeQAggregator::issue_plan(
 
 void GradiVeQAggregator::finish_plan(BucketPlan& plan) {
   const auto start = Clock::now();
-  const detail::PlanContext ctx = plan_context();
+  const detail::PlanContext ctx = plan_context(plan);
   if (plan.in_place) {
     plan.buffer.mul_(1.0 / double(world_size_));
   } else {
     if (plan.verify) {
-      plan.verify->check(plan.packed.narrow(0, plan.verify_offset, plan.verify->length()), plan.iter, rank_);
+      plan.verify->check(plan.control.narrow(0, plan.verify_offset, plan.verify->length()), plan.iter, rank_);
     }
     if (plan.sampling) plan.sampled_sums = plan.sampling->decoded_sums();
     for (auto& e : plan.entries) route_of(e.mode).unpack(e, plan, ctx);

@@ -48,6 +48,10 @@ class StepRecorder {
     current_.compress_ms += compress_ms;
     last_issued_ = last_issued_ || is_last;
   }
+  void set_warning(const std::string& warning) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    current_.warning = warning;
+  }
   void set_window_restarts(int64_t restarts) {
     std::lock_guard<std::mutex> lock(mutex_);
     current_.window_restarts = restarts;

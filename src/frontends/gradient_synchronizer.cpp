@@ -170,7 +170,9 @@ void GradientSynchronizer::wait() {
   try {
     GVQ_CHECK_ARG(next_bucket_ == buckets_.size(), "GradientSynchronizer.wait", "self",
                   "has buckets that were never launched: call begin() (or synchronize()) first");
-    for (auto& b : buckets_) b->future->wait();  // rethrows the bucket's error
+    // waitAndThrow, not wait: c10::ivalue::Future::wait() returns quietly on an error, which left .grad holding
+    // this rank's own unaveraged gradient when a collective or the verification failed.
+    for (auto& b : buckets_) b->future->waitAndThrow();
     for (auto& b : buckets_) {
       for (size_t s = 0; s < b->params.size(); ++s) {
         at::Tensor& param = params_[b->params[s]];

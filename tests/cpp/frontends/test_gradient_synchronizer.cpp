@@ -146,6 +146,59 @@ TEST_P(SynchronizerCodecs, RunsAnyMessageCodecAndAveragesLikePlainAllReduce) {
 
 INSTANTIATE_TEST_SUITE_P(Codecs, SynchronizerCodecs, ::testing::Values("qsgd", "co3", "casq"));
 
+// Ranks whose layer policy or wire dtypes differ would send collectives of other sizes once compression starts
+// (Gloo's "collective mismatch", or a hang until the timeout). The verification code covers them, so every rank
+// raises the library's error in the very first step instead.
+TEST(GradientSynchronizer, RanksWithOtherPolicyOrDtypesRaiseInTheFirstStep) {
+  for (const std::string differs : {"min_numel", "coeff_dtype"}) {
+    std::vector<std::string> errors(2);
+    run_ranks(2, [&](int rank, c10::intrusive_ptr<c10d::ProcessGroup> pg) {
+      TinyNet net(5);
+      SynchronizerOptions o;
+      o.gradiveq.schedule = {2, 2, 2};
+      if (rank == 1 && differs == "min_numel") o.gradiveq.policy.min_numel = 10;
+      if (rank == 1 && differs == "coeff_dtype") o.gradiveq.coeff_dtype = at::kBFloat16;
+      GradientSynchronizer sync(pg, net.params, o);
+      auto [x, y] = batch(rank, 0);
+      net.loss(x, y).backward();
+      try {
+        sync.synchronize();
+      } catch (const std::exception& e) {
+        errors[rank] = e.what();
+      }
+    });
+    for (int r = 0; r < 2; ++r) {
+      EXPECT_NE(errors[r].find("ranks disagree on GradiVeQ state at iteration 0"), std::string::npos)
+          << differs << " rank " << r << ": '" << errors[r] << "'";
+      EXPECT_NE(errors[r].find("layer policy"), std::string::npos) << errors[r];
+    }
+  }
+}
+
+// A configuration that compresses nothing says so, and each layer says why it is not compressed.
+TEST(GradientSynchronizer, ConfigurationThatCompressesNothingSaysWhy) {
+  run_ranks(1, [&](int rank, c10::intrusive_ptr<c10d::ProcessGroup> pg) {
+    TinyNet net(5);
+    SynchronizerOptions o;
+    o.gradiveq.policy.include = {"fc.*", "no.such.layer"};
+    GradientSynchronizer sync(pg, net.params, o);
+    const std::string& w = sync.aggregator().configuration_warning();
+    EXPECT_NE(w.find("include pattern 'no.such.layer' matches no parameter"), std::string::npos) << w;
+    EXPECT_NE(w.find("no parameter is compressed"), std::string::npos) << w;
+    auto [x, y] = batch(rank, 0);
+    net.loss(x, y).backward();
+    sync.synchronize();
+    EXPECT_EQ(sync.engine().step_stats().warning, w);
+    const auto layers = sync.aggregator().layer_stats();
+    EXPECT_EQ(layers[0].not_compressed_because, "matches no include pattern");  // conv1.weight
+    EXPECT_EQ(layers[3].not_compressed_because, "a 2-D parameter: only 4-D (Conv2d) weights are compressed");
+    TinyNet plain(5);
+    GradientSynchronizer defaults(pg, plain.params, SynchronizerOptions{});
+    EXPECT_EQ(defaults.aggregator().configuration_warning(), "");  // conv2 (1152 values) is compressed
+    EXPECT_EQ(defaults.aggregator().layer_stats()[1].not_compressed_because, "");
+  });
+}
+
 TEST(GradientSynchronizer, RanksHoldIdenticalParametersAfterTraining) {
   const int world = 2;
   std::vector<std::vector<at::Tensor>> final_params(world);
