@@ -14,7 +14,7 @@ CMAKE_ARGS ?=
 export CCACHE_BASEDIR := $(CURDIR)
 export CCACHE_NOHASHDIR := true
 
-.PHONY: all setup configure build build-sanitize test test-sanitize demo bench format clean
+.PHONY: all setup configure build build-sanitize install-python test test-sanitize demo bench format clean
 
 all: build
 
@@ -30,7 +30,12 @@ configure: setup $(BUILD_DIR)/build.ninja
 build: configure
 	cmake --build $(BUILD_DIR) -j $(JOBS)
 
-test: build build-sanitize
+# The package as a user gets it (pyproject.toml: scikit-build-core over this CMake project, built against the
+# venv's torch); the Python tests import this installed copy, not python/ in the source tree.
+install-python: build
+	$(PYTHON) -m pip install --no-build-isolation --no-deps -q .
+
+test: build build-sanitize install-python
 	@bash scripts/run_tests.sh $(BUILD_DIR) $(PYTHON) $(SANITIZE_DIR)
 
 # A short run of the ResNet-32 benchmark: 2 ranks, synthetic data, every method, 50 Mbit/s when it can shape.
@@ -40,8 +45,8 @@ demo: build
 
 # The long version, written to benchmarks/results/, plus the codec micro-benchmarks.
 bench: build
-	$(PYTHON) benchmarks/ddp/resnet32_cifar100.py --bandwidth-mbit 50 --iters 50 --repeats 3 --schedule 5,10,40
-	$(PYTHON) benchmarks/ddp/resnet32_cifar100.py --bandwidth-mbit 200 --iters 50 --repeats 3 --schedule 5,10,40
+	$(PYTHON) benchmarks/ddp/resnet32_cifar100.py --bandwidth-mbit 50 --iters 50 --repeats 3 --schedule 5,10,40 --out benchmarks/results
+	$(PYTHON) benchmarks/ddp/resnet32_cifar100.py --bandwidth-mbit 200 --iters 50 --repeats 3 --schedule 5,10,40 --out benchmarks/results
 	$(BUILD_DIR)/benchmarks/gradiveq_codec_bench --benchmark_min_time=0.5 --benchmark_repetitions=5 \
 	  --benchmark_report_aggregates_only=true
 

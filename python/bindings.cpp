@@ -187,6 +187,7 @@ void bind_stats(py::module_& m) {
       .def_readonly("name", &LayerStats::name)
       .def_readonly("shape", &LayerStats::shape)
       .def_readonly("compressible", &LayerStats::compressible)
+      .def_readonly("not_compressed_because", &LayerStats::not_compressed_because)
       .def_readonly("phase", &LayerStats::phase)
       .def_readonly("slice_len", &LayerStats::slice_len)
       .def_readonly("num_slices", &LayerStats::num_slices)
@@ -220,7 +221,8 @@ void bind_stats(py::module_& m) {
       .def_readonly("fit_ms", &StepStats::fit_ms)
       .def_readonly("sampling_aggregation", &StepStats::sampling_aggregation)
       .def_readonly("values_encoded", &StepStats::values_encoded)
-      .def_readonly("bytes_encoded", &StepStats::bytes_encoded);
+      .def_readonly("bytes_encoded", &StepStats::bytes_encoded)
+      .def_readonly("warning", &StepStats::warning);
 
 }
 
@@ -283,6 +285,7 @@ void bind_engines(py::module_& m) {
       .def_property_readonly("rank", &GradiVeQAggregator::rank)
       .def_property_readonly("window_restarts", &GradiVeQAggregator::window_restarts)
       .def("layer_stats", &GradiVeQAggregator::layer_stats)
+      .def_property_readonly("configuration_warning", &GradiVeQAggregator::configuration_warning)
       .def("save_state", &GradiVeQAggregator::save_state)
       .def("load_state", &GradiVeQAggregator::load_state, py::arg("state"))
       .def("basis", &GradiVeQAggregator::basis, py::arg("name"))

@@ -16,7 +16,8 @@ ctest --test-dir "$BUILD_DIR" --output-on-failure -j "$(nproc)" --timeout 900 \
 ctest_rc=$?
 
 echo "=== Python (pytest) ==="
-PYTHONPATH=python "$PYTHON" -m pytest tests/python -q -p no:cacheprovider \
+# The installed package (make install-python), not the source tree: no PYTHONPATH.
+"$PYTHON" -m pytest tests/python -q -p no:cacheprovider \
     --junitxml="$REPORTS/pytest.xml"
 pytest_rc=$?
 

@@ -11,7 +11,7 @@ TORCH_VERSION=2.11.0
 VENV=${GRADIVEQ_VENV:-.venv}
 APT_PACKAGES=(cmake ninja-build ccache g++ libeigen3-dev libgtest-dev libgmock-dev libbenchmark-dev
               libgloo-dev dataset-fashion-mnist iproute2)
-PY_TOOLS=(pytest pytest-timeout numpy matplotlib tqdm)
+PY_TOOLS=(pytest pytest-timeout numpy matplotlib tqdm "scikit-build-core>=0.10")
 
 log() { echo "[setup] $*"; }
 
@@ -35,7 +35,7 @@ torch_ok() {  # $1 = python; true when it imports torch $TORCH_VERSION
   "$1" -c "import torch,sys; sys.exit(0 if torch.__version__.split('+')[0]=='$TORCH_VERSION' else 1)" 2>/dev/null
 }
 tools_ok() {
-  "$1" -c "import pytest, pytest_timeout, numpy, matplotlib, tqdm" 2>/dev/null
+  "$1" -c "import pytest, pytest_timeout, numpy, matplotlib, tqdm, scikit_build_core" 2>/dev/null
 }
 
 if [[ -x $VENV/bin/python ]] && torch_ok "$VENV/bin/python" && tools_ok "$VENV/bin/python"; then

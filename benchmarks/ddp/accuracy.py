@@ -32,7 +32,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from datasets import FASHION_MNIST_DIR, load_fashion_mnist  # noqa: E402
 from models import SmallCNN, resnet32  # noqa: E402
-from methods import (GRADIVEQ_CONFIGS, QUANTIZER_METHODS, TORCH_METHODS, Method, add_gradiveq_config,  # noqa: E402
+from methods import (HelpFormatter, GRADIVEQ_CONFIGS, QUANTIZER_METHODS, TORCH_METHODS, Method, add_gradiveq_config,  # noqa: E402
                      ddp_kwargs, free_port, run_rank_process, shaped_rerun)
 
 
@@ -267,7 +267,7 @@ def plot(by, args, prefix):
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--model", default="cnn", choices=["cnn", "resnet32"])
     ap.add_argument("--methods", default="plain,fp16,powersgd2,qsgd4,gradiveq-paper,gradiveq")
     ap.add_argument("--config", action="append", default=[], metavar="NAME=JSON",
@@ -286,7 +286,7 @@ def parse_args(argv):
     ap.add_argument("--bandwidth-mbit", type=float, default=0)
     ap.add_argument("--burst-kb", type=int, default=256)
     ap.add_argument("--quick", action="store_true", help="tiny subset (8192 images), 2 epochs, 1 seed: a smoke run for CI")
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    ap.add_argument("--out", default=os.path.join(ROOT, "build", "benchmark-results"))
     ap.add_argument("--tag", default=None)
     ap.add_argument("--runs-dir", default=None, help="keep each run's result here (one pickle per model, method, seed)")
     ap.add_argument("--report-only", action="store_true",

@@ -17,7 +17,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from methods import free_port, shaped_rerun  # noqa: E402
+from methods import HelpFormatter, free_port, shaped_rerun  # noqa: E402
 
 
 def worker(rank, world, port, reps, numel, out):
@@ -38,7 +38,7 @@ def worker(rank, world, port, reps, numel, out):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--world-size", type=int, default=2)
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--bandwidth-mbit", type=float, default=0)

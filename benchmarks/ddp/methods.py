@@ -7,6 +7,7 @@ GRADIVEQ_CONFIGS). torch's hooks are wrapped to measure the time from a bucket's
 completion and the bytes their collectives carry; ours report the same from C++ (state.stats()).
 """
 
+import argparse
 import datetime
 import gc
 import os
@@ -197,6 +198,15 @@ def run_rank_process(rank, world, port, timeout_s, body):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the scripts' docstrings as written and shows every option's default."""
+
+    def _format_action(self, action):
+        if action.help is None and action.option_strings and action.default is not argparse.SUPPRESS:
+            action.help = "(default: %(default)s)"  # argparse shows defaults only of options with a help text
+        return super()._format_action(action)
 
 
 def free_port() -> int:

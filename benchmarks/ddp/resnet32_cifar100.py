@@ -37,7 +37,7 @@ import torch.nn.functional as F  # noqa: E402
 from data import SyntheticCifar100  # noqa: E402
 from datasets import CIFAR100_MEAN, CIFAR100_STD, read_cifar100_bin  # noqa: E402
 from models import resnet32  # noqa: E402
-from methods import (GRADIVEQ_CONFIGS, QUANTIZER_METHODS, TORCH_METHODS, Method, add_gradiveq_config,  # noqa: E402
+from methods import (HelpFormatter, GRADIVEQ_CONFIGS, QUANTIZER_METHODS, TORCH_METHODS, Method, add_gradiveq_config,  # noqa: E402
                      ddp_kwargs, free_port, run_rank_process, shaped_rerun)
 
 ALL_METHODS = TORCH_METHODS + list(QUANTIZER_METHODS) + list(GRADIVEQ_CONFIGS)
@@ -355,6 +355,7 @@ def plot(results, per_method, args, path_prefix):
            capsize=4, color=["#999999" if m in ("nocomm", "plain") else "#cc3311" if m.startswith("gradiveq") else "#4477aa"
                              for m in methods])
     ax.set_ylabel("step time, ms (median; bars: min median .. max p90)")
+    plt.setp(ax.get_xticklabels(), rotation=30, ha="right")  # many method names side by side must not overlap
     bw = args.bandwidth_mbit_effective
     ax.set_title(f"ResNet-32, {args.world_size} ranks, {'%g Mbit/s' % bw if bw else 'unshaped'}"
                  f"{', synthetic data' if results[0]['synthetic'] else ''}")
@@ -413,7 +414,7 @@ def plot_breakdown(per_method, methods, args, path, plt):
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma list from {ALL_METHODS}")
     ap.add_argument("--world-size", type=int, default=2)
     ap.add_argument("--iters", type=int, default=30, help="measured steps per method (after its warm-up)")
@@ -436,7 +437,7 @@ def parse_args(argv):
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=300, help="process group timeout, s")
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"), help="results directory")
+    ap.add_argument("--out", default=os.path.join(ROOT, "build", "benchmark-results"), help="results directory")
     ap.add_argument("--tag", default=None, help="results file name stem")
     ap.add_argument("--barrier", action="store_true", help="barrier before each step (isolates steps)")
     ap.add_argument("--no-progress", action="store_true")

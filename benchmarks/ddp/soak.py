@@ -31,7 +31,7 @@ import torch.nn.functional as F  # noqa: E402
 import gradiveq  # noqa: E402
 from datasets import FASHION_MNIST_DIR, load_fashion_mnist  # noqa: E402
 from models import SmallCNN  # noqa: E402
-from methods import free_port, run_rank_process  # noqa: E402
+from methods import HelpFormatter, free_port, run_rank_process  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -113,13 +113,13 @@ def report(all_rows, args, command):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--steps", type=int, default=5000)
     ap.add_argument("--schedule", default="5,5,10", help="warm-up,sampling,compressed iterations")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--report-every", type=int, default=500)
     ap.add_argument("--data", default=FASHION_MNIST_DIR)
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    ap.add_argument("--out", default=os.path.join(ROOT, "build", "benchmark-results"))
     ap.add_argument("--tag", default="soak")
     args = ap.parse_args()
     args.schedule = [int(v) for v in args.schedule.split(",")]

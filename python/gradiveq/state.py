@@ -11,7 +11,9 @@ and checkpoints into Python objects. Every default comes from the C++ option str
 nothing here declares one.
 """
 
-from typing import Iterable, Optional, Sequence, Union
+import warnings
+import weakref
+from typing import Iterable, List, Optional, Sequence, Tuple, TypedDict, Union
 
 import torch
 import torch.distributed as dist
@@ -19,6 +21,7 @@ import torch.distributed as dist
 from gradiveq import _C
 
 __all__ = ["GradiVeQState", "QsgdState", "CO3State", "CASQState", "hook", "co3_hook", "casq_hook", "register_hook",
+           "StepStats", "LayerStats", "Summary", "GradiVeQStats", "GatherStats",
            "STATE_DICT_VERSION", "GATHER_STATE_DICT_VERSION", "DEFAULT_OPTIONS", "PAPER_OPTIONS", "OPTION_NAMES"]
 
 STATE_DICT_VERSION = 4  # 3: the engine image ends with a checksum of its contents; 4: a stronger checksum
@@ -36,6 +39,16 @@ def _options_dict(cpp_options) -> dict:
         value = getattr(cpp_options, name)
         out[name] = value.name if name in _ENUM_OPTIONS else value
     return out
+
+
+def _dtype(name: str, value):
+    """A torch dtype, or its name ("float16", "torch.float16")."""
+    if isinstance(value, str):
+        dtype = getattr(torch, value.replace("torch.", ""), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"GradiVeQState: argument '{name}' names no torch dtype: {value!r}")
+        return dtype
+    return value
 
 
 def _normalised(name: str, value):
@@ -70,18 +83,21 @@ def _patterns(value, name) -> list:
     raise ValueError(f"GradiVeQState: argument '{name}' must be None, a glob pattern or a list of them, got {value!r}")
 
 
-def _step_dict(st) -> dict:
+def _step_dict(st) -> "StepStats":
     return dict(iteration=st.iteration, phase=st.phase, buckets=st.buckets, collectives=st.collectives,
                 bytes_uncompressed=st.bytes_uncompressed, bytes_payload=st.bytes_payload, bytes_wire=st.bytes_wire,
                 aggregation_ms=st.aggregation_ms, compress_ms=st.compress_ms, decompress_ms=st.decompress_ms,
                 fit_ms=st.fit_ms, sampling_aggregation=st.sampling_aggregation, relative_error=st.relative_error,
                 window_restarts=st.window_restarts, values_encoded=st.values_encoded,
-                bytes_encoded=st.bytes_encoded)
+                bytes_encoded=st.bytes_encoded, warning=st.warning)
+
+
+def _module_of(model) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def _trainable(model) -> list:
-    module = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-    return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    return [(n, p) for n, p in _module_of(model).named_parameters() if p.requires_grad]
 
 
 def _group_of(model, process_group):
@@ -90,13 +106,122 @@ def _group_of(model, process_group):
     return getattr(model, "process_group", None) or dist.distributed_c10d._get_default_group()
 
 
+# --- typed stats() results -------------------------------------------------------------------------------------
+
+class StepStats(TypedDict):
+    """The last completed step (all buckets of one iteration), as every state's ``stats()["step"]``."""
+    iteration: int
+    phase: str
+    buckets: int
+    collectives: int
+    bytes_uncompressed: int  # float32 bytes of all gradients aggregated
+    bytes_payload: int       # bytes this rank contributed to collectives
+    bytes_wire: int          # ring estimate: 2(N-1)/N per all-reduce byte, N-1 per all-gather byte
+    aggregation_ms: float
+    compress_ms: float
+    decompress_ms: float
+    fit_ms: float
+    sampling_aggregation: str
+    relative_error: float    # eq. 7 local loss of the compressed layers, or the codec's error; -1: none
+    window_restarts: int
+    values_encoded: int
+    bytes_encoded: int
+    warning: str             # what the configuration leaves undone ("" when nothing)
+
+
+class LayerStats(TypedDict):
+    """One parameter in ``GradiVeQState.stats()["layers"]``."""
+    shape: Tuple[int, ...]
+    compressible: bool
+    not_compressed_because: str
+    phase: str
+    K: int
+    slices: int
+    tail: int
+    d: int
+    ratio: float             # K / d
+    wire_ratio: float        # bytes_in / bytes_out of the last step
+    explained_variance: float
+    relative_error: float
+    bytes_in: int
+    bytes_out: int
+    window_samples: int
+    skipped_samples: int
+    fits: int
+    fit_status: str
+    basis_checksum: int
+    basis_bytes: int
+
+
+class Summary(TypedDict, total=False):
+    compressible_layers: int
+    fitted_layers: int
+    conv_bytes_in: int
+    conv_bytes_out: int
+    conv_ratio: float        # conv_bytes_in / conv_bytes_out (present once a conv layer has been sent)
+    basis_bytes: int
+    first_compressed_iteration: int
+
+
+class GradiVeQStats(TypedDict):
+    iteration: int
+    phase: str
+    world_size: int
+    rank: int
+    options: dict
+    step: StepStats
+    summary: Summary
+    layers: dict             # parameter name -> LayerStats
+
+
+class GatherStats(TypedDict):
+    iteration: int
+    world_size: int
+    rank: int
+    options: dict
+    bits_per_element: float
+    relative_error: float
+    bytes_payload: int
+    bytes_wire: int
+    step: StepStats
+
+
 class _HookState:
     """What every hook state shares: a C++ engine bound to one model, reachable by ``hook``/``register_hook``."""
 
     _engine = None
+    _module = None  # weak reference to the module the engine is bound to
 
     def attach(self, model: torch.nn.Module):
+        """Binds the state to a DDP model (or its module): its named parameters and process group."""
+        self._check_unattached()
+        params = _trainable(model)
+        self._engine = self._make_engine(_group_of(model, self.process_group), params)
+        self._param_names = [n for n, _ in params]
+        self._module = weakref.ref(_module_of(model))
+        warning = getattr(self._engine, "configuration_warning", "")
+        if warning:  # once per state: the engine repeats it in every step's stats
+            warnings.warn(f"gradiveq.{type(self).__name__}: {warning}", UserWarning, stacklevel=3)
+        return self
+
+    def _make_engine(self, group, params):
         raise NotImplementedError
+
+    def _check_bound_to(self, ddp_model):
+        """Raises unless the state is bound to ``ddp_model``'s module (one state serves one model)."""
+        if self._module is not None and self._module() is not _module_of(ddp_model):
+            raise ValueError(f"gradiveq.register_hook: argument 'state' is a {type(self).__name__} already "
+                             f"attached to another model; create one state per model")
+
+    def _check_options(self, where: str, saved) -> None:
+        """A state dict saved with other options would pair this run's options with another run's state."""
+        if not isinstance(saved, dict):
+            raise ValueError(f"{where}: argument 'state_dict' lacks its 'options' dict")
+        differ = sorted(k for k in set(saved) | set(self.options) if saved.get(k) != self.options.get(k))
+        if differ:
+            detail = ", ".join(f"{k}: saved {saved.get(k)!r}, here {self.options.get(k)!r}" for k in differ)
+            raise ValueError(f"{where}: argument 'state_dict' was saved with other options ({detail}); create the "
+                             f"state with the saved options (state_dict['options']) to resume")
 
     def _require_engine(self):
         if self._engine is None:
@@ -112,50 +237,6 @@ class _HookState:
     def __getstate__(self):
         raise TypeError(f"{type(self).__name__} holds a process group and C++ state: use state_dict() to "
                         f"checkpoint it")
-
-
-class QsgdState(_HookState):
-    """QSGD baseline (Alistarh et al. 2017) as a DDP hook state: the GradiVeQ paper's comparison.
-
-    Each parameter with at least ``min_numel`` values is quantised to ``levels`` magnitude levels plus a sign per
-    value, with one float32 scale per ``bucket_size`` values (``norm``: "max" as in QSGD's experiments, or "l2"),
-    by seeded stochastic rounding (unbiased). QSGD codes cannot be summed, so they are all-gathered and every rank
-    decodes and averages them; smaller parameters go uncompressed in one all-reduce. The default, 7 levels, is
-    "4-bit QSGD": 1 sign bit + 3 level bits, about 7.9x fewer bytes than float32 with bucket 512.
-    """
-
-    def __init__(self, process_group: Optional[dist.ProcessGroup] = None, levels: int = _QSGD.levels,
-                 bucket_size: int = _QSGD.bucket_size, norm: str = _QSGD.norm, min_numel: int = _GATHER.min_numel,
-                 seed: int = _GATHER.seed, model: Optional[torch.nn.Module] = None):
-        for name, value in (("levels", levels), ("bucket_size", bucket_size), ("min_numel", min_numel),
-                            ("seed", seed)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"QsgdState: argument '{name}' must be an int, got {value!r}")
-        if seed < 0:
-            raise ValueError(f"QsgdState: argument 'seed' must be >= 0, got {seed}")
-        self.process_group = process_group
-        self.options = dict(levels=levels, bucket_size=bucket_size, norm=norm, min_numel=min_numel, seed=seed)
-        _C.QsgdCodec(levels=levels, bucket_size=bucket_size, norm=norm)  # validates, raises ValueError
-        if min_numel < 0:
-            raise ValueError(f"QsgdState: argument 'min_numel' must be >= 0, got {min_numel}")
-        self._engine = None
-        if model is not None:
-            self.attach(model)
-
-    def attach(self, model: torch.nn.Module) -> "QsgdState":
-        """Binds the state to a DDP model (or its module): its named parameters and process group."""
-        self._check_unattached()
-        params = _trainable(model)
-        self._engine = _C.GatherAggregator.qsgd(_group_of(model, self.process_group), params, **self.options)
-        return self
-
-    @property
-    def bits_per_value(self) -> int:
-        return _C.QsgdCodec(self.options["levels"], self.options["bucket_size"], self.options["norm"]).bits_per_value
-
-    def stats(self) -> dict:
-        engine = self._require_engine()
-        return dict(iteration=engine.iteration, options=dict(self.options), step=_step_dict(engine.step_stats()))
 
 
 GATHER_STATE_DICT_VERSION = 1
@@ -178,19 +259,11 @@ class _GatherState(_HookState):
     def _make_engine(self, group, params):
         raise NotImplementedError
 
-    def attach(self, model: torch.nn.Module):
-        """Binds the state to a DDP model (or its module): its named parameters and process group."""
-        self._check_unattached()
-        params = _trainable(model)
-        self._engine = self._make_engine(_group_of(model, self.process_group), params)
-        self._param_names = [n for n, _ in params]
-        return self
-
     @property
     def iteration(self) -> int:
         return self._require_engine().iteration
 
-    def stats(self) -> dict:
+    def stats(self) -> "GatherStats":
         """The last completed step: ``bits_per_element`` (bits of the codec messages this rank sent per value it
         encoded; the length table and padding are in ``bytes_payload``, not here), ``relative_error``
         (||decode(encode(v)) - v|| / ||v|| over the values v this rank encoded, CO3's v including the error
@@ -231,6 +304,7 @@ class _GatherState(_HookState):
         if state_dict.get("parameters") != self._param_names:
             raise ValueError(f"{where}: argument 'state_dict' names other parameters than this model "
                              f"(a different model?)")
+        self._check_options(where, state_dict.get("options"))
         slots = state_dict.get("slot_states")
         if not isinstance(slots, dict):
             raise ValueError(f"{where}: argument 'state_dict' lacks its 'slot_states' dict")
@@ -238,6 +312,55 @@ class _GatherState(_HookState):
         if isinstance(iteration, bool) or not isinstance(iteration, int):
             raise ValueError(f"{where}: argument 'state_dict' holds iteration {iteration!r}, not an int")
         engine.load_slot_states(list(slots.items()), iteration)  # C++ validates names and sizes first
+
+
+class QsgdState(_GatherState):
+    """QSGD baseline (Alistarh et al. 2017) as a DDP hook state: the GradiVeQ paper's comparison.
+
+    Each parameter with at least ``min_numel`` values is quantised to ``levels`` magnitude levels plus a sign per
+    value, with one float32 scale per ``bucket_size`` values (``norm``: "max" as in QSGD's experiments, or "l2"),
+    by seeded stochastic rounding (unbiased). QSGD codes cannot be summed, so they are all-gathered and every rank
+    decodes and averages them; smaller parameters go uncompressed in one all-reduce. The default, 7 levels, is
+    "4-bit QSGD": 1 sign bit + 3 level bits, about 7.9x fewer bytes than float32 with bucket 512. Stateless:
+    ``state_dict()`` holds the options and the iteration (which seeds the rounding).
+
+    Args:
+        process_group: the group to aggregate over; None uses the DDP model's (the default group).
+        levels: magnitude levels s >= 1 (7: 4-bit QSGD).
+        bucket_size: values per float32 scale.
+        norm: "max" or "l2" scaling of each bucket.
+        min_numel: parameters with fewer values travel uncompressed.
+        seed: seeds the stochastic rounding (mixed with iteration, rank and position).
+        model: optional DDP model (or module) to bind now; ``register_hook`` binds it otherwise.
+    """
+
+    _FORMAT = "gradiveq.QsgdState"
+
+    def __init__(self, process_group: Optional[dist.ProcessGroup] = None, levels: int = _QSGD.levels,
+                 bucket_size: int = _QSGD.bucket_size, norm: str = _QSGD.norm, min_numel: int = _GATHER.min_numel,
+                 seed: int = _GATHER.seed, model: Optional[torch.nn.Module] = None):
+        for name, value in (("levels", levels), ("bucket_size", bucket_size), ("min_numel", min_numel),
+                            ("seed", seed)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"QsgdState: argument '{name}' must be an int, got {value!r}")
+        if seed < 0:
+            raise ValueError(f"QsgdState: argument 'seed' must be >= 0, got {seed}")
+        self.process_group = process_group
+        self.options = dict(levels=levels, bucket_size=bucket_size, norm=norm, min_numel=min_numel, seed=seed)
+        _C.QsgdCodec(levels=levels, bucket_size=bucket_size, norm=norm)  # validates, raises ValueError
+        if min_numel < 0:
+            raise ValueError(f"QsgdState: argument 'min_numel' must be >= 0, got {min_numel}")
+        self._engine = None
+        self._param_names = None
+        if model is not None:
+            self.attach(model)
+
+    def _make_engine(self, group, params):
+        return _C.GatherAggregator.qsgd(group, params, **self.options)
+
+    @property
+    def bits_per_value(self) -> int:
+        return _C.QsgdCodec(self.options["levels"], self.options["bucket_size"], self.options["norm"]).bits_per_value
 
 
 class CO3State(_GatherState):
@@ -253,6 +376,13 @@ class CO3State(_GatherState):
         state = gradiveq.CO3State(format="fp4", gamma=0.9)
         gradiveq.register_hook(ddp_model, state)   # or CO3State(model=ddp_model) + ddp_model.register_comm_hook(
                                                    #    state, gradiveq.co3_hook)
+
+    Args:
+        process_group: the group to aggregate over; None uses the DDP model's (the default group).
+        format: "fp4" (11-value grid, generalized-normal scale) or "fp8" (247 values, power-of-two scale).
+        gamma: error-correction decay in [0, 1]: v = g + gamma e.
+        min_numel: parameters with fewer values travel uncompressed.
+        model: optional DDP model (or module) to bind now; ``register_hook`` binds it otherwise.
     """
 
     _FORMAT = "gradiveq.CO3State"
@@ -286,6 +416,15 @@ class CASQState(_GatherState):
     A message is the float32 codebooks plus ``bits`` bits per value: bits + 32 * 2^bits / bucket_size bits per
     value (2.25 at 2 bits, 3.5 at 3 bits for buckets of 512). Stateless: ``state_dict()`` holds only options and
     the iteration (which seeds the rounding).
+
+    Args:
+        process_group: the group to aggregate over; None uses the DDP model's (the default group).
+        bits: 2 or 3 bits per value (2^bits levels per bucket).
+        clusters: k-means clusters per bucket, 1 to 2^bits.
+        bucket_size: values per codebook.
+        min_numel: parameters with fewer values travel uncompressed.
+        seed: seeds the stochastic rounding.
+        model: optional DDP model (or module) to bind now; ``register_hook`` binds it otherwise.
     """
 
     _FORMAT = "gradiveq.CASQState"
@@ -393,6 +532,11 @@ class GradiVeQState(_HookState):
             members = sorted(_ENUM_OPTIONS[name].__members__)
             if value not in members:
                 raise ValueError(f"GradiVeQState: argument '{name}' must be one of {members}, got {value!r}")
+        # The dtypes also as their names ("float16"), as state.options records them: GradiVeQState(**state.options)
+        # rebuilds the same state.
+        coeff_dtype, basis_dtype = _dtype("coeff_dtype", coeff_dtype), _dtype("basis_dtype", basis_dtype)
+        if not isinstance(verify_bases, bool):
+            raise ValueError(f"GradiVeQState: argument 'verify_bases' must be True or False, got {verify_bases!r}")
         if coeff_dtype not in _COEFF_DTYPES:
             raise ValueError(f"GradiVeQState: argument 'coeff_dtype' must be one of {_COEFF_DTYPES}, "
                              f"got {coeff_dtype!r}")
@@ -439,13 +583,8 @@ class GradiVeQState(_HookState):
         return cls(**options)
 
     # -- binding -------------------------------------------------------------------------------------------
-    def attach(self, model: torch.nn.Module) -> "GradiVeQState":
-        """Binds the state to a DDP model (or its module): its named parameters and process group."""
-        self._check_unattached()
-        params = _trainable(model)
-        self._engine = _C.GradiVeQAggregator(_group_of(model, self.process_group), params, self._cpp_options)
-        self._param_names = [n for n, _ in params]
-        return self
+    def _make_engine(self, group, params):
+        return _C.GradiVeQAggregator(group, params, self._cpp_options)
 
     # -- introspection -------------------------------------------------------------------------------------
     @property
@@ -456,13 +595,17 @@ class GradiVeQState(_HookState):
     def phase(self) -> str:
         return self._require_engine().phase.name
 
-    def stats(self) -> dict:
+    def stats(self) -> "GradiVeQStats":
         """Per-layer and last-step statistics.
 
-        ``layers`` maps each parameter name to: phase, K, d, ratio, explained variance, relative error (this
-        rank's local loss of eq. 7 in the last compressed step), bytes in/out, samples, fits, basis bytes.
+        ``layers`` maps each parameter name to: phase, K, d, ``ratio`` (K / d, the PCA ratio), ``wire_ratio``
+        (float32 bytes in / bytes the layer put into collectives, the measure ``summary["conv_ratio"]`` sums),
+        explained variance, relative error (this rank's local loss of eq. 7 in the last compressed step), bytes
+        in/out, samples, fits, basis bytes, and ``not_compressed_because`` ("" for a compressed layer).
         ``step`` holds the last completed step: iteration, phase, bytes (uncompressed, payload, ring wire
-        estimate), aggregation / compress / decompress / fit times in ms, and how sampling was aggregated.
+        estimate), aggregation / compress / decompress / fit times in ms, how sampling was aggregated, and
+        ``warning`` (what the configuration leaves undone). ``summary["first_compressed_iteration"]`` says when
+        compression starts under the schedule (2,600 with the defaults: a short trial compresses nothing).
         """
         engine = self._require_engine()
         layers = {}
@@ -473,14 +616,16 @@ class GradiVeQState(_HookState):
                 explained_variance=s.explained_variance, relative_error=s.relative_error, bytes_in=s.bytes_in,
                 bytes_out=s.bytes_out, window_samples=s.window_samples, skipped_samples=s.skipped_samples,
                 fits=s.fits, fit_status=s.fit_status, basis_checksum=s.basis_checksum,
-                basis_bytes=s.basis_bytes)
+                basis_bytes=s.basis_bytes, not_compressed_because=s.not_compressed_because,
+                wire_ratio=s.bytes_in / s.bytes_out if s.bytes_out else 0.0)
         step = _step_dict(engine.step_stats())
         conv = [v for v in layers.values() if v["compressible"]]
         compressed = [v for v in conv if v["d"] > 0]
         summary = dict(
             compressible_layers=len(conv), fitted_layers=len(compressed),
             conv_bytes_in=sum(v["bytes_in"] for v in conv), conv_bytes_out=sum(v["bytes_out"] for v in conv),
-            basis_bytes=sum(v["basis_bytes"] for v in conv))
+            basis_bytes=sum(v["basis_bytes"] for v in conv),
+            first_compressed_iteration=self.options["warmup_iters"] + self.options["sample_iters"])
         if summary["conv_bytes_out"]:
             summary["conv_ratio"] = summary["conv_bytes_in"] / summary["conv_bytes_out"]
         return dict(iteration=engine.iteration, phase=engine.phase.name, world_size=engine.world_size,
@@ -511,6 +656,7 @@ class GradiVeQState(_HookState):
         if state_dict.get("parameters") != self._param_names:
             raise ValueError("GradiVeQState.load_state_dict: argument 'state_dict' names other parameters than "
                              "this model (a different model?)")
+        self._check_options("GradiVeQState.load_state_dict", state_dict.get("options"))
         engine.load_state(state_dict["engine_state"])
 
 
@@ -563,8 +709,12 @@ def register_hook(ddp_model: torch.nn.parallel.DistributedDataParallel, state: _
     if not isinstance(ddp_model, torch.nn.parallel.DistributedDataParallel):
         raise ValueError(f"gradiveq.register_hook: argument 'ddp_model' must be a DistributedDataParallel "
                          f"model, got {type(ddp_model).__name__}")
+    if not isinstance(state, _HookState):
+        raise ValueError(f"gradiveq.register_hook: argument 'state' must be a GradiVeQState, QsgdState, CO3State or "
+                         f"CASQState, got {type(state).__name__}")
     if state._engine is None:
         state.attach(ddp_model)
+    state._check_bound_to(ddp_model)
     _C.register_comm_hook(ddp_model.reducer, state._engine)
     try:  # DDP's own bookkeeping, as DistributedDataParallel.register_comm_hook does it
         ddp_model.logger._set_comm_hook_name(f"gradiveq.{type(state).__name__}")

@@ -10,12 +10,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# python/ (the package) and benchmarks/ddp/ (models.py). conftest.py puts both on sys.path and spawned ranks inherit
-# it; adding them here too lets this module import on its own.
+# benchmarks/ddp/ (models.py): conftest.py puts it on sys.path and spawned ranks inherit it; adding it here too
+# lets this module import on its own. gradiveq is the installed package (see conftest.py).
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-for _p in (os.path.join(_ROOT, "python"), os.path.join(_ROOT, "benchmarks", "ddp")):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+_p = os.path.join(_ROOT, "benchmarks", "ddp")
+if _p not in sys.path:
+    sys.path.insert(0, _p)
 
 import gradiveq  # noqa: E402
 from models import SmallCNN  # noqa: E402  (benchmarks/ddp/models.py)
@@ -55,7 +55,7 @@ def train(rank: int, world_size: int, cfg: dict) -> dict:
     gradients are replaced by large noise), corrupt_at (step before which rank 1 replaces
     conv2's basis), rewind = (from, to) (before step `from`, rank 1 alone loads the state it saved before step `to`:
     its iteration counter falls behind), save_at / save_path (checkpoint after that step), load_path (resume from a checkpoint),
-    grad_scaler (use torch.amp.GradScaler("cpu")), die_at / die_rank (that rank SIGKILLs itself in the middle of
+    state_rank1 (options rank 1 alone overrides), grad_scaler (use torch.amp.GradScaler("cpu")), die_at / die_rank (that rank SIGKILLs itself in the middle of
     that step's backward, once the last layer's gradient exists and before any bucket is reduced), jitter_ms
     (each rank sleeps a random 0..jitter_ms before every forward, seeded by rank and step, so the ranks hand
     their buckets to the hook at different times).
@@ -80,7 +80,8 @@ def train(rank: int, world_size: int, cfg: dict) -> dict:
         else:
             gradiveq.register_hook(ddp, state)
     elif hook != "plain":
-        state = gradiveq.GradiVeQState(**cfg.get("state", {}), model=ddp if hook == "py" else None)
+        options = dict(cfg.get("state", {}), **(cfg.get("state_rank1", {}) if rank == 1 else {}))
+        state = gradiveq.GradiVeQState(**options, model=ddp if hook == "py" else None)
         if hook == "py":
             ddp.register_comm_hook(state, gradiveq.hook)
         else:

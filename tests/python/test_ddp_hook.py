@@ -177,6 +177,19 @@ def test_corrupted_basis_on_one_rank_is_detected_on_every_rank():
         assert "ranks disagree" in res[r]["error"] and "iteration 6" in res[r]["error"]
 
 
+@pytest.mark.parametrize("differs", [dict(min_numel=200), dict(include="conv2.*"), dict(coeff_dtype=torch.bfloat16),
+                                     dict(sample_quantizer="qsgd4")])
+def test_rank_with_other_layer_policy_or_wire_dtypes_raises_on_every_rank_in_the_first_step(differs):
+    # min_numel=200 leaves conv1 (144 values) uncompressed on rank 1 only. Without the policy and dtypes in the
+    # verification code this diverged silently after the sampling window and
+    # then hung until the process group's timeout (or aborted in Gloo's "collective mismatch").
+    res = run_ranks(train, 2, dict(hook="cpp", state=SHORT, state_rank1=differs, steps=3, lr=0.0, keep_grads=False))
+    for r in range(2):
+        assert "error" in res[r], f"rank {r} did not detect that rank 1 runs {differs}"
+        assert "ranks disagree on GradiVeQ state at iteration 0" in res[r]["error"], res[r]["error"]
+        assert "layer policy" in res[r]["error"]
+
+
 @pytest.mark.parametrize("rewind", [(3, 1), (8, 6)])  # in warm-up/sampling, in a compressed window
 def test_iteration_counter_diverged_on_one_rank_is_detected_on_every_rank(rewind):
     res = run_ranks(train, 2, dict(hook="cpp", state=dict(SHORT, energy=0.95), steps=10, lr=0.0, rewind=rewind,
