@@ -213,6 +213,28 @@ class _HookState:
             raise ValueError(f"gradiveq.register_hook: argument 'state' is a {type(self).__name__} already "
                              f"attached to another model; create one state per model")
 
+    def _check_envelope(self, state_dict, fmt: str, version: int, per_rank: bool) -> None:
+        """What every state dict must match before its contents are read: format, version, world size, (for
+        per-rank states) rank, the model's parameters and the options. Raises ValueError naming the mismatch."""
+        engine = self._require_engine()
+        where = f"{type(self).__name__}.load_state_dict"
+        if not isinstance(state_dict, dict) or state_dict.get("format") != fmt:
+            raise ValueError(f"{where}: argument 'state_dict' is not a {type(self).__name__} state dict "
+                             f"(format tag {state_dict.get('format') if isinstance(state_dict, dict) else None!r})")
+        if state_dict.get("version") != version:
+            raise ValueError(f"{where}: argument 'state_dict' has version {state_dict.get('version')!r}, this "
+                             f"build reads version {version}")
+        if state_dict.get("world_size") != engine.world_size:
+            raise ValueError(f"{where}: argument 'state_dict' was saved with world size "
+                             f"{state_dict.get('world_size')} but this process group has {engine.world_size} ranks")
+        if per_rank and state_dict.get("rank") != engine.rank:
+            raise ValueError(f"{where}: argument 'state_dict' was saved on rank {state_dict.get('rank')}, this is "
+                             f"rank {engine.rank}: each rank loads its own (the state is per rank)")
+        if state_dict.get("parameters") != self._param_names:
+            raise ValueError(f"{where}: argument 'state_dict' names other parameters than this model "
+                             f"(a different model?)")
+        self._check_options(where, state_dict.get("options"))
+
     def _check_options(self, where: str, saved) -> None:
         """A state dict saved with other options would pair this run's options with another run's state."""
         if not isinstance(saved, dict):
@@ -289,22 +311,7 @@ class _GatherState(_HookState):
         version, world size, rank (the state is per rank) or model."""
         engine = self._require_engine()
         where = f"{type(self).__name__}.load_state_dict"
-        if not isinstance(state_dict, dict) or state_dict.get("format") != self._FORMAT:
-            raise ValueError(f"{where}: argument 'state_dict' is not a {type(self).__name__} state dict "
-                             f"(format tag {state_dict.get('format') if isinstance(state_dict, dict) else None!r})")
-        if state_dict.get("version") != GATHER_STATE_DICT_VERSION:
-            raise ValueError(f"{where}: argument 'state_dict' has version {state_dict.get('version')!r}, this "
-                             f"build reads version {GATHER_STATE_DICT_VERSION}")
-        if state_dict.get("world_size") != engine.world_size:
-            raise ValueError(f"{where}: argument 'state_dict' was saved with world size "
-                             f"{state_dict.get('world_size')} but this process group has {engine.world_size} ranks")
-        if state_dict.get("rank") != engine.rank:
-            raise ValueError(f"{where}: argument 'state_dict' was saved on rank {state_dict.get('rank')}, this is "
-                             f"rank {engine.rank}: each rank loads its own (the state is per rank)")
-        if state_dict.get("parameters") != self._param_names:
-            raise ValueError(f"{where}: argument 'state_dict' names other parameters than this model "
-                             f"(a different model?)")
-        self._check_options(where, state_dict.get("options"))
+        self._check_envelope(state_dict, self._FORMAT, GATHER_STATE_DICT_VERSION, per_rank=True)
         slots = state_dict.get("slot_states")
         if not isinstance(slots, dict):
             raise ValueError(f"{where}: argument 'state_dict' lacks its 'slot_states' dict")
@@ -644,19 +651,7 @@ class GradiVeQState(_HookState):
         """Restores ``state_dict()``. Raises ValueError, leaving the running state untouched, on another
         version, world size or model, or on a truncated or corrupted state."""
         engine = self._require_engine()
-        if not isinstance(state_dict, dict) or state_dict.get("format") != "gradiveq.GradiVeQState":
-            raise ValueError("GradiVeQState.load_state_dict: argument 'state_dict' is not a GradiVeQState "
-                             "state dict (missing format tag)")
-        if state_dict.get("version") != STATE_DICT_VERSION:
-            raise ValueError(f"GradiVeQState.load_state_dict: argument 'state_dict' has version "
-                             f"{state_dict.get('version')!r}, this build reads version {STATE_DICT_VERSION}")
-        if state_dict.get("world_size") != engine.world_size:
-            raise ValueError(f"GradiVeQState.load_state_dict: argument 'state_dict' was saved with world size "
-                             f"{state_dict.get('world_size')} but this process group has {engine.world_size} ranks")
-        if state_dict.get("parameters") != self._param_names:
-            raise ValueError("GradiVeQState.load_state_dict: argument 'state_dict' names other parameters than "
-                             "this model (a different model?)")
-        self._check_options("GradiVeQState.load_state_dict", state_dict.get("options"))
+        self._check_envelope(state_dict, "gradiveq.GradiVeQState", STATE_DICT_VERSION, per_rank=False)
         engine.load_state(state_dict["engine_state"])
 
 
