@@ -354,7 +354,7 @@ def plot(results, per_method, args, path_prefix):
     ax.bar(methods, meds, yerr=[[a - b for a, b in zip(meds, lo)], [b - a for a, b in zip(meds, hi)]],
            capsize=4, color=["#999999" if m in ("nocomm", "plain") else "#cc3311" if m.startswith("gradiveq") else "#4477aa"
                              for m in methods])
-    ax.set_ylabel("step time, ms (median; bars: min median .. max p90)")
+    ax.set_ylabel("step time, ms\n(median; whiskers: min median .. max p90)")
     plt.setp(ax.get_xticklabels(), rotation=30, ha="right")  # many method names side by side must not overlap
     bw = args.bandwidth_mbit_effective
     ax.set_title(f"ResNet-32, {args.world_size} ranks, {'%g Mbit/s' % bw if bw else 'unshaped'}"
