@@ -207,6 +207,13 @@ class _HookState:
     def _make_engine(self, group, params):
         raise NotImplementedError
 
+    def _bind_if_given(self, model) -> None:
+        """The end of every state's __init__: unbound, or bound to ``model`` when one is given."""
+        self._engine = None
+        self._param_names = None
+        if model is not None:
+            self.attach(model)
+
     def _check_bound_to(self, ddp_model):
         """Raises unless the state is bound to ``ddp_model``'s module (one state serves one model)."""
         if self._module is not None and self._module() is not _module_of(ddp_model):
@@ -357,10 +364,7 @@ class QsgdState(_GatherState):
         _C.QsgdCodec(levels=levels, bucket_size=bucket_size, norm=norm)  # validates, raises ValueError
         if min_numel < 0:
             raise ValueError(f"QsgdState: argument 'min_numel' must be >= 0, got {min_numel}")
-        self._engine = None
-        self._param_names = None
-        if model is not None:
-            self.attach(model)
+        self._bind_if_given(model)
 
     def _make_engine(self, group, params):
         return _C.GatherAggregator.qsgd(group, params, **self.options)
@@ -404,10 +408,7 @@ class CO3State(_GatherState):
         _check_int("CO3State", "min_numel", min_numel, 0)
         self.process_group = process_group
         self.options = dict(format=format, gamma=float(gamma), min_numel=min_numel)
-        self._engine = None
-        self._param_names = None
-        if model is not None:
-            self.attach(model)
+        self._bind_if_given(model)
 
     def _make_engine(self, group, params):
         return _C.GatherAggregator.co3(group, params, **self.options)
@@ -451,10 +452,7 @@ class CASQState(_GatherState):
         _check_int("CASQState", "seed", seed, 0)
         self.process_group = process_group
         self.options = dict(bits=bits, clusters=clusters, bucket_size=bucket_size, min_numel=min_numel, seed=seed)
-        self._engine = None
-        self._param_names = None
-        if model is not None:
-            self.attach(model)
+        self._bind_if_given(model)
 
     @property
     def bits_per_element(self) -> float:
@@ -575,10 +573,7 @@ class GradiVeQState(_HookState):
                 value = getattr(torch, value)
             setattr(self._cpp_options, name, value)
         self._cpp_options.validate()
-        self._engine = None
-        self._param_names = None
-        if model is not None:
-            self.attach(model)
+        self._bind_if_given(model)
 
     @classmethod
     def paper(cls, **overrides) -> "GradiVeQState":

@@ -166,11 +166,11 @@ void VerificationCode::check(const at::Tensor& summed, int64_t iteration, int64_
     msg << "gradiveq: ranks disagree on GradiVeQ state at iteration " << iteration
         << " (verify_bases): the iteration counter, the schedule, the layer policy (include, exclude, "
            "min_numel), "
-        << "the wire or basis dtypes, the sampling options or the PCA bases differ between ranks "
-        << "(this rank " << rank << " of " << world_size_ << ", state checksum " << std::hex << code_
+           "the wire or basis dtypes, the sampling options or the PCA bases differ between ranks (this rank "
+        << rank << " of " << world_size_ << ", state checksum " << std::hex << code_
         << "). Typical causes: options that differ between ranks, a checkpoint loaded on some ranks only, or "
            "a "
-        << "basis modified on one rank.";
+           "basis modified on one rank.";
     throw std::runtime_error(msg.str());
   }
 }

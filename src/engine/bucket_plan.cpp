@@ -29,7 +29,7 @@ void unpack_sample(Entry& e, const at::Tensor& sum, BucketPlan& plan, const Plan
                                         e.grad);
 }
 
-// --- raw: uncompressed, in the float32 all-reduce ---------------------------------------------------------
+// --- raw: uncompressed, in the raw all-reduce -------------------------------------------------------------
 
 const Route kRawRoute{
     "uncompressed",
@@ -106,9 +106,7 @@ const Route kSampledRawRoute{
     [](Entry& e, BucketPlan& plan, const PlanContext& ctx) {
       unpack_sample(e, plan.packed.narrow(0, e.raw_offset, e.raw_len), plan, ctx);
     },
-    [](const Entry& e, const PlanContext& ctx, LayerStats& st, StepRecorder&) {
-      st.bytes_out = e.layer->numel * ctx.raw_element_size;
-    },
+    kRawRoute.record,
 };
 
 // --- sampled QSGD: the paper's 4-bit QSGD through the gather pipeline, kept as a sample

@@ -1,9 +1,9 @@
 // Private: how the parameters of one bucket (or one pipelining group of it) travel in a step.
 //
 // Each parameter takes one of four routes, and everything a route does lives in one place (bucket_plan.cpp):
-//   raw            uncompressed, in the float32 all-reduce
+//   raw            uncompressed, in the raw all-reduce
 //   compressed     coefficients U^T (g - mu/N) (float32 in the all-reduce, or their own all-reduce in
-//                  coeff_dtype) plus the slices' tail in the float32 all-reduce; decompressed once
+//                  coeff_dtype) plus the slices' tail in the raw all-reduce; decompressed once
 //   sampled raw    uncompressed in paper order; the aggregated gradient becomes a PCA sample
 //   sampled QSGD   4-bit QSGD through the gather pipeline; the decoded sum becomes a PCA sample
 // A float32 bucket's all-reduce is [raw values | float32 coefficients | verification code | restart vote]; a
@@ -39,7 +39,7 @@ struct Entry {
   EngineLayer* layer = nullptr;
   Mode mode = Mode::kRaw;
   at::Tensor grad;                          // view into the bucket buffer, parameter-shaped
-  int64_t raw_offset = 0, raw_len = 0;      // in the float32 all-reduce (paper order for sampled layers)
+  int64_t raw_offset = 0, raw_len = 0;      // in the raw all-reduce (paper order for sampled layers)
   int64_t coeff_offset = 0, coeff_len = 0;  // in the coefficient segment
   int64_t message = -1, message_bytes = 0;  // sampled QSGD: index and size of its message in the pipeline
   at::Tensor residual_sq, signal_sq;        // eq. 7 local loss terms (0-dim), compressed entries only
@@ -60,7 +60,6 @@ struct BucketPlan {
   at::Tensor buffer;
   std::vector<Entry> entries;
   int64_t iter = 0;
-  Phase phase = Phase::kWarmup;
   bool in_place = false;  // plain all-reduce of `buffer` itself
   at::Tensor packed;  // the raw values' all-reduce, in the bucket's dtype (float32 buckets: also the control)
   at::Tensor control;  // float32 [coefficients if float32 | verification code | vote]: a view of `packed` for

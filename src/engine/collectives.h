@@ -5,6 +5,7 @@
 #include <ATen/core/ivalue.h>
 
 #include <cstdint>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <vector>
 
 namespace gradiveq::detail {
@@ -29,6 +30,35 @@ inline at::ScalarType raw_dtype(const at::Tensor& buffer) {
 /// Bytes one rank sends in a ring all-reduce of `bytes` over `world_size` ranks: 2 (N - 1) / N of them.
 inline int64_t ring_allreduce_bytes(int64_t bytes, int64_t world_size) {
   return int64_t(2.0 * double(world_size - 1) / double(world_size) * double(bytes));
+}
+
+/// What a plan's collectives carried, counted the same way for every engine: payload = bytes this rank put
+/// into collectives; wire = bytes it sends on a ring (2(N-1)/N per all-reduce byte, N-1 per all-gather byte).
+struct CollectiveBytes {
+  int64_t collectives = 0;
+  int64_t payload = 0;
+  int64_t wire = 0;
+
+  void all_reduce(int64_t bytes, int64_t world_size) {
+    ++collectives;
+    payload += bytes;
+    wire += ring_allreduce_bytes(bytes, world_size);
+  }
+  void all_gather(int64_t bytes, int64_t world_size) {
+    ++collectives;
+    payload += bytes;
+    wire += (world_size - 1) * bytes;
+  }
+};
+
+/// Issues the (summing) all-reduce of `tensor` and counts it in `bytes`; returns its future.
+inline c10::intrusive_ptr<c10::ivalue::Future> issue_all_reduce(c10d::ProcessGroup& pg,
+                                                                const at::Tensor& tensor,
+                                                                CollectiveBytes& bytes) {
+  std::vector<at::Tensor> tensors{tensor};
+  auto future = pg.allreduce(tensors)->getFuture();
+  bytes.all_reduce(tensor.nbytes(), pg.getSize());
+  return future;
 }
 
 }  // namespace gradiveq::detail

@@ -54,22 +54,21 @@ std::string policy_verdict(const NamedParameter& p, const LayerPolicy& policy) {
   return "";
 }
 
-std::vector<std::string> configuration_warnings(const std::vector<NamedParameter>& parameters,
+std::vector<std::string> configuration_warnings(const std::vector<std::unique_ptr<EngineLayer>>& layers,
                                                 const GradiVeQOptions& options) {
   std::vector<std::string> out;
   const auto& policy = options.policy;
   for (const auto& pattern : policy.include) {
-    const bool used = std::any_of(parameters.begin(), parameters.end(), [&](const NamedParameter& p) {
-      return glob_match(pattern.c_str(), p.name.c_str());
+    const bool used = std::any_of(layers.begin(), layers.end(), [&](const std::unique_ptr<EngineLayer>& l) {
+      return glob_match(pattern.c_str(), l->name.c_str());
     });
     if (!used) out.push_back(detail::concat("include pattern '", pattern, "' matches no parameter"));
   }
-  const auto compressible = std::count_if(parameters.begin(), parameters.end(), [&](const NamedParameter& p) {
-    return policy_verdict(p, policy).empty();
-  });
-  if (compressible == 0) {
+  const bool any_compressible = std::any_of(
+      layers.begin(), layers.end(), [](const std::unique_ptr<EngineLayer>& l) { return l->compressible; });
+  if (!any_compressible) {
     out.push_back(detail::concat(
-        "no parameter is compressed: none of the ", parameters.size(),
+        "no parameter is compressed: none of the ", layers.size(),
         " passes the layer policy (4-D conv weights with at least min_numel = ", policy.min_numel,
         " values, matching include and not exclude), so every step is a plain "
         "all-reduce; the layer stats name each parameter's reason"));

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -39,9 +40,10 @@ struct EngineLayer {
 /// otherwise why not.
 std::string policy_verdict(const NamedParameter& parameter, const LayerPolicy& policy);
 
-/// What a configuration leaves undone over these parameters (one sentence each): no compressible parameter, an
-/// include pattern that matches none, a schedule that never compresses.
-std::vector<std::string> configuration_warnings(const std::vector<NamedParameter>& parameters,
+/// What a configuration leaves undone over these layers (one sentence each): no compressible layer, an
+/// include pattern that matches none, a schedule that never compresses. Reads the verdicts make_layer
+/// recorded.
+std::vector<std::string> configuration_warnings(const std::vector<std::unique_ptr<EngineLayer>>& layers,
                                                 const GradiVeQOptions& options);
 
 /// A layer for `parameter`, its layout chosen by `options.slice_layout` when it is compressible.

@@ -62,12 +62,13 @@ int64_t GatherAggregator::slot_of(const at::Tensor& parameter) const {
   return it->second;
 }
 
-// One bucket in flight: its raw (small) parameters in one float32 all-reduce, the rest through the pipeline.
+// One bucket in flight: its raw (small) parameters in one all-reduce (the bucket's dtype if half precision,
+// else float32), the rest through the pipeline.
 struct GatherAggregator::Bucket {
   struct Part {
     at::Tensor grad;
     bool encoded;
-    int64_t offset;  // raw parts: offset in the float32 all-reduce tensor
+    int64_t offset;  // raw parts: offset in the raw all-reduce tensor
   };
   explicit Bucket(MessageCodec& codec) : pipeline(codec) {}
   at::Tensor buffer;
@@ -122,11 +123,7 @@ c10::intrusive_ptr<c10::ivalue::Future> GatherAggregator::aggregate_bucket(
   encode_bucket(*bucket, parameters, index);
 
   std::vector<c10::intrusive_ptr<c10::ivalue::Future>> futures;
-  if (bucket->raw.defined()) {
-    std::vector<at::Tensor> t{bucket->raw};
-    futures.push_back(pg_->allreduce(t)->getFuture());
-    bucket->bytes.all_reduce(bucket->raw.nbytes(), world_size_);
-  }
+  if (bucket->raw.defined()) futures.push_back(detail::issue_all_reduce(*pg_, bucket->raw, bucket->bytes));
   if (auto gathered = bucket->pipeline.issue(*pg_, buffer.device(), bucket->bytes))
     futures.push_back(gathered);
   const auto& sent = bucket->bytes;

@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cstring>
 
-#include "engine/collectives.h"
 #include "gradiveq/errors.h"
 
 namespace gradiveq {
@@ -14,18 +13,6 @@ void MessageCodec::set_slot_state(int64_t, const at::Tensor& state) {
 }
 
 namespace detail {
-
-void CollectiveBytes::all_reduce(int64_t bytes, int64_t world_size) {
-  ++collectives;
-  payload += bytes;
-  wire += ring_allreduce_bytes(bytes, world_size);
-}
-
-void CollectiveBytes::all_gather(int64_t bytes, int64_t world_size) {
-  ++collectives;
-  payload += bytes;
-  wire += (world_size - 1) * bytes;
-}
 
 const EncodedMessage& GatherPipeline::add(const at::Tensor& values, int64_t slot, uint64_t seed) {
   messages_.push_back(codec_->encode(values, slot, seed));
@@ -39,15 +26,14 @@ const EncodedMessage& GatherPipeline::add(const at::Tensor& values, int64_t slot
 }
 
 at::Tensor GatherPipeline::frame() const {
-  const int64_t table_bytes = codec_->length_table() ? 8 * num_messages() : 0;
-  int64_t total = table_bytes;
+  int64_t total = table_bytes();
   for (const auto& m : messages_) total += m.packed.numel();
   at::Tensor payload = at::empty({total}, at::kByte);
   uint8_t* out = payload.data_ptr<uint8_t>();
-  int64_t at_byte = table_bytes;
+  int64_t at_byte = table_bytes();
   for (int64_t k = 0; k < num_messages(); ++k) {
     const int64_t len = messages_[k].packed.numel();
-    if (table_bytes > 0) std::memcpy(out + 8 * k, &len, 8);
+    if (codec_->length_table()) std::memcpy(out + 8 * k, &len, 8);
     std::memcpy(out + at_byte, messages_[k].packed.data_ptr<uint8_t>(), len);
     at_byte += len;
   }
@@ -101,13 +87,12 @@ int64_t GatherPipeline::message_bytes(const uint8_t* payload, int64_t k) const {
 std::vector<at::Tensor> GatherPipeline::decoded_sums() const {
   std::vector<at::Tensor> sums;
   for (int64_t numel : numels_) sums.push_back(at::zeros({numel}, at::kFloat));
-  const int64_t table_bytes = codec_->length_table() ? 8 * num_messages() : 0;
   for (int64_t r = 0; r < int64_t(gathered_.size()); ++r) {
     at::Tensor host = gathered_[r].to(at::kCPU).contiguous();
     const uint8_t* bytes = host.data_ptr<uint8_t>();
     const int64_t size = sizes_[r];
-    GVQ_ASSERT(size >= table_bytes && size <= host.numel(), "rank ", r, " sent ", size, " bytes");
-    int64_t at_byte = table_bytes;
+    GVQ_ASSERT(size >= table_bytes() && size <= host.numel(), "rank ", r, " sent ", size, " bytes");
+    int64_t at_byte = table_bytes();
     for (int64_t k = 0; k < num_messages(); ++k) {
       const int64_t len = message_bytes(bytes, k);
       GVQ_ASSERT(len >= 0 && at_byte + len <= size, "rank ", r, "'s message ", k, " overruns its payload");

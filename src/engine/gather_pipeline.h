@@ -17,20 +17,10 @@
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <vector>
 
+#include "engine/collectives.h"
 #include "gradiveq/message_codec.h"
 
 namespace gradiveq::detail {
-
-/// What a plan's collectives carried, counted the same way for every engine: payload = bytes this rank put
-/// into collectives; wire = bytes it sends on a ring (2(N-1)/N per all-reduce byte, N-1 per all-gather byte).
-struct CollectiveBytes {
-  int64_t collectives = 0;
-  int64_t payload = 0;
-  int64_t wire = 0;
-
-  void all_reduce(int64_t bytes, int64_t world_size);
-  void all_gather(int64_t bytes, int64_t world_size);
-};
 
 class GatherPipeline {
  public:
@@ -52,6 +42,8 @@ class GatherPipeline {
 
  private:
   at::Tensor frame() const;
+  /// Bytes of the length table at the start of every rank's payload (0 for codecs without one).
+  int64_t table_bytes() const { return codec_->length_table() ? 8 * num_messages() : 0; }
   int64_t message_bytes(const uint8_t* payload, int64_t k) const;
 
   MessageCodec* codec_;

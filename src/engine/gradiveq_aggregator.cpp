@@ -85,7 +85,7 @@ GradiVeQAggregator::GradiVeQAggregator(c10::intrusive_ptr<c10d::ProcessGroup> pr
     layers_.push_back(std::move(layer));
   }
   configuration_code_ = detail::configuration_code(layers_, options_);
-  for (const auto& w : detail::configuration_warnings(parameters, options_)) {
+  for (const auto& w : detail::configuration_warnings(layers_, options_)) {
     warning_ += (warning_.empty() ? "" : "; ") + w;
   }
   window_ = std::make_unique<detail::AdaptiveWindow>(options_.restart_error_growth);
@@ -199,7 +199,6 @@ std::vector<std::shared_ptr<BucketPlan>> GradiVeQAggregator::plan_bucket(
   for (size_t g = 0; g < groups.size(); ++g) {
     auto plan = std::make_shared<BucketPlan>();
     plan->iter = iteration_;
-    plan->phase = phase;
     plan->buffer = buffer;
     plan->entries = std::move(groups[g]);
     plan->is_last = is_last && g + 1 == groups.size();
@@ -267,12 +266,9 @@ c10::intrusive_ptr<c10::ivalue::Future> GradiVeQAggregator::issue_plan(
     any_qsgd |= e.mode == Mode::kSampledQsgd;
   }
   const at::Tensor& buffer = plan->buffer;
-  const int64_t n = world_size_;
   std::vector<c10::intrusive_ptr<c10::ivalue::Future>> futures;
   const auto all_reduce = [&](const at::Tensor& t) {
-    std::vector<at::Tensor> tensors{t};
-    futures.push_back(pg_->allreduce(tensors)->getFuture());
-    plan->bytes.all_reduce(t.nbytes(), n);
+    futures.push_back(detail::issue_all_reduce(*pg_, t, plan->bytes));
   };
   if (all_raw && plan->whole_bucket && !plan->verify && !plan->vote) {
     // Nothing to compress: the bucket itself is all-reduced in place, exactly like DDP's default.

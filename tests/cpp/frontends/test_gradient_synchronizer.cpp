@@ -58,6 +58,18 @@ std::pair<at::Tensor, at::Tensor> batch(int rank, int step) {
   return {at::randn({4, 3, 8, 8}, gen), at::randint(0, 10, {4}, gen)};
 }
 
+// Every gradient of `net` (aggregated by a synchronizer) against the plain all-reduce average of `reference`'s,
+// within `tolerance` (relative error); `context` names the case in a failure.
+void expect_plain_average(TinyNet& net, TinyNet& reference, c10d::ProcessGroup& pg, double tolerance,
+                          const std::string& context) {
+  for (size_t i = 0; i < net.params.size(); ++i) {
+    std::vector<at::Tensor> t{reference.p(i).grad().clone()};
+    pg.allreduce(t)->wait();
+    EXPECT_LT(rel_error(net.p(i).grad(), t[0] / double(pg.getSize())), tolerance)
+        << context << " " << net.params[i].name;
+  }
+}
+
 SynchronizerOptions exact_options() {
   SynchronizerOptions o;
   o.gradiveq.fit.energy = 1.0;
@@ -85,12 +97,7 @@ TEST_P(SynchronizerRanks, FullRankEqualsPlainAllReduceAverageInEveryPhase) {
       net.loss(x, y).backward();
       reference.loss(x, y).backward();
       sync.synchronize();
-      for (size_t i = 0; i < net.params.size(); ++i) {
-        std::vector<at::Tensor> t{reference.p(i).grad().clone()};
-        pg->allreduce(t)->wait();
-        EXPECT_LT(rel_error(net.p(i).grad(), t[0] / double(world)), 1e-5)
-            << "rank " << rank << " step " << step << " " << net.params[i].name;
-      }
+      expect_plain_average(net, reference, *pg, 1e-5, "rank " + std::to_string(rank) + " step " + std::to_string(step));
       if (step == 0) EXPECT_GT(sync.buckets_launched_in_backward(), 0);  // overlap with backward happened
     }
     EXPECT_EQ(sync.aggregator().iteration(), 9);
@@ -127,13 +134,9 @@ TEST_P(SynchronizerCodecs, RunsAnyMessageCodecAndAveragesLikePlainAllReduce) {
       net.loss(x, y).backward();
       reference.loss(x, y).backward();
       sync.synchronize();
-      for (size_t i = 0; i < net.params.size(); ++i) {
-        std::vector<at::Tensor> t{reference.p(i).grad().clone()};
-        pg->allreduce(t)->wait();
-        // conv2 (1152 values) is encoded; the rest is smaller than min_numel = 100 or quantised too.
-        EXPECT_LT(rel_error(net.p(i).grad(), t[0] / double(world)), name == "co3" ? 0.05 : 0.6)
-            << name << " rank " << rank << " step " << step << " " << net.params[i].name;
-      }
+      // conv2 (1152 values) is encoded; the rest is smaller than min_numel = 100 or quantised too.
+      expect_plain_average(net, reference, *pg, name == "co3" ? 0.05 : 0.6,
+                           name + " rank " + std::to_string(rank) + " step " + std::to_string(step));
     }
     for (auto& np : net.params) grads[rank].push_back(np.tensor.grad().clone());
     EXPECT_EQ(sync.engine().step_stats().phase, name);
