@@ -2,6 +2,7 @@
 // and Gloo process group on 127.0.0.1.
 #pragma once
 
+#include <stdlib.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -25,9 +26,20 @@ inline std::string fresh_store_path() {
   return name;
 }
 
+// torch 2.11's c10d flight recorder (one per process) inserts each new process group into a std::map before it
+// takes its mutex (FlightRecorder::record), so process groups of several thread-ranks enqueuing their first
+// collective at once can corrupt that map: seen as a SEGV in _Rb_tree_insert_and_rebalance under ASan. Real
+// training runs one process group per process; these tests run several per process, so they turn the recorder
+// off (a buffer of 0 entries disables it) before the first process group exists, unless the caller set it.
+inline void disable_flight_recorder_for_thread_ranks() {
+  static const bool done = [] { return setenv("TORCH_FR_BUFFER_SIZE", "0", /*overwrite=*/0) == 0; }();
+  (void)done;
+}
+
 // Runs fn(rank, pg) on `world` threads joined by one FileStore; rethrows the first rank's failure.
 inline void run_ranks(int world, const std::function<void(int, c10::intrusive_ptr<c10d::ProcessGroup>)>& fn,
                       std::string store_path = "") {
+  disable_flight_recorder_for_thread_ranks();
   if (store_path.empty()) store_path = fresh_store_path();
   std::vector<std::thread> threads;
   std::vector<std::exception_ptr> errors(world);

@@ -107,8 +107,9 @@ def test_a_configuration_that_compresses_nothing_warns_once_and_says_why(group):
 
 @pytest.mark.parametrize("script", ["resnet32_cifar100.py", "accuracy.py", "soak.py"])
 def test_benchmarks_write_under_build_by_default_and_help_shows_defaults(script):
+    # A wide terminal: argparse wraps long help lines, also inside a path with a hyphen ("fresh-clone- check").
     out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "ddp", script), "--help"],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, env=dict(os.environ, COLUMNS="10000"))
     assert out.returncode == 0, out.stderr
     text = " ".join(out.stdout.split())
     assert f"(default: {os.path.join(ROOT, 'build', 'benchmark-results')})" in text, text
