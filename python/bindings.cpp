@@ -128,9 +128,13 @@ void bind_schedule(py::module_& m) {
   py::enum_<FitSamples>(m, "FitSamples")
       .value("first_slice", FitSamples::kFirstSlice)
       .value("all_slices", FitSamples::kAllSlices);
+  py::enum_<SampleSource>(m, "SampleSource")
+      .value("aggregated", SampleSource::kAggregated)
+      .value("local", SampleSource::kLocal);
   py::enum_<SliceLayoutKind>(m, "SliceLayout")
       .value("kernel_row", SliceLayoutKind::kKernelRow)
-      .value("kernel_position", SliceLayoutKind::kKernelPosition);
+      .value("kernel_position", SliceLayoutKind::kKernelPosition)
+      .value("filter_column", SliceLayoutKind::kFilterColumn);
 
 }
 
@@ -155,10 +159,15 @@ void bind_options(py::module_& m) {
   def_nested(options, "include", &GradiVeQOptions::policy, &LayerPolicy::include);
   def_nested(options, "exclude", &GradiVeQOptions::policy, &LayerPolicy::exclude);
   def_nested(options, "min_numel", &GradiVeQOptions::policy, &LayerPolicy::min_numel);
+  def_nested(options, "linear_weights", &GradiVeQOptions::policy, &LayerPolicy::linear_weights);
   options.def_readwrite("verify_bases", &GradiVeQOptions::verify_bases)
       .def_readwrite("seed", &GradiVeQOptions::seed)
       .def_readwrite("restart_error_growth", &GradiVeQOptions::restart_error_growth)
-      .def_readwrite("pipeline_chunks", &GradiVeQOptions::pipeline_chunks);
+      .def_readwrite("pipeline_chunks", &GradiVeQOptions::pipeline_chunks)
+      .def_readwrite("sample_source", &GradiVeQOptions::sample_source)
+      .def_readwrite("error_feedback", &GradiVeQOptions::error_feedback)
+      .def_readwrite("error_budget", &GradiVeQOptions::error_budget)
+      .def_readwrite("refit_threshold", &GradiVeQOptions::refit_threshold);
 
   // The gather engine's and its codecs' options, for the quantizer states' defaults.
   py::class_<GatherAggregatorOptions>(m, "GatherAggregatorOptions")
@@ -200,6 +209,7 @@ void bind_stats(py::module_& m) {
       .def_readonly("bytes_out", &LayerStats::bytes_out)
       .def_readonly("window_samples", &LayerStats::window_samples)
       .def_readonly("skipped_samples", &LayerStats::skipped_samples)
+      .def_readonly("bases_kept", &LayerStats::bases_kept)
       .def_readonly("fits", &LayerStats::fits)
       .def_readonly("fit_status", &LayerStats::fit_status)
       .def_readonly("basis_checksum", &LayerStats::basis_checksum)

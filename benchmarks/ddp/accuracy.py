@@ -3,9 +3,19 @@
 Trains the small CNN (three 3x3 convs, 16-32-32 channels, linear head) or ResNet-32 (images padded to 32x32 and
 repeated to 3 channels: the real-data stand-in for CIFAR-100, which is not available here) with every method for
 the same number of epochs and seeds (model init and data order), and reports test accuracy (mean and spread), the
-difference to plain all-reduce, the conv-layer compression ratio, bytes per step, GradiVeQ's held-out relative
-error (each compressed step's local loss, eq. 7, on gradients the basis was not fitted on) and the time to reach
-a test accuracy, as a markdown table and plots in benchmarks/results/.
+paired difference to plain all-reduce, the bytes on the wire and the payload per step, the conv-layer compression
+ratio, GradiVeQ's held-out relative error (each compressed step's local loss, eq. 7, on gradients the basis was not
+fitted on) and the time to reach a test accuracy, as a markdown table, a JSON file and plots in --out.
+
+Methods (methods.py): plain, fp16, bf16 (torch's all-reduce hooks), powersgdR (torch's PowerSGD at rank R, error
+feedback and warm start on, start_powerSGD_iter = the GradiVeQ warm-up W of --schedule, at least 2), qsgd4, co3,
+casq2, casq3 (this library's quantizers), gradiveq, gradiveq-paper and --config ones.
+
+Wire bytes: as root with `ip`, each (method, seed) run trains in its own fresh network namespace (this script
+re-executed with --run-one inside it), and rank 0 reads the namespace's loopback tx_bytes at a barrier before the
+first training step and after the last one: every byte both ranks put on the link, TCP/IP overhead included, for
+every method alike. --bandwidth-mbit shapes that loopback with tc tbf. Without root or ip the runs use no namespace
+and the wire column is '-'.
 
     python benchmarks/ddp/accuracy.py --model cnn --methods plain,qsgd4,gradiveq,gradiveq-pooled --seeds 0,1,2
     python benchmarks/ddp/accuracy.py --quick          # tiny subset, what CI runs
@@ -13,10 +23,12 @@ a test accuracy, as a markdown table and plots in benchmarks/results/.
 
 import argparse
 import datetime
+import json
 import os
 import pickle
 import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,12 +44,26 @@ import torch.nn.functional as F  # noqa: E402
 
 from datasets import FASHION_MNIST_DIR, load_fashion_mnist  # noqa: E402
 from models import SmallCNN, resnet32  # noqa: E402
-from methods import (HelpFormatter, GRADIVEQ_CONFIGS, QUANTIZER_METHODS, TORCH_METHODS, Method, add_gradiveq_config,  # noqa: E402
-                     ddp_kwargs, free_port, run_rank_process, shaped_rerun)
+from methods import (HelpFormatter, GRADIVEQ_CONFIGS, QUANTIZER_METHODS, TORCH_METHODS, Method,  # noqa: E402
+                     NetnsError, add_gradiveq_config, ddp_kwargs, free_port, netns_env, netns_unavailable,
+                     network_namespace, powersgd_rank, run_rank_process)
+
+DEFAULT_METHODS = "plain,fp16,bf16,powersgd1,powersgd2,powersgd4,qsgd4,co3,casq2,gradiveq-paper,gradiveq"
+QUICK_METHODS = "plain,powersgd2,gradiveq"  # --quick without --methods: what CI can afford
+LO_TX_BYTES = "/sys/class/net/lo/statistics/tx_bytes"  # inside `ip netns exec`, /sys is the namespace's own
 
 
 def known_methods():
     return [m for m in TORCH_METHODS if m != "nocomm"] + list(QUANTIZER_METHODS) + list(GRADIVEQ_CONFIGS)
+
+
+def is_known(method):
+    return method in known_methods() or powersgd_rank(method) is not None
+
+
+def lo_tx_bytes() -> int:
+    with open(LO_TX_BYTES) as f:
+        return int(f.read())
 
 
 def prepare(images, model_name):
@@ -48,6 +74,9 @@ def prepare(images, model_name):
 
 @torch.no_grad()
 def evaluate(model, images, labels, batch=1000):
+    """Test accuracy of the bare module: never the DDP wrapper, so evaluation runs no collective and puts nothing
+    on the wire (its traffic would otherwise land in the wire bytes)."""
+    assert not isinstance(model, torch.nn.parallel.DistributedDataParallel)
     model.eval()
     correct = sum((model(images[i:i + batch]).argmax(1) == labels[i:i + batch]).sum().item()
                   for i in range(0, len(labels), batch))
@@ -73,10 +102,14 @@ def train_rank(rank, world, args, method, seed, out_path):
     steps_per_epoch = len(train_y) // (args.batch * world)
     total = steps_per_epoch * args.epochs
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
-    m = Method(ddp, model, method, seed=seed, schedule=args.schedule)
+    m = Method(ddp, model, method, seed=seed, schedule=args.schedule, powersgd_start_iter=powersgd_start(args))
     gen = torch.Generator().manual_seed(seed)
     rows, evals, rel_errors, layer_errors = [], [], [], {}
     compressed_ratio = None  # conv-layer ratio of the last compressed step
+    count_wire = bool(args.netns)  # a --run-one child in its own namespace: the loopback carries only this run
+    if count_wire:
+        dist.barrier()  # both ranks at the first step: what the set-up sent (DDP's broadcast) is not counted
+        tx_start = lo_tx_bytes() if rank == 0 else 0
     t0 = time.perf_counter()
     step = 0
     for epoch in range(args.epochs):
@@ -109,10 +142,17 @@ def train_rank(rank, world, args, method, seed, out_path):
                 acc = evaluate(model, test_x, test_y)
                 t0 += time.perf_counter() - eval_start  # evaluation time does not count as training time
                 evals.append(dict(step=step, wall=time.perf_counter() - t0, acc=acc))
+    wire_bytes = None
+    if count_wire:
+        dist.barrier()  # both ranks past the last step
+        if rank == 0:
+            wire_bytes = lo_tx_bytes() - tx_start
     m.close()
     if rank == 0:
         result = dict(method=method, seed=seed, rows=rows, evals=evals, final_acc=evals[-1]["acc"],
-                      rel_error=statistics.mean(rel_errors) if rel_errors else None)
+                      rel_error=statistics.mean(rel_errors) if rel_errors else None,
+                      steps=step, world=world, wire_bytes=wire_bytes, netns=args.netns,
+                      powersgd_start_iter=m.state.start_powerSGD_iter if powersgd_rank(method) else None)
         bits = [r["bits_per_element"] for r in rows if "bits_per_element" in r]
         if bits:
             result["bits_per_element"] = statistics.mean(bits)
@@ -134,8 +174,73 @@ def _entry(rank, world, port, args, method, seed, out_path):
     run_rank_process(rank, world, port, 300, lambda: train_rank(rank, world, args, method, seed, out_path))
 
 
+def powersgd_start(args) -> int:
+    """PowerSGD's start_powerSGD_iter: the GradiVeQ warm-up, so both compress from the same step on; torch
+    requires > 1 with error feedback or warm start."""
+    return max(2, args.schedule[0])
+
+
+def train_here(args, method, seed, out):
+    """One (method, seed) run: two spawned ranks in this process's network namespace; rank 0 writes `out`."""
+    mp.start_processes(_entry, args=(2, free_port(), args, method, seed, out), nprocs=2, start_method="spawn")
+
+
+def train_in_namespace(args, method, seed, out, n):
+    """One (method, seed) run in a fresh network namespace (shaped when --bandwidth-mbit): this script re-executed
+    there with --run-one; the namespace and whatever is left inside are removed afterwards, also on failure,
+    Ctrl-C, SIGTERM and timeout."""
+    name = f"{args.netns_prefix}{n}"
+    argv = [a for a in args.argv if a != "--report-only"] + ["--run-one", method, str(seed), "--run-out", out]
+    with network_namespace(name, args.bandwidth_mbit, args.burst_kb):
+        try:
+            rc = subprocess.run(["ip", "netns", "exec", name, sys.executable, os.path.abspath(__file__)] + argv,
+                                env=netns_env(name), timeout=args.run_timeout).returncode
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{method} seed {seed}: not done within --run-timeout {args.run_timeout:g} s") from None
+    if rc != 0:
+        raise RuntimeError(f"{method} seed {seed}: the run in network namespace {name} failed (exit code {rc})")
+
+
+def choose_process_model(args):
+    """Sets args.wire (runs in their own namespaces, wire bytes counted) and args.wire_note; drops --bandwidth-mbit
+    where it cannot be applied. Prints what it decided once."""
+    args.netns_prefix = f"gvqacc{os.getpid()}_"
+    why = netns_unavailable()
+    if why is None:
+        try:
+            with network_namespace(args.netns_prefix + "probe"):
+                pass
+        except NetnsError as e:
+            why = str(e)
+    args.wire = why is None
+    if args.wire:
+        args.wire_note = ("each (method, seed) run in its own network namespace; wire bytes = its loopback's "
+                          "tx_bytes between a barrier before the first training step and one after the last")
+        print(f"wire bytes: counted per run in network namespaces {args.netns_prefix}<n> (removed afterwards)",
+              flush=True)
+    else:
+        args.wire_note = (f"wire bytes NOT measured ({why}; a network namespace per run needs root and ip): runs "
+                          f"share the host's loopback, wire column '-'")
+        print(f"{args.wire_note}", flush=True)
+    if args.bandwidth_mbit:
+        shape_why = why or netns_unavailable(shape=True)
+        if shape_why is None:
+            try:
+                with network_namespace(args.netns_prefix + "probe", args.bandwidth_mbit, args.burst_kb):
+                    pass
+            except NetnsError as e:
+                shape_why = str(e)
+        if shape_why:
+            print(f"cannot shape the link to {args.bandwidth_mbit:g} Mbit/s ({shape_why}): running UNSHAPED",
+                  flush=True)
+            args.bandwidth_mbit = 0
+
+
 def run_all(args):
     results = []
+    n = 0
+    if args.runs_dir and not args.report_only:
+        os.makedirs(args.runs_dir, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
             for method in args.methods:
@@ -143,12 +248,17 @@ def run_all(args):
                 if not (args.report_only and os.path.exists(out)):
                     if args.report_only:
                         continue
-                    mp.start_processes(_entry, args=(2, free_port(), args, method, seed, out), nprocs=2,
-                                       start_method="spawn")
+                    if args.wire:
+                        train_in_namespace(args, method, seed, out, n)
+                    else:
+                        train_here(args, method, seed, out)
+                    n += 1
                 with open(out, "rb") as f:
                     res = pickle.load(f)
                 results.append(res)
+                wire = wire_kb(res)
                 print(f"  {method:>16} seed {seed}: test accuracy {res['final_acc']:.4f}"
+                      + (f", wire {wire:.1f} KB/step/rank" if wire is not None else "")
                       + (f", conv ratio {res['conv_ratio']:.1f}" if res.get("conv_ratio") else "")
                       + (f", {'quantization' if res.get('bits_per_element') else 'held-out'} rel. error "
                          f"{res['rel_error']:.3f}" if res.get("rel_error") else "")
@@ -157,11 +267,70 @@ def run_all(args):
     return results
 
 
+def wire_kb(res):
+    """Wire KB per step per rank of one run, None when it was not measured (older pickles, no namespace)."""
+    if res.get("wire_bytes") is None:
+        return None
+    return res["wire_bytes"] / (res.get("steps") or len(res["rows"])) / res.get("world", 2) / 1e3
+
+
+def payload_kb(res):
+    """Payload KB per step per rank by the method's own accounting (rank 0, mean over all steps)."""
+    return statistics.mean(x["bytes"] for x in res["rows"]) / 1e3
+
+
+def time_target(by, args):
+    """(target accuracy, where it comes from): --target, else plain's mean final accuracy minus 1 point."""
+    if args.target is not None:
+        return args.target, "--target"
+    if by.get("plain"):
+        return statistics.mean(r["final_acc"] for r in by["plain"]) - 0.01, "plain's mean final accuracy - 1 point"
+    return 0.80, "default; no plain run"
+
+
+def summarize(by, args, target):
+    """Per method: the numbers of the table and the JSON file."""
+    plain = {r["seed"]: r["final_acc"] for r in by.get("plain", [])}
+    out = {}
+    for method in args.methods:
+        rs = by.get(method, [])
+        if not rs:
+            continue
+        accs = [r["final_acc"] for r in rs]
+        diffs = [100 * (r["final_acc"] - plain[r["seed"]]) for r in rs if r["seed"] in plain]
+        wires = [w for w in (wire_kb(r) for r in rs) if w is not None]
+        ratio = [r["conv_ratio"] for r in rs if r.get("conv_ratio")]
+        errs = [r["rel_error"] for r in rs if r.get("rel_error") is not None]
+        tta = {r["seed"]: next((e["wall"] for e in r["evals"] if e["acc"] >= target), None) for r in rs}
+        out[method] = dict(
+            mean_acc=statistics.mean(accs), min_acc=min(accs), max_acc=max(accs),
+            seed_accs={r["seed"]: r["final_acc"] for r in rs},
+            vs_plain_points=statistics.mean(diffs) if diffs and method != "plain" else None,
+            paired_diffs_points={r["seed"]: 100 * (r["final_acc"] - plain[r["seed"]]) for r in rs
+                                 if r["seed"] in plain} if method != "plain" else {},
+            wire_kb_step_rank=statistics.mean(wires) if wires else None, wire_seeds=len(wires),
+            payload_kb_step_rank=statistics.mean(payload_kb(r) for r in rs),
+            conv_ratio=statistics.median(ratio) if ratio else None,
+            rel_error=statistics.mean(errs) if errs else None,
+            time_to_target_s=tta, steps=rs[0].get("steps") or len(rs[0]["rows"]))
+    return out
+
+
 def report(results, args):
     by = {}
     for r in results:
         by.setdefault(r["method"], []).append(r)
-    plain = {r["seed"]: r["final_acc"] for r in by.get("plain", [])}
+    target, target_source = time_target(by, args)
+    summary = summarize(by, args, target)
+    measured = [r.get("wire_bytes") is not None for r in results]
+    if getattr(args, "wire_note", None) is None or args.report_only:  # report-only: what the pickles say
+        args.wire_note = ("each (method, seed) run in its own network namespace; wire bytes = its loopback's "
+                          "tx_bytes between a barrier before the first training step and one after the last"
+                          + ("" if all(measured) else " (measured for some runs only; older runs: '-')")
+                          if any(measured) else "wire bytes NOT measured for these runs (no network namespace: "
+                                                "needs root and ip, or older runs): wire column '-'")
+    measured = any(measured)
+    psgd = sorted({r["powersgd_start_iter"] for r in results if r.get("powersgd_start_iter")})
     lines = [f"# Fashion-MNIST accuracy: {args.model}, 2 ranks (Gloo), {args.epochs} epoch(s), batch {args.batch}/rank, "
              f"seeds {','.join(map(str, args.seeds))}"
              + (f", link {args.bandwidth_mbit:g} Mbit/s" if args.bandwidth_mbit else "")
@@ -169,29 +338,28 @@ def report(results, args):
              f"Command: `{args.command}`  ",
              f"Data: Debian's dataset-fashion-mnist ({args.data}), {'subset' if args.train_subset else 'all'} train "
              f"images, {'subset' if args.test_subset else 'all 10,000'} test images. GradiVeQ schedule "
-             f"{'/'.join(map(str, args.schedule))} (warm-up / sampling / compressed). "
-             f"Date {datetime.datetime.now().isoformat(timespec='seconds')}, torch {torch.__version__}.", "",
-             f"| method | test accuracy mean | min-max | vs plain (points, paired) | conv ratio | KB/step/rank | "
-             f"held-out rel. error | time to {args.target:.2f} s |",
-             "|---|---|---|---|---|---|---|---|"]
-    for method in args.methods:
-        rs = by.get(method, [])
-        if not rs:
-            continue
-        accs = [r["final_acc"] for r in rs]
-        diffs = [100 * (r["final_acc"] - plain[r["seed"]]) for r in rs if r["seed"] in plain]
-        kb = statistics.mean(statistics.mean(x["bytes"] for x in r["rows"]) for r in rs) / 1e3
-        ratio = [r["conv_ratio"] for r in rs if r.get("conv_ratio")]
-        errs = [r["rel_error"] for r in rs if r.get("rel_error") is not None]
-        tta = []
-        for r in rs:
-            hit = next((e["wall"] for e in r["evals"] if e["acc"] >= args.target), None)
-            tta.append(hit)
-        tta_s = ("/".join("-" if t is None else f"{t:.0f}" for t in tta))
-        lines.append(f"| {method} | {statistics.mean(accs):.4f} | {min(accs):.4f}-{max(accs):.4f} | "
-                     f"{(f'{statistics.mean(diffs):+.2f}' if diffs else '-') if method != 'plain' else '-'} | "
-                     f"{f'{statistics.median(ratio):.1f}' if ratio else '-'} | {kb:.1f} | "
-                     f"{f'{statistics.mean(errs):.3f}' if errs else '-'} | {tta_s} |")
+             f"{'/'.join(map(str, args.schedule))} (warm-up / sampling / compressed)"
+             + (f"; PowerSGD error feedback and warm start on, start_powerSGD_iter {'/'.join(map(str, psgd))}"
+                if psgd else "")
+             + f". Date {datetime.datetime.now().isoformat(timespec='seconds')}, torch {torch.__version__}.  ",
+             f"Wire: {args.wire_note}.  ",
+             f"Time-to-accuracy target: {target:.4f} ({target_source}).", "",
+             f"| method | test accuracy mean | min-max | vs plain (points, paired mean) | paired spread (points) | "
+             f"wire KB/step/rank | payload KB/step/rank | conv ratio | held-out rel. error | "
+             f"time to {target:.4f} (s per seed) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for method, sm in summary.items():
+        diffs = list(sm["paired_diffs_points"].values())
+        n_seeds = len(sm["seed_accs"])
+        wire = ("-" if sm["wire_kb_step_rank"] is None else f"{sm['wire_kb_step_rank']:.1f}"
+                + ("" if sm["wire_seeds"] == n_seeds else f" ({sm['wire_seeds']}/{n_seeds} seeds)"))
+        tta = "/".join("-" if t is None else f"{t:.0f}" for t in sm["time_to_target_s"].values())
+        vs = "-" if sm["vs_plain_points"] is None else f"{sm['vs_plain_points']:+.2f}"
+        spread = f"{min(diffs):+.2f}..{max(diffs):+.2f}" if diffs else "-"
+        ratio = "-" if sm["conv_ratio"] is None else f"{sm['conv_ratio']:.1f}"
+        err = "-" if sm["rel_error"] is None else f"{sm['rel_error']:.3f}"
+        lines.append(f"| {method} | {sm['mean_acc']:.4f} | {sm['min_acc']:.4f}-{sm['max_acc']:.4f} | {vs} | {spread} | "
+                     f"{wire} | {sm['payload_kb_step_rank']:.1f} | {ratio} | {err} | {tta} |")
     bits = {m: statistics.mean(r["bits_per_element"] for r in by[m]) for m in args.methods
             if by.get(m) and all(r.get("bits_per_element") for r in by[m])}
     if bits:
@@ -199,12 +367,23 @@ def report(results, args):
                   + ", ".join(f"{m} {b:.2f}" for m, b in bits.items())
                   + ". For these methods the rel. error column is the quantization error ||Q(v) - v|| / ||v|| of "
                     "the values rank 0 encoded (mean over steps), not a held-out error."]
-    lines += ["", "Configurations: " + "; ".join(f"{k} = {describe_config(c)}" for k, c in GRADIVEQ_CONFIGS.items()
-                                                 if k in args.methods),
+    configs = "; ".join(f"{k} = {describe_config(c)}" for k, c in GRADIVEQ_CONFIGS.items() if k in args.methods)
+    lines += [""] + ([f"Configurations: {configs}"] if configs else []) + [
+              "Wire KB/step/rank: bytes the run's loopback transmitted (both ranks, TCP/IP headers included) from "
+              "the first training step to the last, / steps / 2 ranks, mean over seeds; warm-up and sampling steps "
+              "included, evaluation excluded (it runs no collective). Payload KB/step/rank: the bytes each method "
+              "hands to its collectives per step by its own accounting (rank 0, mean over all steps and seeds). "
+              "Vs plain: accuracy difference to plain all-reduce with the same seed, in points; paired spread: "
+              "min..max of those per-seed differences.",
               "Conv ratio: the conv layers' uncompressed bytes over the bytes they sent in the last compressed step "
-              "(rank 0). Time to accuracy: training wall-clock seconds (evaluation excluded) per seed, '-' = not reached."]
+              "(rank 0). Time to accuracy: training wall-clock seconds (evaluation excluded) per seed, '-' = not "
+              "reached."]
     lines += layer_tables(by, args)
-    return "\n".join(lines) + "\n", by
+    meta = dict(model=args.model, epochs=args.epochs, batch=args.batch, seeds=args.seeds, schedule=list(args.schedule),
+                powersgd_start_iter=psgd, bandwidth_mbit=args.bandwidth_mbit, quick=args.quick, target=target,
+                target_source=target_source, wire_measured=measured, wire_note=args.wire_note, command=args.command,
+                torch=torch.__version__)
+    return "\n".join(lines) + "\n", by, dict(meta=meta, methods=summary)
 
 
 def describe_config(options: dict) -> str:
@@ -236,29 +415,54 @@ def layer_tables(by, args):
     return out
 
 
-def plot(by, args, prefix):
+def pareto_front(points):
+    """The (x, y) points no other point dominates (no other has >= y with <= x, better in one), by ascending x."""
+    front = []
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not front or y > front[-1][1]:
+            front.append((x, y))
+    return front
+
+
+def plot(by, summary, args, prefix):
+    if not summary:
+        return []
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for method, rs in by.items():
-        ratio = [r.get("conv_ratio") or (1.0 if method == "plain" else None) for r in rs]
-        xs = [x for x in ratio if x]
-        if xs:
-            ax1.scatter([statistics.median(xs)] * len(rs), [r["final_acc"] for r in rs], label=method)
-        r0 = rs[0]
-        ax2.plot([e["wall"] for e in r0["evals"]], [e["acc"] for e in r0["evals"]], marker="o", ms=3, label=method)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    wire = all(sm["wire_kb_step_rank"] is not None for sm in summary.values())
+    key = "wire_kb_step_rank" if wire else "payload_kb_step_rank"
+    points = []
+    for method, sm in summary.items():
+        x, y = sm[key], sm["mean_acc"]
+        if not x or x <= 0:
+            continue
+        ax1.errorbar([x], [y], yerr=[[y - sm["min_acc"]], [sm["max_acc"] - y]], fmt="o", capsize=3, label=method)
+        ax1.annotate(method, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        points.append((x, y))
+    front = pareto_front(points)
+    if front:  # the best accuracy reached with at most x bytes: a step up at each front point, flat to the last x
+        xs = [p[0] for p in front] + [max(p[0] for p in points)]
+        ys = [p[1] for p in front] + [front[-1][1]]
+        ax1.step(xs, ys, where="post", color="grey", ls="--", lw=1, label="Pareto front", zorder=0)
+        ax1.scatter([p[0] for p in front], [p[1] for p in front], s=120, facecolors="none", edgecolors="grey",
+                    zorder=0)
     ax1.set_xscale("log")
-    ax1.set_xlabel("conv-layer compression ratio")
-    ax1.set_ylabel("final test accuracy (one point per seed)")
-    ax1.legend(fontsize=8)
+    ax1.set_xlabel("wire KB/step/rank (log)" if wire else "payload KB/step/rank (log; wire bytes not measured)")
+    ax1.set_ylabel("test accuracy (mean over seeds, min-max bars)")
+    ax1.legend(fontsize=7)
+    for method in summary:
+        r0 = by[method][0]
+        ax2.plot([e["wall"] for e in r0["evals"]], [e["acc"] for e in r0["evals"]], marker="o", ms=3, label=method)
     ax2.set_xlabel("training wall-clock, s (first seed)")
     ax2.set_ylabel("test accuracy")
-    ax2.legend(fontsize=8)
-    fig.suptitle(f"Fashion-MNIST, {args.model}, 2 ranks")
+    ax2.legend(fontsize=7)
+    fig.suptitle(f"Fashion-MNIST, {args.model}, 2 ranks: accuracy vs {'wire' if wire else 'payload'} bytes, "
+                 "and vs time")
     fig.tight_layout()
     path = prefix + ".png"
     fig.savefig(path, dpi=110)
@@ -269,7 +473,9 @@ def plot(by, args, prefix):
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--model", default="cnn", choices=["cnn", "resnet32"])
-    ap.add_argument("--methods", default="plain,fp16,powersgd2,qsgd4,gradiveq-paper,gradiveq")
+    ap.add_argument("--methods", default=None,
+                    help=f"comma list (default: {DEFAULT_METHODS}; with --quick: {QUICK_METHODS}); powersgdR for "
+                         "any rank R")
     ap.add_argument("--config", action="append", default=[], metavar="NAME=JSON",
                     help='extra GradiVeQ configuration, e.g. gradiveq-r16=\'{"fit_on": "all_slices", "target_ratio": 16}\' '
                          '(repeatable; then name it in --methods)')
@@ -278,7 +484,9 @@ def parse_args(argv):
     ap.add_argument("--batch", type=int, default=64, help="batch per rank")
     ap.add_argument("--schedule", default="100,50,200", help="GradiVeQ warm-up,sampling,compressed iterations")
     ap.add_argument("--eval-every", type=int, default=100)
-    ap.add_argument("--target", type=float, default=0.80, help="test accuracy for the time-to-accuracy column")
+    ap.add_argument("--target", type=float, default=None,
+                    help="test accuracy for the time-to-accuracy column (default: plain's mean final accuracy minus "
+                         "1 point when plain runs, else 0.80)")
     ap.add_argument("--data", default=FASHION_MNIST_DIR)
     ap.add_argument("--train-subset", type=int, default=0)
     ap.add_argument("--test-subset", type=int, default=0)
@@ -291,16 +499,26 @@ def parse_args(argv):
     ap.add_argument("--runs-dir", default=None, help="keep each run's result here (one pickle per model, method, seed)")
     ap.add_argument("--report-only", action="store_true",
                     help="no training: report the runs already in --runs-dir (missing ones are left out)")
+    ap.add_argument("--run-timeout", type=float, default=None,
+                    help="seconds one (method, seed) run in its network namespace may take (default: 600 with "
+                         "--quick, else 21600)")
+    # Internal: what the parent runs inside each run's network namespace.
+    ap.add_argument("--run-one", nargs=2, metavar=("METHOD", "SEED"), default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--run-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     for spec in args.config:
         try:
             add_gradiveq_config(spec)
         except ValueError as e:
             ap.error(f"argument --config: {e}")
+    if args.methods is None:
+        args.methods = QUICK_METHODS if args.quick else DEFAULT_METHODS
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for m in args.methods:
-        if m not in known_methods():
-            ap.error(f"argument --methods: unknown method {m!r}; choose from {known_methods()}")
+    for m in args.methods + ([args.run_one[0]] if args.run_one else []):
+        if not is_known(m):
+            ap.error(f"argument --methods: unknown method {m!r}; choose from {known_methods()} or powersgdR")
+    if args.run_one and not args.run_out:
+        ap.error("--run-one needs --run-out")
     try:
         args.seeds = [int(s) for s in args.seeds.split(",")]
         args.schedule = tuple(int(v) for v in args.schedule.split(","))
@@ -311,32 +529,51 @@ def parse_args(argv):
         args.train_subset, args.test_subset, args.epochs = args.train_subset or 8192, args.test_subset or 1000, 2
         args.seeds, args.eval_every = args.seeds[:1], 16
         args.schedule = (10, 8, 20)
+    if args.run_timeout is None:
+        args.run_timeout = 600 if args.quick else 21600
     return args
+
+
+def run_one(args):
+    """--run-one METHOD SEED: train that run here (the parent put this process in the run's network namespace) and
+    write rank 0's result to --run-out."""
+    method, seed = args.run_one[0], int(args.run_one[1])
+    args.netns = os.environ.get("GRADIVEQ_NETNS")  # set by the parent: count the wire bytes
+    train_here(args, method, seed, args.run_out)
+    return 0
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    args.argv = list(argv)
+    args.netns = None
+    if args.run_one:
+        return run_one(args)
     # Shell-quoted, and without --report-only: the command that trains these runs.
     args.command = "python benchmarks/ddp/accuracy.py " + " ".join(shlex.quote(a) for a in argv if a != "--report-only")
-    if args.bandwidth_mbit and not os.environ.get("GRADIVEQ_NETNS"):
-        rc = shaped_rerun(os.path.abspath(__file__), argv, args.bandwidth_mbit, args.burst_kb)
-        if rc is not None:
-            return rc
-        args.bandwidth_mbit = 0
+    args.wire, args.wire_note = False, None
+    if not args.report_only:
+        choose_process_model(args)
     print(f"Fashion-MNIST accuracy: {args.model}, methods {','.join(args.methods)}, seeds {args.seeds}", flush=True)
-    results = run_all(args)
-    text, by = report(results, args)
+    try:
+        results = run_all(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    text, by, data = report(results, args)
     print()
     print(text)
     os.makedirs(args.out, exist_ok=True)
     prefix = os.path.join(args.out, args.tag or f"accuracy_fashion_mnist_{args.model}")
-    pngs = plot(by, args, prefix)
+    pngs = plot(by, data["methods"], args, prefix)
     with open(prefix + ".md", "w") as f:
         f.write(text)
         for p in pngs:
             f.write(f"\n![{os.path.basename(p)}]({os.path.basename(p)})\n")
-    print(f"results: {prefix}.md" + "".join(f", {p}" for p in pngs))
+    with open(prefix + ".json", "w") as f:
+        json.dump(data, f, indent=1)
+    print(f"results: {prefix}.md, {prefix}.json" + "".join(f", {p}" for p in pngs))
     return 0
 
 

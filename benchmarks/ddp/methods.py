@@ -1,21 +1,29 @@
 """What the benchmarks share: the aggregation methods as DDP hooks with their measurements, and link shaping.
 
-Methods: "nocomm" (a no-op hook: the compute floor), "plain" (all-reduce), "fp16", "powersgd1"/"powersgd2"
-(torch's hooks), "qsgd4" (gradiveq.QsgdState), "co3" (gradiveq.CO3State: fp4, gamma 0.9), "casq2"/"casq3"
-(gradiveq.CASQState at 2 / 3 bits) and GradiVeQ configurations ("gradiveq" = the paper's method; see
+Methods: "nocomm" (a no-op hook: the compute floor), "plain" (all-reduce), "fp16", "bf16" (torch's compressing
+all-reduce hooks), "powersgdR" for any rank R >= 1, e.g. "powersgd1" / "powersgd2" / "powersgd4" (torch's PowerSGD
+hook with error feedback and warm start; plain all-reduce for its first `powersgd_start_iter` steps), "qsgd4"
+(gradiveq.QsgdState), "co3" (gradiveq.CO3State: fp4, gamma 0.9), "casq2"/"casq3" (gradiveq.CASQState at 2 / 3
+bits) and GradiVeQ configurations ("gradiveq" = the library's defaults, "gradiveq-paper" = the paper's method; see
 GRADIVEQ_CONFIGS). torch's hooks are wrapped to measure the time from a bucket's hand-over to its future's
 completion and the bytes their collectives carry; ours report the same from C++ (state.stats()).
+
+network_namespace() makes a throw-away network namespace (loopback up, optionally shaped with tc tbf) and always
+removes it again; shaped_rerun() re-runs a whole script inside one.
 """
 
 import argparse
+import contextlib
 import datetime
 import gc
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -24,7 +32,8 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_
 
 import gradiveq
 
-TORCH_METHODS = ["nocomm", "plain", "fp16", "powersgd1", "powersgd2"]
+TORCH_METHODS = ["nocomm", "plain", "fp16", "bf16", "powersgd1", "powersgd2", "powersgd4"]
+
 # The quantizer baselines of this library, by name: (state class, its keyword arguments besides the seed).
 QUANTIZER_METHODS = {
     "qsgd4": (gradiveq.QsgdState, dict(levels=7, bucket_size=512)),
@@ -38,6 +47,12 @@ GRADIVEQ_CONFIGS = {
     # the paper exactly (GradiVeQState.paper()): first-slice fit, K = one kernel row, energy 0.99, 4-bit QSGD sampling
     "gradiveq-paper": dict(paper=True),
 }
+
+
+def powersgd_rank(name: str):
+    """The matrix approximation rank R of a "powersgdR" method name (R >= 1), else None."""
+    match = re.fullmatch(r"powersgd([1-9][0-9]*)", name)
+    return int(match.group(1)) if match else None
 
 
 def add_gradiveq_config(spec: str) -> str:
@@ -97,7 +112,7 @@ def ddp_kwargs(method, bucket_cap_mb=None) -> dict:
     kwargs = {}
     if bucket_cap_mb is not None:
         kwargs["bucket_cap_mb"] = bucket_cap_mb
-    if method.startswith("powersgd"):
+    if powersgd_rank(method):
         # torch's PowerSGD hook issues its second all-reduce from a future's callback; with several buckets those
         # race on Gloo and the ranks' collective order diverges. One bucket avoids it.
         kwargs["bucket_cap_mb"] = 1024
@@ -105,29 +120,37 @@ def ddp_kwargs(method, bucket_cap_mb=None) -> dict:
 
 
 class Method:
-    """A method attached to one DDP model; `measure()` after each step returns that step's aggregation numbers."""
+    """A method attached to one DDP model; `measure()` after each step returns that step's aggregation numbers.
+
+    `schedule` is GradiVeQ's (warm-up, sampling, compressed) iterations; `powersgd_start_iter` is PowerSGD's
+    start_powerSGD_iter: the steps it all-reduces uncompressed first. torch requires it to be > 1 with error
+    feedback or warm start (both on here), so it must be >= 2."""
 
     def __init__(self, ddp, model, name, seed=0, schedule=(2500, 100, 400), coeff_dtype=None,
-                 gradiveq_kwargs=None):
+                 gradiveq_kwargs=None, powersgd_start_iter=2):
         self.name, self.model, self.state, self.counter = name, model, None, None
         self.hook_times = []
         self.warmup_steps = 0  # steps before the method is in its steady state
         if name == "nocomm":
             ddp.register_comm_hook(None, _timed(_noop_hook, self.hook_times))
-        elif name in ("plain", "fp16"):
+        elif name in ("plain", "fp16", "bf16"):
             self.counter = _CountingDist(dist)
             default_hooks.dist = self.counter
-            hook = default_hooks.allreduce_hook if name == "plain" else default_hooks.fp16_compress_hook
+            hook = {"plain": default_hooks.allreduce_hook, "fp16": default_hooks.fp16_compress_hook,
+                    "bf16": default_hooks.bf16_compress_hook}[name]
             ddp.register_comm_hook(None, _timed(hook, self.hook_times))
-        elif name.startswith("powersgd"):
+        elif powersgd_rank(name):
+            if powersgd_start_iter < 2:
+                raise ValueError(f"{name}: powersgd_start_iter must be >= 2 with error feedback / warm start "
+                                 f"(torch's PowerSGDState), got {powersgd_start_iter}")
             self.counter = _CountingDist(dist)
             powerSGD_hook.dist = self.counter
             default_hooks.dist = self.counter
-            self.state = powerSGD_hook.PowerSGDState(process_group=None,
-                                                     matrix_approximation_rank=int(name[len("powersgd"):]),
-                                                     start_powerSGD_iter=2, use_error_feedback=True, warm_start=True)
+            self.state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=powersgd_rank(name),
+                                                     start_powerSGD_iter=powersgd_start_iter,
+                                                     use_error_feedback=True, warm_start=True)
             ddp.register_comm_hook(self.state, _timed(powerSGD_hook.powerSGD_hook, self.hook_times))
-            self.warmup_steps = 3
+            self.warmup_steps = powersgd_start_iter + 1
         elif name in QUANTIZER_METHODS:
             make, kwargs = QUANTIZER_METHODS[name]
             if make is not gradiveq.CO3State:  # CO3 rounds deterministically: no seed
@@ -215,34 +238,80 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def shaped_rerun(script, argv, mbit, burst_kb=256, mtu=0):
-    """Re-runs `script argv` inside a new network namespace whose loopback is shaped to `mbit` Mbit/s with tc tbf
-    (burst `burst_kb` KB,; it must exceed the loopback MTU, 64 KiB unless `mtu` lowers it).
-    Returns the exit code, or None when shaping is impossible (not root, no ip/tc): the caller runs unshaped.
-    The namespace is removed on exit, on Ctrl-C and on SIGTERM."""
-    name = f"gvq{os.getpid()}"
-    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc"):
-        print(f"cannot shape the link to {mbit:g} Mbit/s (needs root, ip and tc): running UNSHAPED", flush=True)
-        return None
+class NetnsError(RuntimeError):
+    """A command setting up a network namespace failed."""
+
+
+def netns_unavailable(shape=False):
+    """Why network namespaces (and, with shape, tc shaping) cannot be used here, or None when they can."""
+    if os.geteuid() != 0:
+        return "not root"
+    missing = [t for t in (("ip", "tc") if shape else ("ip",)) if not shutil.which(t)]
+    return f"no {' / '.join(missing)}" if missing else None
+
+
+def _netns_kill_and_delete(name):
+    """Kills the processes left inside namespace `name` (only ours: it was made for them), then deletes it."""
+    pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
+    for pid in pids:
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+    subprocess.run(["ip", "netns", "del", name], stderr=subprocess.DEVNULL)
+
+
+@contextlib.contextmanager
+def network_namespace(name, mbit=0, burst_kb=256, mtu=0):
+    """Creates network namespace `name` with its loopback up (MTU `mtu` if given, shaped to `mbit` Mbit/s with tc tbf,
+    burst `burst_kb` KB, when mbit > 0; the burst must exceed the loopback MTU, 64 KiB unless `mtu` lowers it) and
+    yields its name. On leaving, also on an error, Ctrl-C or SIGTERM (turned into SystemExit(143) meanwhile), the
+    processes still inside are killed and the namespace is deleted. Raises NetnsError when a set-up command fails."""
     cmds = [["ip", "netns", "add", name], ["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"]]
     if mtu:
         cmds.append(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "mtu", str(mtu)])
-    cmds.append(["ip", "netns", "exec", name, "tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate",
-                 f"{mbit:g}mbit", "burst", f"{burst_kb}kb", "latency", "50ms"])
+    if mbit:
+        cmds.append(["ip", "netns", "exec", name, "tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate",
+                     f"{mbit:g}mbit", "burst", f"{burst_kb}kb", "latency", "50ms"])
 
-    def cleanup(*_):
-        subprocess.run(["ip", "netns", "del", name], stderr=subprocess.DEVNULL)
-    old = signal.signal(signal.SIGTERM, lambda *a: (cleanup(), sys.exit(143)))
+    def on_sigterm(*_):
+        raise SystemExit(143)
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
     try:
         for c in cmds:
-            if subprocess.run(c, stderr=subprocess.PIPE, text=True).returncode != 0:
-                print(f"cannot shape the link ({' '.join(c)} failed): running UNSHAPED", flush=True)
-                return None
-        # c10d warns that it cannot resolve host names inside the namespace; that is expected here.
-        env = dict(os.environ, GRADIVEQ_NETNS=name, TORCH_CPP_LOG_LEVEL=os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR"))
-        return subprocess.run(["ip", "netns", "exec", name, sys.executable, script] + argv, env=env).returncode
+            done = subprocess.run(c, stderr=subprocess.PIPE, text=True)
+            if done.returncode != 0:
+                raise NetnsError(f"{' '.join(c)} failed: {done.stderr.strip()}")
+        yield name
+    finally:
+        _netns_kill_and_delete(name)
+        if main_thread:
+            signal.signal(signal.SIGTERM, old)
+
+
+def netns_env(name):
+    """The environment for a process started in namespace `name`: c10d warns that it cannot resolve host names
+    inside the namespace; that is expected there, so its log level defaults to ERROR."""
+    return dict(os.environ, GRADIVEQ_NETNS=name, TORCH_CPP_LOG_LEVEL=os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR"))
+
+
+def shaped_rerun(script, argv, mbit, burst_kb=256, mtu=0):
+    """Re-runs `script argv` inside a new network namespace whose loopback is shaped to `mbit` Mbit/s with tc tbf
+    (burst `burst_kb` KB; it must exceed the loopback MTU, 64 KiB unless `mtu` lowers it).
+    Returns the exit code, or None when shaping is impossible (not root, no ip/tc): the caller runs unshaped.
+    The namespace is removed on exit, on Ctrl-C and on SIGTERM (see network_namespace)."""
+    why = netns_unavailable(shape=True)
+    if why:
+        print(f"cannot shape the link to {mbit:g} Mbit/s (needs root, ip and tc: {why}): running UNSHAPED", flush=True)
+        return None
+    name = f"gvq{os.getpid()}"
+    try:
+        with network_namespace(name, mbit, burst_kb, mtu):
+            return subprocess.run(["ip", "netns", "exec", name, sys.executable, script] + argv,
+                                  env=netns_env(name)).returncode
+    except NetnsError as e:
+        print(f"cannot shape the link ({e}): running UNSHAPED", flush=True)
+        return None
     except KeyboardInterrupt:
         return 130
-    finally:
-        cleanup()
-        signal.signal(signal.SIGTERM, old)

@@ -89,6 +89,9 @@ class GradiVeQAggregator : public BucketAggregator, public std::enable_shared_fr
 
   /// Copy of the current basis of layer `name` (unfitted if none yet).
   PcaCompressor basis(const std::string& name) const;
+  /// Error-feedback memory of parameter `name` on this rank: what compression still owes its gradient, in the
+  /// parameter's shape (zeros when error_feedback is off or nothing has been lost yet).
+  at::Tensor error_memory(const std::string& name) const;
   /// Replaces one layer's basis on this rank only. For tests that corrupt a rank's basis on purpose.
   void set_basis(const std::string& name, const PcaCompressor& pca);
 

@@ -87,10 +87,24 @@ enum class FitSamples {
   kAllSlices,   ///< every slice of every sampled iteration (more samples, higher rank)
 };
 
+/// Where the PCA samples of a window come from.
+enum class SampleSource {
+  kAggregated,  ///< the window's aggregated gradients: the window travels uncompressed (or QSGD-coded)
+  /// The fitting rank's own local gradients (error-corrected when error_feedback is on), scaled by N to
+  /// estimate the sum: once a layer has a basis its sampling windows are compressed steps like any other, and
+  /// only the new bases travel. The first window, before any basis exists, is the last sample_iters steps of
+  /// the warm-up (uncompressed anyway), so nothing travels uncompressed after warm-up.
+  kLocal,
+};
+
 /// How a layer is cut into slices.
 enum class SliceLayoutKind {
   kKernelRow,       ///< K = W*D*F, the paper's default
   kKernelPosition,  ///< K = D*F
+  /// K = F: one slice per (input channel, kernel position), holding that position's weight of every filter,
+  /// so a conv layer is D*H*W slices of its F output channels (a Linear weight: in slices of K = out). The
+  /// basis is then F x d, small enough to refit every few steps from local samples.
+  kFilterColumn,
 };
 
 /// Which parameters are compressed. A parameter is compressible when it is 4-D (a conv weight), has at least
@@ -100,6 +114,9 @@ struct LayerPolicy {
   std::vector<std::string> include;
   std::vector<std::string> exclude;
   int64_t min_numel = 1000;
+  /// Also compress 2-D weights (nn.Linear, shape (out, in)): one output row per slice (K = in), or with the
+  /// filter-column layout one input column per slice (K = out).
+  bool linear_weights = false;
 };
 
 // The defaults are chosen by measurement (benchmarks/ddp/accuracy.py, docs/results.md): every slice of every
@@ -139,6 +156,21 @@ struct GradiVeQOptions {
   /// size, each with its own all-reduce, so the codec of one group overlaps the transfer of another. 1 = one
   /// all-reduce per bucket. Must be >= 1.
   int64_t pipeline_chunks = 1;
+  /// Where the window's PCA samples come from (SampleSource above).
+  SampleSource sample_source = SampleSource::kAggregated;
+  /// Error feedback: each rank keeps what its compressed layers lost, e = x - U U^T x (as sent, after
+  /// rounding to coeff_dtype), and adds it to the next step's gradient, x = g + e. With local samples the
+  /// next basis is fitted on those error-corrected gradients, so the directions one basis missed enter the
+  /// next; an uncompressed (or QSGD) step sends x and empties e. The memory is part of save_state().
+  bool error_feedback = false;
+  /// If > 0 (it must lie in (0, 1)), each layer's d is the smallest whose held-out relative error
+  /// ||h - mu - U U^T (h - mu)|| / ||h|| over every 4th sample of the window (fitted on the others) is at
+  /// most this budget, capped as the fit options cap d; energy and target_ratio are then ignored. 0: off.
+  double error_budget = 0.0;
+  /// A refitted basis replaces the layer's current one only when the subspace moved by more than this:
+  /// 1 - ||U_old^T U_new||_F^2 / d_new, in [0, 1]. A kept basis is not broadcast (only a marker is). 0: every
+  /// refit replaces; 1: the first basis is kept for good (which rules out error_feedback).
+  double refit_threshold = 0.0;
 
   /// Throws InvalidArgument naming the first bad option.
   void validate() const;

@@ -67,6 +67,7 @@ struct LayerStats {
   int64_t window_samples = 0;    ///< samples collected in the current window
   int64_t skipped_samples = 0;   ///< sampled iterations dropped because the aggregate was not finite
   int64_t fits = 0;              ///< bases fitted so far
+  int64_t bases_kept = 0;        ///< refits whose basis moved too little to be sent (refit_threshold)
   std::string fit_status;        ///< outcome of the last fit ("ok", or why it was skipped)
   uint64_t basis_checksum = 0;
   int64_t basis_bytes = 0;  ///< memory of U and mu

@@ -113,9 +113,16 @@ class FitSamples:
     name: str
     __members__: ClassVar[Dict[str, FitSamples]]
 
+class SampleSource:
+    aggregated: ClassVar[SampleSource]
+    local: ClassVar[SampleSource]
+    name: str
+    __members__: ClassVar[Dict[str, SampleSource]]
+
 class SliceLayout:
     kernel_row: ClassVar[SliceLayout]
     kernel_position: ClassVar[SliceLayout]
+    filter_column: ClassVar[SliceLayout]
     name: str
     __members__: ClassVar[Dict[str, SliceLayout]]
 
@@ -136,10 +143,15 @@ class GradiVeQOptions:
     include: List[str]
     exclude: List[str]
     min_numel: int
+    linear_weights: bool
     verify_bases: bool
     seed: int
     restart_error_growth: float
     pipeline_chunks: int
+    sample_source: SampleSource
+    error_feedback: bool
+    error_budget: float
+    refit_threshold: float
     def __init__(self) -> None: ...
     @staticmethod
     def paper() -> GradiVeQOptions: ...
@@ -186,6 +198,7 @@ class LayerStats:
     bytes_out: int
     window_samples: int
     skipped_samples: int
+    bases_kept: int
     fits: int
     fit_status: str
     basis_checksum: int

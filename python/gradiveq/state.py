@@ -24,11 +24,13 @@ __all__ = ["GradiVeQState", "QsgdState", "CO3State", "CASQState", "hook", "co3_h
            "StepStats", "LayerStats", "Summary", "GradiVeQStats", "GatherStats",
            "STATE_DICT_VERSION", "GATHER_STATE_DICT_VERSION", "DEFAULT_OPTIONS", "PAPER_OPTIONS", "OPTION_NAMES"]
 
-STATE_DICT_VERSION = 4  # 3: the engine image ends with a checksum of its contents; 4: a stronger checksum
+# 3: the engine image ends with a checksum of its contents; 4: a stronger checksum; 5: error-feedback memory
+STATE_DICT_VERSION = 5
 
 # The GradiVeQ options, in the order C++ binds them (one property each on _C.GradiVeQOptions).
 OPTION_NAMES = tuple(name for name, value in vars(_C.GradiVeQOptions).items() if isinstance(value, property))
-_ENUM_OPTIONS = {"sample_quantizer": _C.SampleQuantizer, "fit_on": _C.FitSamples, "slice_layout": _C.SliceLayout}
+_ENUM_OPTIONS = {"sample_quantizer": _C.SampleQuantizer, "fit_on": _C.FitSamples, "slice_layout": _C.SliceLayout,
+                 "sample_source": _C.SampleSource}
 _COEFF_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -57,9 +59,9 @@ def _normalised(name: str, value):
         return _patterns(value, name)
     if name in ("coeff_dtype", "basis_dtype"):
         return str(value).replace("torch.", "")
-    if name in ("energy", "target_ratio", "min_ratio", "restart_error_growth"):
+    if name in ("energy", "target_ratio", "min_ratio", "restart_error_growth", "error_budget", "refit_threshold"):
         return float(value)
-    if name == "verify_bases":
+    if name in ("verify_bases", "error_feedback", "linear_weights"):
         return bool(value)
     return value
 
@@ -147,6 +149,7 @@ class LayerStats(TypedDict):
     bytes_out: int
     window_samples: int
     skipped_samples: int
+    bases_kept: int
     fits: int
     fit_status: str
     basis_checksum: int
@@ -497,7 +500,9 @@ class GradiVeQState(_HookState):
             least ``min_numel`` values is compressed.
         min_numel: smallest layer worth compressing.
         fit_on: "all_slices" (default) or "first_slice" (paper) of each sampled gradient as PCA samples.
-        slice_layout: "kernel_position" (default, K = D*F) or "kernel_row" (paper, K = W*D*F).
+        slice_layout: "kernel_position" (K = D*F), "kernel_row" (paper, K = W*D*F) or "filter_column" (K = F:
+            one slice per input channel and kernel position, across all filters; a Linear weight's slices are its
+            input columns, K = out). Filter columns make the basis F x d, cheap to refit every few steps.
         target_ratio: if > 0, choose d for this compression ratio, d = ceil(K / target_ratio), instead of by
             energy (d never exceeds the rank of the window's samples).
         min_ratio: if > 0 (default 8), cap d at floor(K / min_ratio) after the energy rule: every layer
@@ -508,8 +513,19 @@ class GradiVeQState(_HookState):
             3 compressed steps on any rank, all ranks leave the compressed window and sample again from the next
             step (they agree through one float in the step's last all-reduce). ``stats()["step"]`` reports E
             ("relative_error") and the restarts so far.
-        error_feedback: not supported; True raises (see docs/algorithms.md: with a fixed basis the residual is
-            orthogonal to the basis, is never sent, and was measured to cost accuracy).
+        sample_source: "aggregated" (the window's aggregated gradients are the samples, so the window travels
+            uncompressed or QSGD-coded) or "local" (the rank that fits a layer uses its own error-corrected local
+            gradients, times N; once a layer has a basis its windows are compressed steps, only new bases travel,
+            and the first window is the warm-up's last sample_iters steps, so nothing goes uncompressed after it).
+        error_feedback: keep what compression lost on each rank, e = x - U U^T x, and add it to the next step's
+            gradient (x = g + e). It needs a basis that moves (refit_threshold < 1); with local samples the next
+            basis is fitted on the error-corrected gradients. The memory is in state_dict().
+        error_budget: if > 0 (in (0, 1)), each layer's d is the smallest with a held-out relative error (every
+            4th sample of the window, fitted on the others) within this budget, capped by min_ratio /
+            max_components; energy and target_ratio are then ignored.
+        refit_threshold: a refitted basis replaces the current one only if its subspace moved by more than this
+            (1 - ||U_old^T U_new||^2 / d, in [0, 1]); a kept basis costs no broadcast. 1 keeps the first basis.
+        linear_weights: also compress 2-D weights (nn.Linear), one output row per slice (K = in_features).
         verify_bases: carry a checksum of the iteration counter and all bases in the first bucket's all-reduce
             of every step, and raise on every rank when any rank differs.
         seed: seeds QSGD's stochastic rounding.
@@ -521,27 +537,27 @@ class GradiVeQState(_HookState):
                  compress_iters: int = _D["compress_iters"], sample_quantizer: str = _D["sample_quantizer"],
                  coeff_dtype: torch.dtype = _D["coeff_dtype"], include: Union[None, str, Sequence[str]] = None,
                  exclude: Union[None, str, Sequence[str]] = None, min_numel: int = _D["min_numel"],
-                 error_feedback: bool = False, verify_bases: bool = _D["verify_bases"], seed: int = _D["seed"],
+                 error_feedback: bool = _D["error_feedback"], verify_bases: bool = _D["verify_bases"],
+                 seed: int = _D["seed"],
                  max_components: int = _D["max_components"], fit_on: str = _D["fit_on"],
                  slice_layout: str = _D["slice_layout"], target_ratio: float = _D["target_ratio"],
                  min_ratio: float = _D["min_ratio"], restart_error_growth: float = _D["restart_error_growth"],
                  basis_dtype: torch.dtype = _D["basis_dtype"], pipeline_chunks: int = _D["pipeline_chunks"],
+                 sample_source: str = _D["sample_source"], error_budget: float = _D["error_budget"],
+                 refit_threshold: float = _D["refit_threshold"], linear_weights: bool = _D["linear_weights"],
                  model: Optional[torch.nn.Module] = None):
-        if error_feedback:
-            raise ValueError(
-                "GradiVeQState: argument 'error_feedback' must be False: with a fixed PCA basis the residual "
-                "g - U U^T g is orthogonal to U, so it is never sent while the basis stays, grows, and arrives at "
-                "once after a re-fit (measured: -6.4 points of test accuracy); see docs/algorithms.md")
         for name, value in (("sample_quantizer", sample_quantizer), ("fit_on", fit_on),
-                            ("slice_layout", slice_layout)):
+                            ("slice_layout", slice_layout), ("sample_source", sample_source)):
             members = sorted(_ENUM_OPTIONS[name].__members__)
             if value not in members:
                 raise ValueError(f"GradiVeQState: argument '{name}' must be one of {members}, got {value!r}")
         # The dtypes also as their names ("float16"), as state.options records them: GradiVeQState(**state.options)
         # rebuilds the same state.
         coeff_dtype, basis_dtype = _dtype("coeff_dtype", coeff_dtype), _dtype("basis_dtype", basis_dtype)
-        if not isinstance(verify_bases, bool):
-            raise ValueError(f"GradiVeQState: argument 'verify_bases' must be True or False, got {verify_bases!r}")
+        for name, value in (("verify_bases", verify_bases), ("error_feedback", error_feedback),
+                            ("linear_weights", linear_weights)):
+            if not isinstance(value, bool):
+                raise ValueError(f"GradiVeQState: argument '{name}' must be True or False, got {value!r}")
         if coeff_dtype not in _COEFF_DTYPES:
             raise ValueError(f"GradiVeQState: argument 'coeff_dtype' must be one of {_COEFF_DTYPES}, "
                              f"got {coeff_dtype!r}")
@@ -557,7 +573,8 @@ class GradiVeQState(_HookState):
         if seed < 0:
             raise ValueError(f"GradiVeQState: argument 'seed' must be >= 0, got {seed}")
         for name, value in (("energy", energy), ("target_ratio", target_ratio), ("min_ratio", min_ratio),
-                            ("restart_error_growth", restart_error_growth)):
+                            ("restart_error_growth", restart_error_growth), ("error_budget", error_budget),
+                            ("refit_threshold", refit_threshold)):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"GradiVeQState: argument '{name}' must be a number, got {value!r}")
         self.process_group = process_group
@@ -617,6 +634,7 @@ class GradiVeQState(_HookState):
                 slices=s.num_slices, tail=s.tail_len, d=s.num_components, ratio=s.compression_ratio,
                 explained_variance=s.explained_variance, relative_error=s.relative_error, bytes_in=s.bytes_in,
                 bytes_out=s.bytes_out, window_samples=s.window_samples, skipped_samples=s.skipped_samples,
+                bases_kept=s.bases_kept,
                 fits=s.fits, fit_status=s.fit_status, basis_checksum=s.basis_checksum,
                 basis_bytes=s.basis_bytes, not_compressed_because=s.not_compressed_because,
                 wire_ratio=s.bytes_in / s.bytes_out if s.bytes_out else 0.0)
@@ -627,7 +645,9 @@ class GradiVeQState(_HookState):
             compressible_layers=len(conv), fitted_layers=len(compressed),
             conv_bytes_in=sum(v["bytes_in"] for v in conv), conv_bytes_out=sum(v["bytes_out"] for v in conv),
             basis_bytes=sum(v["basis_bytes"] for v in conv),
-            first_compressed_iteration=self.options["warmup_iters"] + self.options["sample_iters"])
+            first_compressed_iteration=(max(self.options["warmup_iters"], self.options["sample_iters"])
+                                        if self.options["sample_source"] == "local"
+                                        else self.options["warmup_iters"] + self.options["sample_iters"]))
         if summary["conv_bytes_out"]:
             summary["conv_ratio"] = summary["conv_bytes_in"] / summary["conv_bytes_out"]
         return dict(iteration=engine.iteration, phase=engine.phase.name, world_size=engine.world_size,
@@ -635,18 +655,20 @@ class GradiVeQState(_HookState):
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Options, iteration, bases and the current sampling window, keyed by parameter name (identical on all
-        ranks; save it from one rank). There are no per-rank residuals: error feedback is not supported."""
+        """Options, iteration, bases, the current sampling window and the error-feedback memory. Identical on all
+        ranks (save it from one) unless error_feedback is on or the samples are local: then each rank saves and
+        loads its own."""
         engine = self._require_engine()
         return {"format": "gradiveq.GradiVeQState", "version": STATE_DICT_VERSION, "options": dict(self.options),
-                "world_size": engine.world_size, "iteration": engine.iteration,
+                "world_size": engine.world_size, "rank": engine.rank, "iteration": engine.iteration,
                 "parameters": list(self._param_names), "engine_state": engine.save_state()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restores ``state_dict()``. Raises ValueError, leaving the running state untouched, on another
         version, world size or model, or on a truncated or corrupted state."""
         engine = self._require_engine()
-        self._check_envelope(state_dict, "gradiveq.GradiVeQState", STATE_DICT_VERSION, per_rank=False)
+        per_rank = self.options["error_feedback"] or self.options["sample_source"] == "local"
+        self._check_envelope(state_dict, "gradiveq.GradiVeQState", STATE_DICT_VERSION, per_rank=per_rank)
         engine.load_state(state_dict["engine_state"])
 
 

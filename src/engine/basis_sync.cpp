@@ -1,5 +1,7 @@
 #include "engine/basis_sync.h"
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <sstream>
 #include <stdexcept>
@@ -12,28 +14,88 @@ namespace gradiveq::detail {
 
 namespace {
 
+constexpr int64_t kKeptBasis = -1;  // broadcast size of a layer whose current basis stays
+
 uint64_t double_bits(double v) {
   uint64_t bits;
   std::memcpy(&bits, &v, sizeof(bits));
   return bits;
 }
 
-// The fits of the layers this rank owns (layer j of `fittable` belongs to rank j % N): serialized images, or
-// why a fit was skipped.
+// Held-out relative error of `pca` on `held` (rows, K) for every d = 1..D: ||h - mu - U_d U_d^T (h - mu)|| /
+// ||h||, from one projection (U is orthonormal, so the residual shrinks by each component's energy).
+std::vector<double> held_out_errors(const PcaCompressor& pca, const at::Tensor& held) {
+  const at::Tensor centred = held - pca.mean();
+  const at::Tensor energy = centred.matmul(pca.basis().to(at::kFloat)).pow(2).sum(0).to(at::kDouble);
+  const double total = held.to(at::kDouble).pow(2).sum().item<double>();
+  double residual = centred.to(at::kDouble).pow(2).sum().item<double>();
+  std::vector<double> out;
+  const double* e = energy.contiguous().data_ptr<double>();
+  for (int64_t j = 0; j < energy.numel(); ++j) {
+    residual -= e[j];
+    out.push_back(total > 0 ? std::sqrt(std::max(0.0, residual) / total) : 0.0);
+  }
+  return out;
+}
+
+// error_budget: d is the smallest whose held-out error (every 4th sample, fitted on the others) is within
+// the budget, at most what the fit options' caps allow; the basis is then fitted on all samples with that d.
+PcaCompressor fit_within_budget(const at::Tensor& samples, const GradiVeQOptions& options) {
+  // Every direction the samples have (energy just under 1: 1.0 itself would ask for all K), up to the caps.
+  FitOptions capped = options.fit;
+  capped.energy = 1.0 - 1e-12;
+  capped.target_ratio = 0.0;
+  const at::Tensor rows = at::arange(samples.size(0));
+  const at::Tensor held_mask = rows.remainder(4).eq(3);
+  const at::Tensor held = samples.index({held_mask}), fitted = samples.index({held_mask.logical_not()});
+  if (held.size(0) < 1 || fitted.size(0) < 2) return PcaCompressor::fit(samples, options.fit);
+  const PcaCompressor trial = PcaCompressor::fit(fitted, capped);
+  const std::vector<double> errors = held_out_errors(trial, held);
+  int64_t d = int64_t(errors.size());
+  for (size_t j = 0; j < errors.size(); ++j) {
+    if (errors[j] <= options.error_budget) {
+      d = int64_t(j) + 1;
+      break;
+    }
+  }
+  FitOptions exact = capped;
+  exact.min_ratio = 0.0;
+  exact.max_components = std::min<int64_t>(d, std::max<int64_t>(1, samples.size(0) - 1));
+  return PcaCompressor::fit(samples, exact);
+}
+
+// How far `fresh` moved from `current`: 1 - ||U_old^T U_new||_F^2 / d_new, 0 for the same subspace, 1 for an
+// orthogonal one.
+double subspace_movement(const PcaCompressor& current, const PcaCompressor& fresh) {
+  const at::Tensor overlap =
+      current.basis().to(at::kCPU, at::kDouble).t().matmul(fresh.basis().to(at::kCPU, at::kDouble));
+  return 1.0 - overlap.pow(2).sum().item<double>() / double(fresh.num_components());
+}
+
+// The fits of the layers this rank owns: serialized images, why a fit was skipped, or that the current basis
+// stays (`kept`).
 void fit_owned(const std::vector<EngineLayer*>& fittable, const GradiVeQOptions& options, int64_t rank,
-               int64_t world_size, std::vector<at::Tensor>& images, std::vector<std::string>& failures) {
+               int64_t world_size, std::vector<at::Tensor>& images, std::vector<std::string>& failures,
+               std::vector<char>& kept) {
   for (size_t j = 0; j < fittable.size(); ++j) {
-    if (int64_t(j) % world_size != rank) continue;
+    if (fitting_rank(int64_t(j), world_size) != rank) continue;
     EngineLayer* l = fittable[j];
     if (l->sample_rows() < 2) {
       failures[j] = "skipped: fewer than 2 finite samples in the window";
       continue;
     }
     try {
+      const at::Tensor samples = at::cat(l->samples);
       // Rounded to basis_dtype before the broadcast: every rank then stores exactly the same basis.
-      images[j] = PcaCompressor::fit(at::cat(l->samples), options.fit)
-                      .with_basis_dtype(options.basis_dtype)
-                      .serialize();
+      PcaCompressor pca = (options.error_budget > 0 ? fit_within_budget(samples, options)
+                                                    : PcaCompressor::fit(samples, options.fit))
+                              .with_basis_dtype(options.basis_dtype);
+      if (options.refit_threshold > 0 && l->pca.is_fitted() &&
+          subspace_movement(l->pca, pca) <= options.refit_threshold) {
+        kept[j] = 1;
+        continue;
+      }
+      images[j] = pca.serialize();
     } catch (const InvalidArgument& e) {
       failures[j] = std::string("skipped: ") + e.what();
     }
@@ -45,18 +107,21 @@ void fit_owned(const std::vector<EngineLayer*>& fittable, const GradiVeQOptions&
 std::pair<at::Tensor, at::Tensor> broadcast_images(c10d::ProcessGroup& pg, int64_t root,
                                                    const std::vector<size_t>& owned,
                                                    const std::vector<at::Tensor>& images,
+                                                   const std::vector<char>& kept,
                                                    const at::TensorOptions& comm) {
   at::Tensor sizes = at::zeros({int64_t(owned.size())}, at::kLong);
   if (root == pg.getRank()) {
-    for (size_t i = 0; i < owned.size(); ++i)
-      sizes[i] = images[owned[i]].defined() ? images[owned[i]].numel() : 0;
+    for (size_t i = 0; i < owned.size(); ++i) {
+      const size_t j = owned[i];
+      sizes[i] = kept[j] ? kKeptBasis : images[j].defined() ? images[j].numel() : 0;
+    }
   }
   c10d::BroadcastOptions opts;
   opts.rootRank = root;
   std::vector<at::Tensor> sizes_vec{sizes.to(comm.dtype(at::kLong))};
   pg.broadcast(sizes_vec, opts)->wait();
   sizes = sizes_vec[0].to(at::kCPU);
-  const int64_t total = sizes.sum().item<int64_t>();
+  const int64_t total = sizes.clamp_min(0).sum().item<int64_t>();
   if (total == 0) return {sizes, at::Tensor()};
   std::vector<at::Tensor> payload_vec{at::empty({total}, comm.dtype(at::kByte))};
   if (root == pg.getRank()) {
@@ -78,6 +143,11 @@ void install_bases(const std::vector<EngineLayer*>& fittable, const std::vector<
   for (size_t i = 0; i < owned.size(); ++i) {
     EngineLayer* l = fittable[owned[i]];
     const int64_t n = sizes[i].item<int64_t>();
+    if (n == kKeptBasis) {
+      l->stats.fit_status = "kept: the refitted basis moved no more than refit_threshold";
+      l->stats.bases_kept += 1;
+      continue;
+    }
     if (n == 0) {
       l->stats.fit_status = own ? failures[owned[i]] : "skipped on the fitting rank (see its stats)";
       continue;
@@ -104,13 +174,14 @@ void fit_and_broadcast(c10d::ProcessGroup& pg, const std::vector<std::unique_ptr
   }
   std::vector<at::Tensor> images(fittable.size());
   std::vector<std::string> failures(fittable.size());
-  fit_owned(fittable, options, rank, world_size, images, failures);
+  std::vector<char> kept(fittable.size(), 0);
+  fit_owned(fittable, options, rank, world_size, images, failures, kept);
   const at::TensorOptions comm = at::TensorOptions().device(layers.front()->device);
   for (int64_t r = 0; r < world_size; ++r) {
     std::vector<size_t> owned;
     for (size_t j = size_t(r); j < fittable.size(); j += size_t(world_size)) owned.push_back(j);
     if (owned.empty()) continue;
-    auto [sizes, payload] = broadcast_images(pg, r, owned, images, comm);
+    auto [sizes, payload] = broadcast_images(pg, r, owned, images, kept, comm);
     std::lock_guard<std::mutex> lock(mutex);
     install_bases(fittable, owned, sizes, payload, r == rank, failures, options.basis_dtype);
   }
@@ -128,6 +199,9 @@ uint64_t configuration_code(const std::vector<std::unique_ptr<EngineLayer>>& lay
   h = mix(mix(h, uint64_t(options.coeff_dtype)), uint64_t(options.basis_dtype));
   h = mix(mix(h, uint64_t(options.sample_quantizer)), uint64_t(options.fit_on));
   h = mix(mix(h, uint64_t(options.slice_layout)), uint64_t(options.pipeline_chunks));
+  h = mix(mix(h, uint64_t(options.sample_source)), uint64_t(options.error_feedback));
+  h = mix(mix(h, double_bits(options.error_budget)), double_bits(options.refit_threshold));
+  h = mix(h, uint64_t(options.policy.linear_weights));
   return mix(h, double_bits(options.restart_error_growth));
 }
 

@@ -1,8 +1,9 @@
 // Private: how every rank comes to hold the same bases, and how the engine checks that they do.
 //
 // Fit and broadcast: after each sampling window, compressible layer j is fitted by rank j % N from the
-// samples of the window (aggregated gradients, identical on every rank) and its serialized basis, rounded to
-// basis_dtype first, is broadcast by that rank; everyone deserializes the same bytes.
+// samples of the window (aggregated gradients, identical on every rank, or that rank's own local ones) and
+// its serialized basis, rounded to basis_dtype first, is broadcast by that rank; everyone deserializes the
+// same bytes. A basis that moved no more than refit_threshold is not sent: a marker says "keep yours".
 //
 // Verification (verify_bases): a 64-bit code of the iteration, the schedule, the energy, the adaptive
 // window's shift, the configuration (layer policy, wire dtypes: configuration_code) and all bases rides in
@@ -23,6 +24,9 @@
 #include "gradiveq/options.h"
 
 namespace gradiveq::detail {
+
+/// The rank that fits compressible layer number `fittable_index` (in registration order).
+inline int64_t fitting_rank(int64_t fittable_index, int64_t world_size) { return fittable_index % world_size; }
 
 /// Fits the layers this rank owns and broadcasts every fitted basis from its owner; every layer's basis,
 /// checksum and fit stats are updated (under `mutex`) and the window's samples dropped.

@@ -9,7 +9,8 @@ namespace gradiveq::detail {
 
 namespace {
 
-// The aggregated (summed) gradient of a sampled layer is its PCA sample; a non-finite one never enters a fit.
+// A window's sample: `sum`, an aggregated gradient in paper order (or N times a local one); a non-finite one
+// never enters a fit.
 void keep_sample(EngineLayer& l, const at::Tensor& sum, const PlanContext& ctx) {
   const bool finite = at::isfinite(sum).all().item<bool>();
   std::lock_guard<std::mutex> lock(*ctx.samples_mutex);
@@ -21,6 +22,22 @@ void keep_sample(EngineLayer& l, const at::Tensor& sum, const PlanContext& ctx) 
       l.layout.slices(sum.to(at::kCPU, at::kFloat));  // half-precision buckets: fit in float32
   at::Tensor sample = ctx.fit_on == FitSamples::kFirstSlice ? slices.narrow(0, 0, 1) : slices;
   l.samples.push_back(sample.clone());
+}
+
+// Error feedback, uncompressed or QSGD routes: the memory goes out with this step's values (paper-ordered
+// `flat`, any float dtype) and is emptied.
+void flush_error(EngineLayer& l, at::Tensor flat, const PlanContext& ctx) {
+  if (!ctx.error_feedback || !l.error.defined()) return;
+  l.layout.slices(flat).add_(l.error.to(flat.device()));
+  l.error.zero_();
+}
+
+// Error feedback, compressed route: what this rank's coefficients `c` (as they travel, rounded to
+// coeff_dtype) leave of its slices `x`: e = x - (U c + mu / N), since the sum decompresses to U sum(c) + mu.
+void remember_error(EngineLayer& l, const at::Tensor& x, const at::Tensor& c, const PlanContext& ctx) {
+  const at::Tensor sent = c.to(ctx.coeff_dtype).to(at::kFloat);
+  const double mean_share = 1.0 - 1.0 / double(ctx.world_size);
+  l.error = x - (l.pca.decompress(sent) - l.pca.mean().mul(mean_share));
 }
 
 void unpack_sample(Entry& e, const at::Tensor& sum, BucketPlan& plan, const PlanContext& ctx) {
@@ -64,11 +81,15 @@ const Route kCompressedRoute{
       s.raw += e.raw_len;
     },
     [](Entry& e, BucketPlan& plan, const PlanContext& ctx) {
-      const EngineLayer& l = *e.layer;
+      EngineLayer& l = *e.layer;
       const int64_t n = ctx.world_size;
       at::Tensor flat = l.layout.to_paper_order(e.grad.to(at::kFloat));
       at::Tensor slices = l.layout.slices(flat);
+      if (ctx.error_feedback && l.error.defined()) slices.add_(l.error);  // x = g + e
       at::Tensor c = l.pca.compress(slices, n);
+      // A local sample is N x, the estimate of the sum an aggregated sample would have been.
+      if (e.local_sample) keep_sample(l, flat.mul(double(n)), ctx);
+      if (ctx.error_feedback) remember_error(l, slices, c, ctx);
       plan.coeffs.narrow(0, e.coeff_offset, e.coeff_len).view(c.sizes()).copy_(c);
       plan.packed.narrow(0, e.raw_offset, e.raw_len).copy_(l.layout.tail(flat));
       // Local loss of eq. 7 without decompressing: U is orthonormal, so with x = g - mu/N,
@@ -99,9 +120,10 @@ const Route kCompressedRoute{
 const Route kSampledRawRoute{
     "sampling",
     kRawRoute.reserve,
-    [](Entry& e, BucketPlan& plan, const PlanContext&) {
+    [](Entry& e, BucketPlan& plan, const PlanContext& ctx) {
       at::Tensor dst = plan.packed.narrow(0, e.raw_offset, e.raw_len);
       e.layer->layout.to_paper_order_into(e.grad, dst);
+      flush_error(*e.layer, dst, ctx);
     },
     [](Entry& e, BucketPlan& plan, const PlanContext& ctx) {
       unpack_sample(e, plan.packed.narrow(0, e.raw_offset, e.raw_len), plan, ctx);
@@ -116,8 +138,9 @@ const Route kSampledQsgdRoute{
     "sampling",
     [](Entry&, Segments&) {},  // its message goes to the pipeline, not to the all-reduce
     [](Entry& e, BucketPlan& plan, const PlanContext& ctx) {
-      const EngineLayer& l = *e.layer;
+      EngineLayer& l = *e.layer;
       at::Tensor flat = l.layout.to_paper_order(e.grad.to(at::kFloat)).to(at::kCPU);
+      flush_error(l, flat, ctx);
       const uint64_t seed =
           mix(mix(mix(ctx.seed, uint64_t(plan.iter)), uint64_t(ctx.rank)), hash_string(l.name));
       e.message = plan.sampling->num_messages();
@@ -131,7 +154,11 @@ const Route kSampledQsgdRoute{
 
 }  // namespace
 
-Mode mode_for(const EngineLayer& layer, Phase phase, SampleQuantizer sample_quantizer) {
+Mode mode_for(const EngineLayer& layer, Phase phase, SampleQuantizer sample_quantizer, SampleSource source) {
+  if (layer.compressible && phase == Phase::kSampling && source == SampleSource::kLocal &&
+      layer.pca.is_fitted()) {
+    return Mode::kCompressed;
+  }
   if (layer.compressible && phase == Phase::kSampling) {
     return sample_quantizer == SampleQuantizer::kQsgd4 ? Mode::kSampledQsgd : Mode::kSampledRaw;
   }

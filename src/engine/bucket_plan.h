@@ -32,8 +32,9 @@ namespace gradiveq::detail {
 
 enum class Mode { kRaw, kCompressed, kSampledRaw, kSampledQsgd };
 
-/// Which route `layer` takes in `phase`.
-Mode mode_for(const EngineLayer& layer, Phase phase, SampleQuantizer sample_quantizer);
+/// Which route `layer` takes in `phase`: a layer that has a basis stays compressed through its sampling
+/// windows when the samples are local.
+Mode mode_for(const EngineLayer& layer, Phase phase, SampleQuantizer sample_quantizer, SampleSource source);
 
 struct Entry {
   EngineLayer* layer = nullptr;
@@ -43,6 +44,7 @@ struct Entry {
   int64_t coeff_offset = 0, coeff_len = 0;  // in the coefficient segment
   int64_t message = -1, message_bytes = 0;  // sampled QSGD: index and size of its message in the pipeline
   at::Tensor residual_sq, signal_sq;        // eq. 7 local loss terms (0-dim), compressed entries only
+  bool local_sample = false;  // compressed: this rank fits the layer and keeps its local slices as samples
 };
 
 /// What the routes need from the engine.
@@ -53,6 +55,7 @@ struct PlanContext {
   at::ScalarType coeff_dtype = at::kFloat;
   int64_t raw_element_size = 4;  // bytes per raw value on the wire (the bucket's dtype)
   FitSamples fit_on = FitSamples::kAllSlices;
+  bool error_feedback = false;
   std::mutex* samples_mutex = nullptr;  // guards layers' samples and stats
 };
 

@@ -23,10 +23,15 @@ struct EngineLayer {
   int64_t slot = 0;  ///< registration index
   bool compressible = false;
   ConvSliceLayout layout;
+  /// Shape the gradient is viewed as for `layout`: the parameter's own (F, D, H, W) for a conv weight, and
+  /// (1, 1, out, in) for a 2-D weight, whose kernel rows are then its output rows (K = in).
+  std::vector<int64_t> layout_shape;
+  int64_t fit_owner = -1;  ///< the rank that fits this layer's basis (compressible layers only)
   at::Device device{at::kCPU};
   PcaCompressor pca;
   uint64_t checksum = 0;            ///< of pca's serialized image
-  std::vector<at::Tensor> samples;  ///< aggregated slices of the current window, (rows, K) float32 CPU each
+  std::vector<at::Tensor> samples;  ///< the current window's slices, (rows, K) float32 CPU each
+  at::Tensor error;  ///< error-feedback memory: (S, K) float32 on the layer's device, undefined until used
   LayerStats stats;
 
   int64_t sample_rows() const {

@@ -11,7 +11,7 @@ namespace {
 
 constexpr const char* kWhere = "Aggregator.load_state";
 constexpr char kStateMagic[4] = {'G', 'V', 'Q', 'S'};
-constexpr uint32_t kStateVersion = 4;
+constexpr uint32_t kStateVersion = 5;
 constexpr size_t kStateChecksumBytes = 8;
 
 void write_layer(ByteWriter& w, const EngineLayer& l) {
@@ -29,6 +29,8 @@ void write_layer(ByteWriter& w, const EngineLayer& l) {
     w.put<int64_t>(s.size(0));
     w.put_tensor_bytes(s);
   }
+  w.put<uint8_t>(l.error.defined() ? 1 : 0);
+  if (l.error.defined()) w.put_tensor_bytes(l.error.to(at::kCPU).contiguous());
 }
 
 // Magic, version and trailing checksum; returns the body (without the checksum).
@@ -124,6 +126,13 @@ LoadedLayer read_layer_body(ByteReader& in, const EngineLayer& l, at::ScalarType
                   "is corrupted: a sample block of '", name, "' has ", raw.numel(), " bytes for ", rows,
                   " rows of K = ", k);
     out.samples.push_back(raw.view(at::kFloat).view({rows, k}).clone());
+  }
+  if (in.get<uint8_t>() != 0) {
+    at::Tensor raw = in.get_tensor_bytes();
+    const int64_t expected = l.layout.sliced_numel() * 4;
+    GVQ_CHECK_ARG(raw.numel() == expected, kWhere, "state", "is corrupted: the error-feedback memory of '",
+                  name, "' has ", raw.numel(), " bytes, expected ", expected);
+    out.error = raw.view(at::kFloat).view({l.layout.num_slices(), k}).clone();
   }
   return out;
 }

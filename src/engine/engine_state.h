@@ -5,8 +5,10 @@
 //   [int64 restarts] [uint8 pending restart vote] [int64 layers], then per layer:
 //   [string name] [int64 ndim] [int64 shape...] [uint8 compressible], and for a compressible layer:
 //   [int64 K] [int64 fits] [uint8 has basis] ([bytes basis image]) [int64 sample blocks] ([int64
-//   rows][bytes])... and last a checksum of everything before it (8 bytes), so a damaged file is refused.
-// Version 2 added the adaptive window's fields, version 3 the trailing checksum, version 4 a stronger one.
+//   rows][bytes])... [uint8 has error memory] ([bytes (S, K) float32]), and last a checksum of everything
+//   before it (8 bytes), so a damaged file is refused.
+// Version 2 added the adaptive window's fields, version 3 the trailing checksum, version 4 a stronger one,
+// version 5 the error-feedback memory.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -35,6 +37,7 @@ struct LoadedLayer {
   uint64_t checksum = 0;
   int64_t fits = 0;
   std::vector<at::Tensor> samples;
+  at::Tensor error;  ///< error-feedback memory, undefined when the layer had none
 };
 
 struct LoadedState {

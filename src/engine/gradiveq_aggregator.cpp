@@ -38,6 +38,22 @@ void GradiVeQOptions::validate() const {
                 "must be float32, float16 or bfloat16, got ", basis_dtype);
   GVQ_CHECK_ARG(policy.min_numel >= 0, kWhere, "min_numel", "must be >= 0, got ", policy.min_numel);
   GVQ_CHECK_ARG(pipeline_chunks >= 1, kWhere, "pipeline_chunks", "must be >= 1, got ", pipeline_chunks);
+  GVQ_CHECK_ARG(error_budget == 0.0 || (error_budget > 0.0 && error_budget < 1.0), kWhere, "error_budget",
+                "must lie in (0, 1), or be 0 (off), got ", error_budget);
+  GVQ_CHECK_ARG(refit_threshold >= 0.0 && refit_threshold <= 1.0, kWhere, "refit_threshold",
+                "must lie in [0, 1], got ", refit_threshold);
+  // Error feedback needs a basis that moves: the residual is orthogonal to a fixed basis and is never sent.
+  GVQ_CHECK_ARG(!error_feedback || refit_threshold < 1.0, kWhere, "error_feedback",
+                "cannot work with refit_threshold = 1 (the first basis is kept for good, so the residual, "
+                "orthogonal to it, would never be sent); lower refit_threshold or turn error_feedback off");
+  GVQ_CHECK_ARG(!error_feedback || schedule.compress_iters > 0, kWhere, "error_feedback",
+                "does nothing with compress_iters = 0 (nothing is ever compressed, so nothing is lost)");
+  const bool lossless = fit.energy == 1.0 && fit.max_components == 0 && fit.target_ratio == 0.0 &&
+                        fit.min_ratio == 0.0 && error_budget == 0.0;
+  GVQ_CHECK_ARG(
+      !error_feedback || !lossless, kWhere, "error_feedback",
+      "does nothing with energy = 1 and no cap on d (min_ratio, target_ratio, max_components all 0): "
+      "the basis keeps every direction, nothing is lost");
 }
 
 GradiVeQOptions GradiVeQOptions::paper() {
@@ -55,6 +71,20 @@ GradiVeQOptions GradiVeQOptions::paper() {
 
 // --- construction ------------------------------------------------------------------------------------------
 
+namespace {
+
+// With local samples the first window is the warm-up's last sample_iters steps (uncompressed anyway), so the
+// first basis is ready when the warm-up ends and every later step is compressed.
+ScheduleOptions effective_schedule(const GradiVeQOptions& options) {
+  ScheduleOptions s = options.schedule;
+  if (options.sample_source == SampleSource::kLocal) {
+    s.warmup_iters = std::max<int64_t>(0, s.warmup_iters - s.sample_iters);
+  }
+  return s;
+}
+
+}  // namespace
+
 std::shared_ptr<GradiVeQAggregator> GradiVeQAggregator::create(
     c10::intrusive_ptr<c10d::ProcessGroup> process_group, std::vector<NamedParameter> parameters,
     GradiVeQOptions options) {
@@ -66,7 +96,7 @@ GradiVeQAggregator::GradiVeQAggregator(c10::intrusive_ptr<c10d::ProcessGroup> pr
                                        std::vector<NamedParameter> parameters, GradiVeQOptions options)
     : pg_(std::move(process_group)),
       options_(std::move(options)),
-      schedule_((options_.validate(), options_.schedule)),
+      schedule_((options_.validate(), effective_schedule(options_))),
       sampling_codec_(QsgdOptions{7, 512, QsgdNorm::kMax}) {
   constexpr const char* kWhere = "Aggregator";
   GVQ_CHECK_ARG(pg_, kWhere, "process_group", "is null");
@@ -74,6 +104,7 @@ GradiVeQAggregator::GradiVeQAggregator(c10::intrusive_ptr<c10d::ProcessGroup> pr
   rank_ = pg_->getRank();
   world_size_ = pg_->getSize();
   std::unordered_set<std::string> names;
+  int64_t fittable = 0;
   const at::Device device = parameters.front().tensor.device();
   for (auto& p : parameters) {
     GVQ_CHECK_ARG(p.tensor.defined(), kWhere, "parameters", "holds an undefined tensor named '", p.name, "'");
@@ -81,6 +112,7 @@ GradiVeQAggregator::GradiVeQAggregator(c10::intrusive_ptr<c10d::ProcessGroup> pr
     GVQ_CHECK_ARG(p.tensor.device() == device, kWhere, "parameters", "are on mixed devices: '",
                   parameters.front().name, "' on ", device, ", '", p.name, "' on ", p.tensor.device());
     auto layer = std::make_unique<EngineLayer>(detail::make_layer(p, int64_t(layers_.size()), options_));
+    if (layer->compressible) layer->fit_owner = detail::fitting_rank(fittable++, world_size_);
     by_impl_[p.tensor.unsafeGetTensorImpl()] = layer.get();
     layers_.push_back(std::move(layer));
   }
@@ -112,6 +144,7 @@ detail::PlanContext GradiVeQAggregator::plan_context(const BucketPlan& plan) {
           options_.coeff_dtype,
           int64_t(c10::elementSize(detail::raw_dtype(plan.buffer))),
           options_.fit_on,
+          options_.error_feedback,
           &stats_mutex_};
 }
 
@@ -190,8 +223,10 @@ std::vector<std::shared_ptr<BucketPlan>> GradiVeQAggregator::plan_bucket(
                   " that was not registered with this aggregator");
     Entry e;
     e.layer = layer;
-    e.grad = gradients[i];
-    e.mode = detail::mode_for(*layer, phase, options_.sample_quantizer);
+    // A 2-D weight is viewed in its layout's (1, 1, out, in) shape; the view writes into the bucket alike.
+    e.grad = layer->compressible ? gradients[i].view(layer->layout_shape) : gradients[i];
+    e.mode = detail::mode_for(*layer, phase, options_.sample_quantizer, options_.sample_source);
+    e.local_sample = e.mode == Mode::kCompressed && phase == Phase::kSampling && layer->fit_owner == rank_;
     entries.push_back(std::move(e));
   }
   auto groups = detail::split_into_groups(std::move(entries), options_.pipeline_chunks);
@@ -372,6 +407,7 @@ void GradiVeQAggregator::load_state(const at::Tensor& image) {
     l.pca = in.pca.is_fitted() ? in.pca.to(l.device) : PcaCompressor();
     l.checksum = in.checksum;
     l.samples = std::move(in.samples);
+    l.error = in.error.defined() ? in.error.to(l.device) : at::Tensor();
     l.stats.fits = in.fits;
     l.stats.fit_status = l.pca.is_fitted() ? "loaded" : "";
   }
@@ -388,6 +424,17 @@ PcaCompressor GradiVeQAggregator::basis(const std::string& name) const {
   const EngineLayer& l = layer_named(name, "Aggregator.basis");
   std::lock_guard<std::mutex> lock(stats_mutex_);
   return l.pca;
+}
+
+at::Tensor GradiVeQAggregator::error_memory(const std::string& name) const {
+  const EngineLayer& l = layer_named(name, "Aggregator.error_memory");
+  std::lock_guard<std::mutex> lock(stats_mutex_);
+  if (!l.compressible) return at::zeros(l.shape, at::TensorOptions().device(l.device));
+  at::Tensor flat = at::zeros({l.numel}, at::TensorOptions().device(l.device));
+  if (l.error.defined()) l.layout.slices(flat).copy_(l.error);
+  at::Tensor out = at::empty(l.layout_shape, flat.options());
+  l.layout.from_paper_order_into(flat, out);
+  return out.view(l.shape);
 }
 
 void GradiVeQAggregator::set_basis(const std::string& name, const PcaCompressor& pca) {

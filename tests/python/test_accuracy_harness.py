@@ -1,26 +1,59 @@
-"""The Fashion-MNIST accuracy harness runs end to end on a tiny subset (--quick), with real data."""
+"""The Fashion-MNIST accuracy harness runs end to end on a tiny subset (--quick), with real data: every method's row
+has the accuracy, paired, wire and payload columns, the JSON file agrees, and each run's network namespace (as root)
+is gone afterwards."""
+import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+METHODS = ("plain", "powersgd2", "qsgd4", "gradiveq", "gradiveq-paper")
+AS_ROOT = os.geteuid() == 0 and shutil.which("ip") is not None
 
 
 def test_accuracy_quick_run_reports_every_method(tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks/ddp/accuracy.py"), "--quick",
-           "--methods", "plain,qsgd4,gradiveq,gradiveq-paper", "--out", str(tmp_path), "--tag", "quick"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+           "--methods", ",".join(METHODS), "--out", str(tmp_path), "--tag", "quick"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     md = (tmp_path / "quick.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| method |"))
+    assert [c.strip() for c in header.strip().strip("|").split("|")][3:7] == [
+        "vs plain (points, paired mean)", "paired spread (points)", "wire KB/step/rank", "payload KB/step/rank"]
     rows = {}
     for line in md.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 8 and cells[0] in ("plain", "qsgd4", "gradiveq", "gradiveq-paper"):
+        if len(cells) == 10 and cells[0] in METHODS:
             rows[cells[0]] = cells
-    assert set(rows) == {"plain", "qsgd4", "gradiveq", "gradiveq-paper"}
+    assert set(rows) == set(METHODS)
     for method, cells in rows.items():
         acc = float(cells[1])
         assert 0.5 < acc <= 1.0, (method, acc)  # 2 epochs on 8192 images learn far above chance (0.1)
-    assert float(rows["gradiveq"][4]) > 1 and float(rows["gradiveq-paper"][4]) > 1  # conv ratio
-    assert 0.0 <= float(rows["gradiveq"][6]) < 1.5  # held-out relative error
+        assert float(cells[6]) > 0, method  # payload KB/step/rank
+        if method != "plain":
+            float(cells[3])  # paired difference to plain, one seed: spread = that difference twice
+            assert re.fullmatch(r"[+-]\d+\.\d\d\.\.[+-]\d+\.\d\d", cells[4]), cells[4]
+    assert float(rows["gradiveq"][7]) > 1 and float(rows["gradiveq-paper"][7]) > 1  # conv ratio
+    assert 0.0 <= float(rows["gradiveq"][8]) < 1.5  # held-out relative error
+    # Plain all-reduce hands the small CNN's float32 gradients to the collective each step.
+    assert 50 < float(rows["plain"][6]) < 90
+    data = json.loads((tmp_path / "quick.json").read_text())
+    assert set(data["methods"]) == set(METHODS) and data["meta"]["wire_measured"] == AS_ROOT
+    assert abs(data["methods"]["plain"]["mean_acc"] - float(rows["plain"][1])) < 1e-4
+    # The default target: plain's mean final accuracy minus 1 point.
+    assert abs(data["meta"]["target"] - (data["methods"]["plain"]["mean_acc"] - 0.01)) < 1e-9
+    if AS_ROOT:
+        wire = {m: float(c[5]) for m, c in rows.items()}
+        assert all(w > 0 for w in wire.values()), wire
+        # N = 2: each rank sends its gradients once (2 (N-1) / N = 1) plus TCP/IP overhead.
+        assert 0.9 * float(rows["plain"][6]) < wire["plain"] < 1.6 * float(rows["plain"][6]), wire
+        assert wire["powersgd2"] < wire["plain"] and wire["gradiveq"] < wire["plain"], wire
+        prefix = re.search(r"network namespaces (gvqacc\d+_)", out.stdout).group(1)
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert prefix not in listed, listed
+    else:
+        assert all(c[5] == "-" for c in rows.values())
+        assert "wire bytes NOT measured" in out.stdout and "wire bytes NOT measured" in md
     assert "QUICK" in md and (tmp_path / "quick.png").stat().st_size > 1000

@@ -199,20 +199,53 @@ def test_iteration_counter_diverged_on_one_rank_is_detected_on_every_rank(rewind
         assert "ranks disagree" in res[r]["error"], res[r]["error"]
 
 
+def expect_resume_matches(full, state, k, tmp_path):
+    """Saves after step k, resumes in new processes to step 16 and expects `full`'s parameters bit for bit."""
+    path = str(tmp_path / f"ckpt{k}_rank{{rank}}.pt")
+    no_errors(run_ranks(train, 2, dict(hook="cpp", state=state, steps=k, save_at=k, save_path=path, keep_grads=False)))
+    resumed = no_errors(run_ranks(train, 2, dict(hook="cpp", state=state, steps=16 - k, load_path=path,
+                                                 keep_grads=False)))
+    for r in range(2):
+        for n, p in full[r]["params"].items():
+            torch.testing.assert_close(resumed[r]["params"][n], p, rtol=0, atol=0, msg=f"k={k} rank {r} {n}")
+    return resumed
+
+
 def test_checkpoint_and_resume_in_new_processes_reproduces_the_run(tmp_path):
     state = dict(SHORT, energy=0.95)
     full = no_errors(run_ranks(train, 2, dict(hook="cpp", state=state, steps=16, keep_grads=False)))
     # warm-up; mid sampling window (samples saved); the step before the fit; mid compressed window (bases saved)
     for k in (1, 3, 5, 7):
-        path = str(tmp_path / f"ckpt{k}_rank{{rank}}.pt")
-        no_errors(run_ranks(train, 2, dict(hook="cpp", state=state, steps=k, save_at=k, save_path=path,
-                                           keep_grads=False)))
-        resumed = no_errors(run_ranks(train, 2, dict(hook="cpp", state=state, steps=16 - k, load_path=path,
-                                                     keep_grads=False)))
-        for r in range(2):
-            for n, p in full[r]["params"].items():
-                torch.testing.assert_close(resumed[r]["params"][n], p, rtol=0, atol=0, msg=f"k={k} rank {r} {n}")
+        resumed = expect_resume_matches(full, state, k, tmp_path)
         assert resumed[0]["stats"]["iteration"] == 16
+
+
+FOLLOW = dict(SHORT, energy=0.9, sample_source="local", error_feedback=True, linear_weights=True)
+
+
+def test_local_samples_compress_every_step_after_warmup_on_real_ddp():
+    res = no_errors(run_ranks(train, 2, dict(hook="cpp", state=FOLLOW, steps=16, keep_grads=False)))
+    # With local samples the first window is the warm-up's last 3 steps: compressed from step 3 on, sampling
+    # windows included (the schedule still names them), and the bases are refitted after every window.
+    assert res[0]["phases"][:3] == ["sampling"] * 3  # warm-up 2 - 3 < 0: the whole warm-up samples
+    conv = {n: s for n, s in res[0]["stats"]["layers"].items() if s["compressible"]}
+    assert set(conv) == {"conv2.weight", "conv3.weight", "conv1.weight", "fc.weight"}
+    assert conv["fc.weight"]["K"] == 288  # one output row of the linear head per slice
+    for step_stats in res[0]["step_stats"][3:]:
+        assert step_stats["bytes_payload"] < step_stats["bytes_uncompressed"] / 3, step_stats
+    assert all(s["fits"] >= 2 and s["fit_status"] == "ok" for s in conv.values())
+    for n, p in res[0]["params"].items():
+        assert torch.equal(p, res[1]["params"][n]), n
+
+
+def test_error_feedback_checkpoint_is_per_rank_and_resumes_bit_for_bit(tmp_path):
+    full = no_errors(run_ranks(train, 2, dict(hook="cpp", state=FOLLOW, steps=16, keep_grads=False)))
+    for k in (6, 9):  # mid compressed window (memory saved); mid sampling window (memory and local samples)
+        expect_resume_matches(full, FOLLOW, k, tmp_path)
+    # Each rank holds its own memory: rank 0's state dict does not load on rank 1.
+    swapped = str(tmp_path / "ckpt6_rank{rank}.pt").replace("{rank}", "0")
+    res = run_ranks(train, 2, dict(hook="cpp", state=FOLLOW, steps=1, load_path=swapped, keep_grads=False))
+    assert "error" in res[1] and "saved on rank 0" in res[1]["error"], res[1].get("error")
 
 
 def test_damaged_state_dicts_raise_and_leave_the_state_untouched():
@@ -319,7 +352,14 @@ def test_non_finite_gradients_stay_non_finite_and_grad_scaler_skips():
     (dict(coeff_dtype=torch.float64), ["coeff_dtype"]),
     (dict(basis_dtype=torch.int8), ["basis_dtype"]),
     (dict(pipeline_chunks=0), ["pipeline_chunks", ">= 1"]),
-    (dict(error_feedback=True), ["error_feedback", "orthogonal"]),
+    (dict(error_feedback=True, refit_threshold=1.0), ["error_feedback", "refit_threshold"]),
+    (dict(error_feedback=True, compress_iters=0), ["error_feedback", "compress_iters"]),
+    (dict(error_feedback=1), ["error_feedback", "True or False"]),
+    (dict(error_budget=1.0), ["error_budget", "(0, 1)"]),
+    (dict(error_budget=-0.1), ["error_budget"]),
+    (dict(refit_threshold=2.0), ["refit_threshold", "[0, 1]"]),
+    (dict(sample_source="remote"), ["sample_source", "remote"]),
+    (dict(linear_weights="yes"), ["linear_weights"]),
     (dict(include=3), ["include"]),
     (dict(fit_on="middle"), ["fit_on"]),
     (dict(min_numel=-5), ["min_numel"]),

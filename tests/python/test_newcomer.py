@@ -96,7 +96,7 @@ def test_a_configuration_that_compresses_nothing_warns_once_and_says_why(group):
     assert "include pattern 'missing.*' matches no parameter" in messages[0]
     assert "no parameter is compressed" in messages[0]
     layers = state.stats()["layers"]
-    assert layers["conv1d.weight"]["not_compressed_because"] == "a 3-D parameter: only 4-D (Conv2d) weights are compressed"
+    assert layers["conv1d.weight"]["not_compressed_because"] == "a 3-D parameter: only 4-D (Conv2d) and, with linear_weights, 2-D (Linear) weights are compressed"
     assert layers["conv.weight"]["not_compressed_because"] == "matches no include pattern"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the measured defaults compress conv.weight: no warning

@@ -16,6 +16,7 @@
 #include "gradiveq/process_group.h"
 #include "gradiveq/qsgd.h"
 #include "rank_threads.h"
+#include "tiny_net.h"
 #include "test_helpers.h"
 
 namespace gradiveq {
@@ -24,39 +25,8 @@ namespace {
 using testing::expect_invalid;
 using testing::rel_error;
 using testing::run_ranks;
-
-// A small CNN written with ATen ops: two 3x3 convs, bias, a linear head.
-struct TinyNet {
-  std::vector<NamedParameter> params;
-  explicit TinyNet(uint64_t seed) {
-    auto gen = at::detail::createCPUGenerator(seed);
-    auto make = [&](const char* name, at::IntArrayRef shape, double scale) {
-      params.push_back({name, (at::randn(shape, gen) * scale).set_requires_grad(true)});
-    };
-    make("conv1.weight", {8, 3, 3, 3}, 0.3);
-    make("conv2.weight", {16, 8, 3, 3}, 0.15);
-    make("conv2.bias", {16}, 0.1);
-    make("fc.weight", {10, 16}, 0.3);
-  }
-  at::Tensor& p(size_t i) { return params[i].tensor; }
-  at::Tensor loss(const at::Tensor& x, const at::Tensor& y) {
-    at::Tensor h = at::relu(at::conv2d(x, p(0), {}, 1, 1));
-    h = at::relu(at::conv2d(h, p(1), p(2), 1, 1));
-    return at::cross_entropy_loss(at::matmul(h.mean({2, 3}), p(3).t()), y);
-  }
-  void zero_grad() {
-    for (auto& np : params) np.tensor.mutable_grad() = at::Tensor();
-  }
-  void sgd(double lr) {
-    c10::NoGradGuard g;
-    for (auto& np : params) np.tensor.sub_(np.tensor.grad() * lr);
-  }
-};
-
-std::pair<at::Tensor, at::Tensor> batch(int rank, int step) {
-  auto gen = at::detail::createCPUGenerator(1000 * rank + step + 1);
-  return {at::randn({4, 3, 8, 8}, gen), at::randint(0, 10, {4}, gen)};
-}
+using testing::TinyNet;
+using testing::batch;
 
 // Every gradient of `net` (aggregated by a synchronizer) against the plain all-reduce average of `reference`'s,
 // within `tolerance` (relative error); `context` names the case in a failure.
@@ -194,7 +164,7 @@ TEST(GradientSynchronizer, ConfigurationThatCompressesNothingSaysWhy) {
     EXPECT_EQ(sync.engine().step_stats().warning, w);
     const auto layers = sync.aggregator().layer_stats();
     EXPECT_EQ(layers[0].not_compressed_because, "matches no include pattern");  // conv1.weight
-    EXPECT_EQ(layers[3].not_compressed_because, "a 2-D parameter: only 4-D (Conv2d) weights are compressed");
+    EXPECT_EQ(layers[3].not_compressed_because, "a 2-D parameter: Linear weights are compressed only with linear_weights on");
     TinyNet plain(5);
     GradientSynchronizer defaults(pg, plain.params, SynchronizerOptions{});
     EXPECT_EQ(defaults.aggregator().configuration_warning(), "");  // conv2 (1152 values) is compressed
