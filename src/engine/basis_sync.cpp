@@ -75,11 +75,10 @@ double subspace_movement(const PcaCompressor& current, const PcaCompressor& fres
 // The fits of the layers this rank owns: serialized images, why a fit was skipped, or that the current basis
 // stays (`kept`).
 void fit_owned(const std::vector<EngineLayer*>& fittable, const GradiVeQOptions& options, int64_t rank,
-               int64_t world_size, std::vector<at::Tensor>& images, std::vector<std::string>& failures,
-               std::vector<char>& kept) {
+               std::vector<at::Tensor>& images, std::vector<std::string>& failures, std::vector<char>& kept) {
   for (size_t j = 0; j < fittable.size(); ++j) {
-    if (fitting_rank(int64_t(j), world_size) != rank) continue;
     EngineLayer* l = fittable[j];
+    if (l->fit_owner != rank) continue;
     if (l->sample_rows() < 2) {
       failures[j] = "skipped: fewer than 2 finite samples in the window";
       continue;
@@ -175,7 +174,7 @@ void fit_and_broadcast(c10d::ProcessGroup& pg, const std::vector<std::unique_ptr
   std::vector<at::Tensor> images(fittable.size());
   std::vector<std::string> failures(fittable.size());
   std::vector<char> kept(fittable.size(), 0);
-  fit_owned(fittable, options, rank, world_size, images, failures, kept);
+  fit_owned(fittable, options, rank, images, failures, kept);
   const at::TensorOptions comm = at::TensorOptions().device(layers.front()->device);
   for (int64_t r = 0; r < world_size; ++r) {
     std::vector<size_t> owned;

@@ -7,6 +7,7 @@
 #include "gradiveq/gradiveq_aggregator.h"
 #include "rank_threads.h"
 #include "test_helpers.h"
+#include "resume_check.h"
 #include "tiny_net.h"
 
 namespace gradiveq {
@@ -129,48 +130,16 @@ TEST(BasisFollows, ErrorFeedbackDeliversWhatCompressionLostLater) {
 // continues bit for bit.
 TEST(BasisFollows, ErrorFeedbackMemoryRoundTripsThroughACheckpoint) {
   const int world = 2, steps = 16, cut = 10;  // inside the second window: memory and local samples are saved
-  const SynchronizerOptions o = following_options();
-  auto train = [&](TinyNet& net, GradientSynchronizer& sync, int rank, int from, int to) {
-    for (int step = from; step < to; ++step) {
-      local_gradients(net, rank, step);
-      sync.synchronize();
-      net.sgd(0.05);
-    }
-  };
-  std::vector<std::vector<at::Tensor>> straight(world), resumed(world), saved_params(world);
-  std::vector<at::Tensor> saved_state(world), saved_memory(world);
-  run_ranks(world, [&](int rank, c10::intrusive_ptr<c10d::ProcessGroup> pg) {
-    TinyNet net(5);
-    GradientSynchronizer sync(pg, net.params, o);
-    train(net, sync, rank, 0, steps);
-    for (auto& np : net.params) straight[rank].push_back(np.tensor.detach().clone());
-  });
-  run_ranks(world, [&](int rank, c10::intrusive_ptr<c10d::ProcessGroup> pg) {
-    TinyNet net(5);
-    GradientSynchronizer sync(pg, net.params, o);
-    train(net, sync, rank, 0, cut);
-    for (auto& np : net.params) saved_params[rank].push_back(np.tensor.detach().clone());
-    saved_state[rank] = sync.aggregator().save_state();
-    saved_memory[rank] = sync.aggregator().error_memory("conv2.weight");
-  });
-  run_ranks(world, [&](int rank, c10::intrusive_ptr<c10d::ProcessGroup> pg) {
-    TinyNet net(99);
-    {
-      c10::NoGradGuard g;
-      for (size_t i = 0; i < net.params.size(); ++i) net.p(i).copy_(saved_params[rank][i]);
-    }
-    GradientSynchronizer sync(pg, net.params, o);
-    sync.aggregator().load_state(saved_state[rank]);
-    EXPECT_TRUE(at::equal(sync.aggregator().error_memory("conv2.weight"), saved_memory[rank]));
-    EXPECT_GT(saved_memory[rank].norm().item<double>(), 0.0);
-    train(net, sync, rank, cut, steps);
-    for (auto& np : net.params) resumed[rank].push_back(np.tensor.detach().clone());
-  });
-  for (int r = 0; r < world; ++r) {
-    for (size_t i = 0; i < straight[r].size(); ++i) {
-      EXPECT_TRUE(at::equal(straight[r][i], resumed[r][i])) << "rank " << r << " param " << i;
-    }
-  }
+  std::vector<at::Tensor> saved_memory(world);
+  testing::expect_resumed_run_matches(
+      world, steps, cut, following_options(), 0.05,
+      [&](int rank, GradientSynchronizer& sync) {
+        saved_memory[rank] = sync.aggregator().error_memory("conv2.weight");
+      },
+      [&](int rank, GradientSynchronizer& sync) {
+        EXPECT_TRUE(at::equal(sync.aggregator().error_memory("conv2.weight"), saved_memory[rank]));
+        EXPECT_GT(saved_memory[rank].norm().item<double>(), 0.0);
+      });
 }
 
 // Planted gradients, straight into the engine: layer "low" gets slices in a fixed 2-D subspace (plus a little

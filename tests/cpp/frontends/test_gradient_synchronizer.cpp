@@ -16,6 +16,7 @@
 #include "gradiveq/process_group.h"
 #include "gradiveq/qsgd.h"
 #include "rank_threads.h"
+#include "resume_check.h"
 #include "tiny_net.h"
 #include "test_helpers.h"
 
@@ -200,48 +201,9 @@ TEST(GradientSynchronizer, SavedStateContinuesIdenticallyInANewProcessGroup) {
   o.gradiveq.schedule = {2, 4, 4};
   o.gradiveq.fit.energy = 0.95;
   o.gradiveq.policy.min_numel = 100;
-  auto train = [&](TinyNet& net, GradientSynchronizer& sync, int rank, int from, int to) {
-    for (int step = from; step < to; ++step) {
-      auto [x, y] = batch(rank, step);
-      net.zero_grad();
-      net.loss(x, y).backward();
-      sync.synchronize();
-      net.sgd(0.1);
-    }
-  };
-  std::vector<std::vector<at::Tensor>> straight(world), resumed(world);
-  std::vector<std::vector<at::Tensor>> saved_params(world);
-  std::vector<at::Tensor> saved_state(world);
-  run_ranks(world, [&](int rank, c10::intrusive_ptr<c10d::ProcessGroup> pg) {
-    TinyNet net(5);
-    GradientSynchronizer sync(pg, net.params, o);
-    train(net, sync, rank, 0, steps);
-    for (auto& np : net.params) straight[rank].push_back(np.tensor.detach().clone());
-  });
-  run_ranks(world, [&](int rank, c10::intrusive_ptr<c10d::ProcessGroup> pg) {
-    TinyNet net(5);
-    GradientSynchronizer sync(pg, net.params, o);
-    train(net, sync, rank, 0, cut);
-    for (auto& np : net.params) saved_params[rank].push_back(np.tensor.detach().clone());
-    saved_state[rank] = sync.aggregator().save_state();
-  });
-  run_ranks(world, [&](int rank, c10::intrusive_ptr<c10d::ProcessGroup> pg) {  // a new group, new objects
-    TinyNet net(99);
-    {
-      c10::NoGradGuard g;
-      for (size_t i = 0; i < net.params.size(); ++i) net.p(i).copy_(saved_params[rank][i]);
-    }
-    GradientSynchronizer sync(pg, net.params, o);
-    sync.aggregator().load_state(saved_state[rank]);
-    EXPECT_EQ(sync.aggregator().iteration(), cut);
-    train(net, sync, rank, cut, steps);
-    for (auto& np : net.params) resumed[rank].push_back(np.tensor.detach().clone());
-  });
-  for (int r = 0; r < world; ++r) {
-    for (size_t i = 0; i < straight[r].size(); ++i) {
-      EXPECT_TRUE(at::equal(straight[r][i], resumed[r][i])) << "rank " << r << " param " << i;
-    }
-  }
+  const std::vector<at::Tensor> saved_state = testing::expect_resumed_run_matches(
+      world, steps, cut, o, 0.1, {},
+      [&](int, GradientSynchronizer& sync) { EXPECT_EQ(sync.aggregator().iteration(), cut); });
   // A state saved with 2 ranks does not load into a group of another size.
   run_ranks(1, [&](int, c10::intrusive_ptr<c10d::ProcessGroup> pg) {
     TinyNet net(5);
