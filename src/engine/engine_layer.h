@@ -23,8 +23,9 @@ struct EngineLayer {
   int64_t slot = 0;  ///< registration index
   bool compressible = false;
   ConvSliceLayout layout;
-  /// Shape the gradient is viewed as for `layout`: the parameter's own (F, D, H, W) for a conv weight, and
-  /// (1, 1, out, in) for a 2-D weight, whose kernel rows are then its output rows (K = in).
+  /// Shape the gradient is viewed as for `layout`: the parameter's own (F, D, H, W) for a conv weight,
+  /// (1, 1, out, in) for a 2-D weight, whose kernel rows are then its output rows (K = in), and
+  /// (F, 1, D*H*W, 1) with filter columns, whose kernel rows are the columns across all filters (K = F).
   std::vector<int64_t> layout_shape;
   int64_t fit_owner = -1;  ///< the rank that fits this layer's basis (compressible layers only)
   at::Device device{at::kCPU};

@@ -223,7 +223,8 @@ std::vector<std::shared_ptr<BucketPlan>> GradiVeQAggregator::plan_bucket(
                   " that was not registered with this aggregator");
     Entry e;
     e.layer = layer;
-    // A 2-D weight is viewed in its layout's (1, 1, out, in) shape; the view writes into the bucket alike.
+    // A compressible layer is viewed in its layout's shape (EngineLayer::layout_shape); the view writes into
+    // the bucket alike.
     e.grad = layer->compressible ? gradients[i].view(layer->layout_shape) : gradients[i];
     e.mode = detail::mode_for(*layer, phase, options_.sample_quantizer, options_.sample_source);
     e.local_sample = e.mode == Mode::kCompressed && phase == Phase::kSampling && layer->fit_owner == rank_;
