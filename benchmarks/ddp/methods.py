@@ -50,8 +50,9 @@ GRADIVEQ_CONFIGS = {
 
 
 def powersgd_rank(name: str):
-    """The matrix approximation rank R of a "powersgdR" method name (R >= 1), else None."""
-    match = re.fullmatch(r"powersgd([1-9][0-9]*)", name)
+    """The matrix approximation rank R of a "powersgdR" or "powersgdR-fp16" method name (R >= 1), else None.
+    The -fp16 form is torch's own fp16_compress_wrapper(powerSGD_hook): P and Q travel in float16."""
+    match = re.fullmatch(r"powersgd([1-9][0-9]*)(-fp16)?", name)
     return int(match.group(1)) if match else None
 
 
@@ -149,7 +150,10 @@ class Method:
             self.state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=powersgd_rank(name),
                                                      start_powerSGD_iter=powersgd_start_iter,
                                                      use_error_feedback=True, warm_start=True)
-            ddp.register_comm_hook(self.state, _timed(powerSGD_hook.powerSGD_hook, self.hook_times))
+            hook = powerSGD_hook.powerSGD_hook
+            if name.endswith("-fp16"):
+                hook = default_hooks.fp16_compress_wrapper(hook)
+            ddp.register_comm_hook(self.state, _timed(hook, self.hook_times))
             self.warmup_steps = powersgd_start_iter + 1
         elif name in QUANTIZER_METHODS:
             make, kwargs = QUANTIZER_METHODS[name]

@@ -1,14 +1,21 @@
 // Data-parallel ResNet-32 training on CIFAR-100 with GradiVeQ, in C++ only (no Python, no DDP).
 //
 //   train_resnet32 --world-size 2 --iters 200 [--data DIR] [--log-every 20]
+//   train_resnet32 --world-size 8 --iters 6 --die-at 3 --die-rank 5 --die-signal stop --pg-timeout 10
 //
 // Without --rank it is the launcher: it starts W copies of itself on this machine (ranks 0..W-1, a TCPStore on
 // 127.0.0.1 at a free port) and waits for them. Each rank builds a Gloo process group, the CIFAR ResNet-32, SGD
 // with momentum, and a gradiveq::GradientSynchronizer, and prints loss, step time, aggregation time and bytes
 // sent. With --data DIR it reads the CIFAR-100 binary files DIR/train.bin and DIR/test.bin; otherwise it trains
 // on SYNTHETIC CIFAR-100-shaped data and says so.
+//
+// Fault drill: --die-at N makes rank --die-rank send itself --die-signal (kill: SIGKILL, stop: SIGSTOP) in the
+// middle of step N's backward, once the head's gradient exists. The other ranks must then raise (a lost peer, or
+// the process group's --pg-timeout seconds) and exit 1; the launcher reports every rank's end, kills a stopped
+// rank once all others have ended, and exits 1.
 #include <gradiveq/gradiveq.h>
 #include <netinet/in.h>
+#include <signal.h>
 #include <spawn.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
@@ -90,6 +97,8 @@ struct Args {
   double lr = 0.1, energy = gradiveq::GradiVeQOptions{}.fit.energy;
   int64_t warmup = 20, sample = 10, compress = 40;
   uint64_t seed = 0;
+  int die_at = -1, die_rank = 1, pg_timeout_s = 120;
+  std::string die_signal = "kill";
 };
 
 [[noreturn]] void usage(const std::string& error) {
@@ -97,10 +106,13 @@ struct Args {
       << (error.empty() ? "" : "train_resnet32: " + error + "\n")
       << "usage: train_resnet32 [--method gradiveq|qsgd|co3|casq] [--world-size W] [--iters N] [--batch B]\n"
       << "       [--data DIR] [--log-every N] [--lr LR] [--energy E] [--schedule W,S,C] [--threads T] [--seed S]\n"
-      << "       [--save FILE] [--load FILE]\n"
+      << "       [--save FILE] [--load FILE] [--pg-timeout S] [--die-at N --die-rank R --die-signal kill|stop]\n"
       << "defaults: --method gradiveq --world-size 2 --iters 100 --batch 32 --log-every 10 --lr 0.1 --energy "
-      << gradiveq::GradiVeQOptions{}.fit.energy << " --schedule 20,10,40 --threads 1 --seed 0; synthetic data\n"
-      << "without --data. --energy and --schedule are GradiVeQ's; --save/--load checkpoint GradiVeQ's state.\n";
+      << gradiveq::GradiVeQOptions{}.fit.energy
+      << " --schedule 20,10,40 --threads 1 --seed 0 --pg-timeout 120 --die-rank 1 --die-signal kill;\n"
+      << "synthetic data without --data.\n"
+      << "--energy and --schedule are GradiVeQ's; --save/--load checkpoint GradiVeQ's state; --die-at N: rank\n"
+      << "--die-rank sends itself --die-signal mid-step N (a fault drill: the others must fail, not hang).\n";
   std::exit(error.empty() ? 0 : 2);
 }
 
@@ -125,12 +137,21 @@ Args parse(int argc, char** argv) {
   num("world-size", a.world_size), num("rank", a.rank), num("iters", a.iters), num("batch", a.batch);
   num("log-every", a.log_every), num("threads", a.threads), num("store-port", a.store_port);
   num("lr", a.lr), num("energy", a.energy), num("seed", a.seed);
-  for (const char* k : {"data", "save", "load", "method"}) {
+  num("die-at", a.die_at), num("die-rank", a.die_rank), num("pg-timeout", a.pg_timeout_s);
+  for (const char* k : {"data", "save", "load", "method", "die-signal"}) {
     if (!kv.count(k)) continue;
     const std::string key = k;
-    (key == "data" ? a.data : key == "save" ? a.save : key == "load" ? a.load : a.method) = kv[k];
+    (key == "data" ? a.data : key == "save" ? a.save : key == "load" ? a.load : key == "method" ? a.method
+                                                                                             : a.die_signal) = kv[k];
     kv.erase(k);
   }
+  if (a.die_signal != "kill" && a.die_signal != "stop") {
+    usage("argument --die-signal must be kill or stop, got '" + a.die_signal + "'");
+  }
+  if (a.die_at >= 0 && (a.die_rank < 0 || a.die_rank >= a.world_size)) {
+    usage("argument --die-rank must name a rank in [0, --world-size), got " + std::to_string(a.die_rank));
+  }
+  if (a.pg_timeout_s < 1) usage("argument --pg-timeout must be >= 1 second");
   if (a.method != "gradiveq" && a.method != "qsgd" && a.method != "co3" && a.method != "casq") {
     usage("argument --method must be gradiveq, qsgd, co3 or casq, got '" + a.method + "'");
   }
@@ -162,6 +183,47 @@ int free_port() {
   return ntohs(addr.sin_port);
 }
 
+// Waits for every rank and says how each ended. A stopped rank (SIGSTOP) never ends by itself: once every other
+// rank has, it is killed, so that a stalled rank cannot hang the launcher.
+int wait_for_ranks(const std::vector<pid_t>& pids) {
+  std::map<pid_t, size_t> running, stopped;
+  for (size_t r = 0; r < pids.size(); ++r) running[pids[r]] = r;
+  int succeeded = 0, raised = 0, signalled = 0;
+  while (!running.empty()) {
+    if (running.size() == stopped.size()) {
+      for (auto [pid, r] : stopped) {
+        std::cerr << "train_resnet32: rank " << r << " is stopped (SIGSTOP) and every other rank has ended: "
+                  << "killing it\n";
+        kill(pid, SIGKILL);
+      }
+      stopped.clear();
+    }
+    int status = 0;
+    const pid_t pid = waitpid(-1, &status, WUNTRACED);
+    if (pid < 0 || !running.count(pid)) continue;
+    const size_t r = running[pid];
+    if (WIFSTOPPED(status)) {
+      stopped[pid] = r;
+      continue;
+    }
+    running.erase(pid);
+    stopped.erase(pid);
+    if (WIFEXITED(status) && WEXITSTATUS(status) == 0) {
+      ++succeeded;
+    } else if (WIFSIGNALED(status)) {
+      ++signalled;
+      std::cerr << "train_resnet32: rank " << r << " was killed by signal " << WTERMSIG(status) << "\n";
+    } else {
+      ++raised;
+      std::cerr << "train_resnet32: rank " << r << " failed (exit code " << WEXITSTATUS(status) << ")\n";
+    }
+  }
+  if (succeeded == int(pids.size())) return 0;
+  std::cerr << "train_resnet32: " << pids.size() << " ranks: " << succeeded << " exited 0, " << raised
+            << " raised an error, " << signalled << " killed by a signal\n";
+  return 1;
+}
+
 int launch(int argc, char** argv, const Args& a) {
   const std::string port = std::to_string(free_port());
   std::vector<pid_t> pids;
@@ -178,16 +240,7 @@ int launch(int argc, char** argv, const Args& a) {
     }
     pids.push_back(pid);
   }
-  int failed = 0;
-  for (size_t r = 0; r < pids.size(); ++r) {
-    int status = 0;
-    waitpid(pids[r], &status, 0);
-    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
-      std::cerr << "train_resnet32: rank " << r << " failed (status " << status << ")\n";
-      failed = 1;
-    }
-  }
-  return failed;
+  return wait_for_ranks(pids);
 }
 
 // ---- One rank -------------------------------------------------------------------------------------------------
@@ -258,7 +311,7 @@ int train(const Args& a) {
   torch::set_num_threads(a.threads);
   auto store = gradiveq::connect_store({"127.0.0.1", uint16_t(a.store_port)}, a.rank, a.world_size,
                                        std::chrono::seconds(60));
-  auto pg = gradiveq::make_gloo_process_group(store, a.rank, a.world_size, std::chrono::seconds(120));
+  auto pg = gradiveq::make_gloo_process_group(store, a.rank, a.world_size, std::chrono::seconds(a.pg_timeout_s));
 
   torch::manual_seed(a.seed);
   ResNet32 model(100);
@@ -302,6 +355,11 @@ int train(const Args& a) {
     auto [x, y] = next_batch();
     const auto t0 = std::chrono::steady_clock::now();
     opt.zero_grad();
+    if (it == a.die_at && a.rank == a.die_rank) {
+      // Mid-step: the head's gradient is the first one backward produces; the other ranks are in the step too.
+      const int sig = a.die_signal == "stop" ? SIGSTOP : SIGKILL;
+      model->fc->weight.register_hook([sig](const torch::Tensor&) { ::kill(::getpid(), sig); });
+    }
     torch::Tensor loss = F::cross_entropy(model->forward(x), y);
     loss.backward();
     sync.synchronize();

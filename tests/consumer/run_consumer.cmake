@@ -1,5 +1,6 @@
 # Installs the build into a scratch prefix, configures and builds a separate CMake project (SOURCE_DIR) against
-# it with find_package(gradiveq), and runs the program it builds (PROGRAM, with the space-separated ARGS).
+# it with find_package(gradiveq), and runs the program it builds (PROGRAM, with the space-separated ARGS), which
+# must exit 0, or EXPECT_EXIT when that is given.
 file(REMOVE_RECURSE ${WORK_DIR})
 set(prefix ${WORK_DIR}/install)
 macro(run)
@@ -13,4 +14,13 @@ run(${CMAKE_COMMAND} -S ${SOURCE_DIR} -B ${WORK_DIR}/build -G ${GENERATOR} -DCMA
     -DCMAKE_PREFIX_PATH=${prefix})
 run(${CMAKE_COMMAND} --build ${WORK_DIR}/build)
 separate_arguments(args UNIX_COMMAND "${ARGS}")
-run(${WORK_DIR}/build/${PROGRAM} ${args})
+if(DEFINED EXPECT_EXIT)
+  # A run that must fail (a fault drill): its exit code must be EXPECT_EXIT; the output is checked by the test's
+  # PASS_REGULAR_EXPRESSION.
+  execute_process(COMMAND ${WORK_DIR}/build/${PROGRAM} ${args} RESULT_VARIABLE rc)
+  if(NOT rc EQUAL EXPECT_EXIT)
+    message(FATAL_ERROR "expected exit code ${EXPECT_EXIT}, got ${rc}: ${PROGRAM} ${ARGS}")
+  endif()
+else()
+  run(${WORK_DIR}/build/${PROGRAM} ${args})
+endif()

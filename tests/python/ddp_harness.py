@@ -40,7 +40,10 @@ def _entry(rank, world_size, port, fn, cfg, out_dir, pg_timeout):
         pass
 
 
-def run_ranks(fn, world_size: int, cfg: dict = None, timeout: float = 240, pg_timeout: float = 60) -> list:
+def run_ranks(fn, world_size: int, cfg: dict = None, timeout: float = 240, pg_timeout: float = 60,
+              stalled=()) -> list:
+    """`stalled`: ranks expected to stop (SIGSTOP) and never finish; they are killed once the others have ended
+    (or the timeout has passed) and are not counted as hung."""
     cfg = cfg or {}
     with tempfile.TemporaryDirectory() as out_dir:
         ctx = mp.get_context("spawn")
@@ -50,9 +53,14 @@ def run_ranks(fn, world_size: int, cfg: dict = None, timeout: float = 240, pg_ti
         for p in procs:
             p.start()
         deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout)
-        for p in procs:
+        for r, p in enumerate(procs):
+            if r in stalled:
+                continue
             remaining = (deadline - datetime.datetime.now()).total_seconds()
             p.join(max(remaining, 0.1))
+        for r in stalled:
+            procs[r].kill()
+            procs[r].join()
         hung = [r for r, p in enumerate(procs) if p.is_alive()]
         for p in procs:
             if p.is_alive():

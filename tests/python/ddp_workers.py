@@ -55,8 +55,8 @@ def train(rank: int, world_size: int, cfg: dict) -> dict:
     gradients are replaced by large noise), corrupt_at (step before which rank 1 replaces
     conv2's basis), rewind = (from, to) (before step `from`, rank 1 alone loads the state it saved before step `to`:
     its iteration counter falls behind), save_at / save_path (checkpoint after that step), load_path (resume from a checkpoint),
-    state_rank1 (options rank 1 alone overrides), grad_scaler (use torch.amp.GradScaler("cpu")), die_at / die_rank (that rank SIGKILLs itself in the middle of
-    that step's backward, once the last layer's gradient exists and before any bucket is reduced), jitter_ms
+    state_rank1 (options rank 1 alone overrides), grad_scaler (use torch.amp.GradScaler("cpu")), die_at / die_rank / die_signal (that rank sends itself SIGKILL, or
+    SIGSTOP with die_signal="stop", in the middle of that step's backward, once the last layer's gradient exists and before any bucket is reduced), jitter_ms
     (each rank sleeps a random 0..jitter_ms before every forward, seeded by rank and step, so the ranks hand
     their buckets to the hook at different times).
     """
@@ -119,7 +119,7 @@ def train(rank: int, world_size: int, cfg: dict) -> dict:
         if cfg.get("die_at") == step and rank == cfg.get("die_rank", 1):
             # Mid-step: the head's gradient is the first one backward produces.
             (model.body if cfg.get("unused_branch") else model).fc.weight.register_hook(
-                lambda g: os.kill(os.getpid(), signal.SIGKILL))
+                lambda g: os.kill(os.getpid(), signal.SIGSTOP if cfg.get("die_signal") == "stop" else signal.SIGKILL))
         if cfg.get("jitter_ms"):
             time.sleep(random.Random(1000 * rank + step).uniform(0, cfg["jitter_ms"]) / 1000)
         opt.zero_grad(set_to_none=True)

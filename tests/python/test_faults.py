@@ -32,3 +32,25 @@ def test_a_rank_killed_mid_step_makes_the_others_fail_not_hang(phase, step, hook
     print(f"{hook} hook, rank 1 killed at step {step} ({phase}): survivors raised after {elapsed:.1f} s "
           f"(incl. start-up): {res[0]['error'][:120]!r}")
     assert elapsed < 120
+
+
+# At 8 ranks: a rank killed (SIGKILL) or stalled (SIGSTOP) mid-step. A killed rank closes its sockets, so its
+# peers see the connection drop; a stopped one keeps them open, so the others can only notice through the process
+# group's timeout. Either way every other rank must raise, within about that timeout, not hang.
+@pytest.mark.parametrize("signal_name,step", [("kill", 7), ("stop", 3)])
+def test_eight_ranks_raise_when_one_is_killed_or_stalled_mid_step(signal_name, step):
+    world, victim = 8, 5
+    start = time.monotonic()
+    res = run_ranks(train, world, dict(hook="cpp", state=SHORT, steps=10, die_at=step, die_rank=victim,
+                                       die_signal=signal_name, keep_grads=False),
+                    timeout=240, pg_timeout=PG_TIMEOUT_S, stalled=(victim,) if signal_name == "stop" else ())
+    elapsed = time.monotonic() - start
+    assert res[victim]["error"].startswith(f"rank {victim} died"), res[victim]
+    for r in set(range(world)) - {victim}:
+        assert "error" in res[r], f"rank {r} finished although rank {victim} got SIG{signal_name.upper()}"
+        msg = res[r]["error"]
+        assert any(s in msg for s in ("Connection closed by peer", "Connection reset", "Timed out", "timeout",
+                                      "Broken pipe")), (r, msg)
+    print(f"8 ranks, rank {victim} SIG{signal_name.upper()} at step {step}: survivors raised after {elapsed:.1f} s "
+          f"(incl. start-up of 8 processes)")
+    assert elapsed < 240
