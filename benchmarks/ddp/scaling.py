@@ -107,7 +107,7 @@ def time_method(name, recorded, rank, world, warm, steps):
     model = ReplayModel(recorded)
     ddp = torch.nn.parallel.DistributedDataParallel(model, **ddp_kwargs(name))
     method = Method(ddp, model, name, seed=0, schedule=GRADIVEQ_SCHEDULE, powersgd_start_iter=2)
-    step_s, codec_s = [], []
+    step_s, codec_s, compress_s, decompress_s = [], [], [], []
     for s in range(warm + steps):
         if s == warm:
             dist.barrier()
@@ -117,12 +117,16 @@ def time_method(name, recorded, rank, world, warm, steps):
         ddp(rank + world * s).backward()
         if s >= warm:
             step_s.append(time.perf_counter() - start)
-            codec_s.append(method.measure(world).get("codec", float("nan")))
+            row = method.measure(world)
+            codec_s.append(row.get("codec", float("nan")))
+            compress_s.append(row.get("compress", float("nan")))
+            decompress_s.append(row.get("decompress", float("nan")))
     dist.barrier()
     after = link_bytes() if os.environ.get("GRADIVEQ_NETNS") else (0, 0)
     conv_ratio = method.state.stats()["summary"].get("conv_ratio") if name.startswith("gradiveq") else None
     method.close()
-    return dict(method=name, step_s=step_s, codec_s=codec_s, tx=(after[0] - before[0]) / steps,
+    return dict(method=name, step_s=step_s, codec_s=codec_s, compress_s=compress_s, decompress_s=decompress_s,
+                tx=(after[0] - before[0]) / steps,
                 rx=(after[1] - before[1]) / steps, conv_ratio=conv_ratio)
 
 
@@ -185,11 +189,15 @@ def summarise(world, gathered):
         steps = sorted(per_rank[0]["step_s"])
         q = statistics.quantiles(steps, n=10) if len(steps) >= 2 else [steps[0]] * 9
         codec = [c for c in per_rank[0]["codec_s"] if c == c]
+        compress = [c for c in per_rank[0].get("compress_s", []) if c == c]
+        decompress = [c for c in per_rank[0].get("decompress_s", []) if c == c]
         rows.append(dict(method=name, world=world, median_ms=1e3 * statistics.median(steps), p10_ms=1e3 * q[0],
                          p90_ms=1e3 * q[-1], tx_kb_mean=statistics.mean(r["tx"] for r in per_rank) / 1e3,
                          tx_kb_max=max(r["tx"] for r in per_rank) / 1e3,
                          rx_kb_mean=statistics.mean(r["rx"] for r in per_rank) / 1e3,
                          codec_ms=1e3 * statistics.median(codec) if codec else None,
+                         compress_ms=1e3 * statistics.median(compress) if compress else None,
+                         decompress_ms=1e3 * statistics.median(decompress) if decompress else None,
                          conv_ratio=per_rank[0]["conv_ratio"]))
     return rows
 

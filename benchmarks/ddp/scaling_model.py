@@ -5,7 +5,9 @@
     ring all-reduce of M bytes per rank:  bytes = 2 (N-1)/N * M,  hops = 2 (N-1)
     all-gather of M bytes per rank:       bytes = (N-1) * M,      hops = N-1
 
-Per method, M is what each node put on its link per step at 2 ranks (where both collectives send M), and the
+An all-gather codec decodes N - 1 messages, so the decoding part of its codec time (this library's quantizers
+report encode and decode times) grows as N - 1 (codec_growth). Per method, M is what
+each node put on its link per step at 2 ranks (where both collectives send M), and the
 collectives are: one all-reduce (plain, bf16), three all-reduces in a row (PowerSGD: the uncompressed tensors, P,
 then Q), two all-reduces (GradiVeQ: coefficients and raw values / control), one all-gather (QSGD, CO3, CASQ).
 The bandwidth (the link's rate less TCP/IP overhead) and the software cost of one message hop are two constants
@@ -51,6 +53,14 @@ def hops(method, n):
     return count * (2 * (n - 1) if kind == ALL_REDUCE else n - 1)
 
 
+def codec_growth(method, n, decode_share):
+    """An all-gather codec encodes one message and decodes N - 1 (one at 2 ranks), so the decoding share of its
+    2-rank codec time grows as N - 1. A summable one encodes and decodes once, whatever N."""
+    if COLLECTIVES[family(method)][0] != ALL_GATHER:
+        return 1.0
+    return (1 - decode_share) + decode_share * (n - 1)
+
+
 def wire_time(method, n, m_bytes, bandwidth):
     """The step's bytes through one node's link; m_bytes is its total per node at 2 ranks."""
     return collective(COLLECTIVES[family(method)][0], n, m_bytes, bandwidth, 0.0)
@@ -67,8 +77,14 @@ class Model:
         self.by = {(r["method"], r["world"]): r for r in rows}
         self.methods = list(dict.fromkeys(r["method"] for r in rows))
         self.m_bytes = {m: 1e3 * self.by[(m, 2)]["tx_kb_mean"] for m in self.methods}
+        # The decoding share of each codec at 2 ranks, where the method reports it (this library's), else 0.
+        self.decode_share = {}
+        for m in self.methods:
+            r = self.by[(m, 2)]
+            c, d = r.get("compress_ms"), r.get("decompress_ms")
+            self.decode_share[m] = d / (c + d) if c is not None and d is not None and c + d > 0 else 0.0
         link = mbit * 1e6 / 8
-        candidates = [(link * f / 100, 1e-5 * a) for f in range(80, 101) for a in range(0, 80)]
+        candidates = [(link * f / 100, 1e-5 * a) for f in range(70, 111) for a in range(0, 80)]
         self.worst, self.bandwidth, self.latency = min((self._worst(b, a), b, a) for b, a in candidates)
         self.codec2 = self._codecs(self.bandwidth, self.latency)
 
@@ -84,7 +100,9 @@ class Model:
 
     def _time(self, method, n, bandwidth, latency, codec, shared_cores):
         contention = max(1.0, n / self.cores) if shared_cores else 1.0
-        return (codec + hops(method, n) * latency) * contention + wire_time(method, n, self.m_bytes[method], bandwidth)
+        growth = codec_growth(method, n, self.decode_share[method])
+        return ((codec * growth + hops(method, n) * latency) * contention
+                + wire_time(method, n, self.m_bytes[method], bandwidth))
 
     def codec(self, method, n, shared_cores=True):
         return self.codec2[method] * (max(1.0, n / self.cores) if shared_cores else 1.0)
@@ -158,6 +176,7 @@ def region_plot(model, path):
             for j, n in enumerate(ns):
                 times = [model.predict(m, n, g * 1e9 / 8 * 0.95, False,
                                        model.codec2[m] if kind == "CPU" else gpu_codec(m)) for m in model.methods]
+                # predict() applies codec_growth to whichever codec time it is given
                 best[i, j] = int(np.argmin(times))
         ax.imshow(best, origin="lower", aspect="auto", cmap="tab10", vmin=0, vmax=9,
                   extent=(0.5, len(ns) + 0.5, -1, 2))
