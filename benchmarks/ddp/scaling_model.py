@@ -42,10 +42,11 @@ def family(method):
     return method
 
 
-def collective(kind, n, m_bytes, bandwidth, latency):
+def collective_bytes_time(kind, n, m_bytes, bandwidth):
+    """Seconds the link takes for one node's share of a collective of m_bytes per rank (hops counted apart)."""
     if kind == ALL_REDUCE:
-        return 2 * (n - 1) / n * m_bytes / bandwidth + 2 * (n - 1) * latency
-    return (n - 1) * m_bytes / bandwidth + (n - 1) * latency
+        return 2 * (n - 1) / n * m_bytes / bandwidth
+    return (n - 1) * m_bytes / bandwidth
 
 
 def hops(method, n):
@@ -63,7 +64,7 @@ def codec_growth(method, n, decode_share):
 
 def wire_time(method, n, m_bytes, bandwidth):
     """The step's bytes through one node's link; m_bytes is its total per node at 2 ranks."""
-    return collective(COLLECTIVES[family(method)][0], n, m_bytes, bandwidth, 0.0)
+    return collective_bytes_time(COLLECTIVES[family(method)][0], n, m_bytes, bandwidth)
 
 
 class Model:
@@ -103,9 +104,6 @@ class Model:
         growth = codec_growth(method, n, self.decode_share[method])
         return ((codec * growth + hops(method, n) * latency) * contention
                 + wire_time(method, n, self.m_bytes[method], bandwidth))
-
-    def codec(self, method, n, shared_cores=True):
-        return self.codec2[method] * (max(1.0, n / self.cores) if shared_cores else 1.0)
 
     def predict(self, method, n, bandwidth=None, shared_cores=True, codec=None):
         c = self.codec2[method] if codec is None else codec
@@ -176,7 +174,6 @@ def region_plot(model, path):
             for j, n in enumerate(ns):
                 times = [model.predict(m, n, g * 1e9 / 8 * 0.95, False,
                                        model.codec2[m] if kind == "CPU" else gpu_codec(m)) for m in model.methods]
-                # predict() applies codec_growth to whichever codec time it is given
                 best[i, j] = int(np.argmin(times))
         ax.imshow(best, origin="lower", aspect="auto", cmap="tab10", vmin=0, vmax=9,
                   extent=(0.5, len(ns) + 0.5, -1, 2))
@@ -202,7 +199,7 @@ def main():
     rows, mbit = data["rows"], data["args"]["mbit"]
     model = Model(rows, mbit, args.cores)
     tag = os.path.splitext(os.path.basename(args.measurements))[0] + "_model"
-    val, worst = validation_table(model, rows)  # worst == model.worst
+    val, worst = validation_table(model, rows)
     lines = [f"# Scaling model against the emulated cluster ({mbit:g} Mbit/s per node)", "",
              f"Command: `python benchmarks/ddp/scaling_model.py {args.measurements}`  ",
              f"Fitted: bandwidth {model.bandwidth * 8 / 1e6:.1f} Mbit/s effective (link {mbit:g}), software cost per hop "
