@@ -155,7 +155,8 @@ void bind_options(py::module_& m) {
       .def_readwrite("fit_on", &GradiVeQOptions::fit_on)
       .def_readwrite("slice_layout", &GradiVeQOptions::slice_layout)
       .def_readwrite("coeff_dtype", &GradiVeQOptions::coeff_dtype)
-      .def_readwrite("basis_dtype", &GradiVeQOptions::basis_dtype);
+      .def_readwrite("basis_dtype", &GradiVeQOptions::basis_dtype)
+      .def_readwrite("uncompressed_dtype", &GradiVeQOptions::uncompressed_dtype);
   def_nested(options, "include", &GradiVeQOptions::policy, &LayerPolicy::include);
   def_nested(options, "exclude", &GradiVeQOptions::policy, &LayerPolicy::exclude);
   def_nested(options, "min_numel", &GradiVeQOptions::policy, &LayerPolicy::min_numel);

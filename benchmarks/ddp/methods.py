@@ -66,7 +66,8 @@ def add_gradiveq_config(spec: str) -> str:
     options = json.loads(text)
     if not isinstance(options, dict):
         raise ValueError(f"configuration {spec!r}: the JSON must be an object of GradiVeQState arguments")
-    for key in ("coeff_dtype", "basis_dtype"):  # JSON names a dtype as a string: "float16", "bfloat16", "float32"
+    # JSON names a dtype as a string: "float16", "bfloat16", "float32".
+    for key in ("coeff_dtype", "basis_dtype", "uncompressed_dtype"):
         if isinstance(options.get(key), str):
             dtype = getattr(torch, options[key], None)
             if not isinstance(dtype, torch.dtype):

@@ -108,8 +108,8 @@ class GradiVeQAggregator : public BucketAggregator, public std::enable_shared_fr
   /// Packs and compresses one plan (a bucket, or one pipelining group of it), issues its collectives and
   /// returns a future that completes once they have and the plan's gradients are written back.
   c10::intrusive_ptr<c10::ivalue::Future> issue_plan(const std::shared_ptr<detail::BucketPlan>& plan);
-  void pack_plan(detail::BucketPlan& plan, const detail::Segments& segments, bool separate_coeffs,
-                 bool any_qsgd);
+  void pack_plan(detail::BucketPlan& plan, const detail::Segments& segments, bool any_qsgd);
+  at::ScalarType control_dtype(const at::Tensor& buffer) const;
   void finish_plan(detail::BucketPlan& plan);
   detail::PlanContext plan_context(const detail::BucketPlan& plan);
   detail::EngineLayer* find_layer(const at::Tensor& parameter);

@@ -140,6 +140,7 @@ class GradiVeQOptions:
     slice_layout: SliceLayout
     coeff_dtype: torch.dtype
     basis_dtype: torch.dtype
+    uncompressed_dtype: torch.dtype
     include: List[str]
     exclude: List[str]
     min_numel: int

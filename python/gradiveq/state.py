@@ -32,6 +32,7 @@ OPTION_NAMES = tuple(name for name, value in vars(_C.GradiVeQOptions).items() if
 _ENUM_OPTIONS = {"sample_quantizer": _C.SampleQuantizer, "fit_on": _C.FitSamples, "slice_layout": _C.SliceLayout,
                  "sample_source": _C.SampleSource}
 _COEFF_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPE_OPTIONS = ("coeff_dtype", "basis_dtype", "uncompressed_dtype")
 
 
 def _options_dict(cpp_options) -> dict:
@@ -57,7 +58,7 @@ def _normalised(name: str, value):
     """One GradiVeQState argument as ``state.options`` records it (dtypes by name, patterns as lists)."""
     if name in ("include", "exclude"):
         return _patterns(value, name)
-    if name in ("coeff_dtype", "basis_dtype"):
+    if name in _DTYPE_OPTIONS:
         return str(value).replace("torch.", "")
     if name in ("energy", "target_ratio", "min_ratio", "restart_error_growth", "error_budget", "refit_threshold"):
         return float(value)
@@ -478,14 +479,15 @@ class GradiVeQState(_HookState):
         process_group: the group to aggregate over; None uses the DDP model's (the default group).
         energy: PCA energy threshold in (0, 1] (default 0.995; paper: lambda = 0.01, i.e. 0.99): keep the smallest
             d whose eigenvalues hold this fraction of the window's variance. 1.0 keeps all K components (d = K):
-            the hook is then an exact all-reduce up to float rounding (set min_ratio=0 and
-            coeff_dtype=torch.float32 too).
+            the hook is then an exact all-reduce up to float rounding (set min_ratio=0, sample_quantizer="none",
+            coeff_dtype=torch.float32 and uncompressed_dtype=torch.float32 too).
         max_components: cap on d (0: none).
         warmup_iters, sample_iters, compress_iters: the schedule (paper: 2500 / 100 / 400). Iterations count
             synchronised steps (``no_sync`` steps are not counted).
-        sample_quantizer: how sampling iterations are aggregated: "qsgd4" (paper: 4-bit QSGD, 7 levels, bucket
-            512, via all-gather because QSGD codes cannot be summed) or "none" (uncompressed all-reduce; the default:
-            exact samples fit better, measured +0.2 points).
+        sample_quantizer: how sampling iterations are aggregated: "qsgd4" (the default and the paper's: 4-bit
+            QSGD, 7 levels, bucket 512, via all-gather because QSGD codes cannot be summed) or "none"
+            (uncompressed all-reduce in ``uncompressed_dtype``: exact samples; an all-gather's bytes per rank grow
+            with the world size, so from about 8 ranks on "none" puts fewer bytes on the wire).
         coeff_dtype: the dtype the coefficients travel in: torch.float16 (default; half the bytes of float32, with
             the same test accuracy on Fashion-MNIST, benchmarks/results/accuracy_fashion_mnist_cnn.md),
             torch.bfloat16, or torch.float32 (the paper's). A float16 coefficient beyond 65504 (loss scale too
@@ -493,6 +495,11 @@ class GradiVeQState(_HookState):
         basis_dtype: torch.float32, or torch.bfloat16 / torch.float16 to store the PCA bases in half precision:
             half the basis memory and half the bytes the codec streams per step (products still accumulate in
             float32; docs/results.md, "Basis cost and codec time").
+        uncompressed_dtype: the dtype of everything sent uncompressed (the warm-up, uncompressed sampling
+            windows, layers that are not compressed): torch.float16 (the default) or torch.bfloat16, half the
+            bytes of float32, as torch's fp16 / bf16 hooks (on Fashion-MNIST without loss of accuracy), or
+            torch.float32 (each bucket's own dtype; exact warm-up). Equal to coeff_dtype, the coefficients and
+            the verification code ride in the same all-reduce.
         pipeline_chunks: compressed steps cut a bucket's compressed layers into up to this many groups of about
             equal size, each with its own all-reduce, so compressing one group overlaps the transfer of the
             previous one and decompressing it the transfer of the next (docs/results.md, "Hiding the aggregation").
@@ -542,7 +549,9 @@ class GradiVeQState(_HookState):
                  max_components: int = _D["max_components"], fit_on: str = _D["fit_on"],
                  slice_layout: str = _D["slice_layout"], target_ratio: float = _D["target_ratio"],
                  min_ratio: float = _D["min_ratio"], restart_error_growth: float = _D["restart_error_growth"],
-                 basis_dtype: torch.dtype = _D["basis_dtype"], pipeline_chunks: int = _D["pipeline_chunks"],
+                 basis_dtype: torch.dtype = _D["basis_dtype"],
+                 uncompressed_dtype: torch.dtype = _D["uncompressed_dtype"],
+                 pipeline_chunks: int = _D["pipeline_chunks"],
                  sample_source: str = _D["sample_source"], error_budget: float = _D["error_budget"],
                  refit_threshold: float = _D["refit_threshold"], linear_weights: bool = _D["linear_weights"],
                  model: Optional[torch.nn.Module] = None):
@@ -554,16 +563,15 @@ class GradiVeQState(_HookState):
         # The dtypes also as their names ("float16"), as state.options records them: GradiVeQState(**state.options)
         # rebuilds the same state.
         coeff_dtype, basis_dtype = _dtype("coeff_dtype", coeff_dtype), _dtype("basis_dtype", basis_dtype)
+        uncompressed_dtype = _dtype("uncompressed_dtype", uncompressed_dtype)
         for name, value in (("verify_bases", verify_bases), ("error_feedback", error_feedback),
                             ("linear_weights", linear_weights)):
             if not isinstance(value, bool):
                 raise ValueError(f"GradiVeQState: argument '{name}' must be True or False, got {value!r}")
-        if coeff_dtype not in _COEFF_DTYPES:
-            raise ValueError(f"GradiVeQState: argument 'coeff_dtype' must be one of {_COEFF_DTYPES}, "
-                             f"got {coeff_dtype!r}")
-        if basis_dtype not in _COEFF_DTYPES:
-            raise ValueError(f"GradiVeQState: argument 'basis_dtype' must be one of {_COEFF_DTYPES}, "
-                             f"got {basis_dtype!r}")
+        for name, value in (("coeff_dtype", coeff_dtype), ("basis_dtype", basis_dtype),
+                            ("uncompressed_dtype", uncompressed_dtype)):
+            if value not in _COEFF_DTYPES:
+                raise ValueError(f"GradiVeQState: argument '{name}' must be one of {_COEFF_DTYPES}, got {value!r}")
         for name, value in (("warmup_iters", warmup_iters), ("sample_iters", sample_iters),
                             ("compress_iters", compress_iters), ("min_numel", min_numel),
                             ("max_components", max_components), ("seed", seed),
@@ -586,7 +594,7 @@ class GradiVeQState(_HookState):
             value = self.options[name]
             if name in _ENUM_OPTIONS:
                 value = _ENUM_OPTIONS[name].__members__[value]
-            elif name in ("coeff_dtype", "basis_dtype"):
+            elif name in _DTYPE_OPTIONS:
                 value = getattr(torch, value)
             setattr(self._cpp_options, name, value)
         self._cpp_options.validate()

@@ -196,6 +196,8 @@ uint64_t configuration_code(const std::vector<std::unique_ptr<EngineLayer>>& lay
     h = mix(mix(h, uint64_t(l->compressible)), uint64_t(l->layout.slice_len));
   }
   h = mix(mix(h, uint64_t(options.coeff_dtype)), uint64_t(options.basis_dtype));
+  // Mixed in only when set, so the codes (and checkpoints) of earlier configurations stay as they were.
+  if (options.uncompressed_dtype != at::kFloat) h = mix(h, uint64_t(options.uncompressed_dtype));
   h = mix(mix(h, uint64_t(options.sample_quantizer)), uint64_t(options.fit_on));
   h = mix(mix(h, uint64_t(options.slice_layout)), uint64_t(options.pipeline_chunks));
   h = mix(mix(h, uint64_t(options.sample_source)), uint64_t(options.error_feedback));
@@ -210,8 +212,30 @@ uint64_t bases_checksum(const std::vector<std::unique_ptr<EngineLayer>>& layers)
   return h;
 }
 
-VerificationCode::VerificationCode(uint64_t code, int64_t world_size)
-    : code_(code), world_size_(world_size), bits_(world_size <= 256 ? 16 : 8) {}
+namespace {
+
+// The largest integer below which every integer is exact in a half-precision dtype (2^(mantissa bits + 1)).
+int64_t exact_integers(at::ScalarType carrier) { return carrier == at::kHalf ? 2048 : 256; }
+
+// The widest chunk (at most 16 bits) whose sum over world_size ranks stays exact in `carrier`; 0 if none.
+int64_t chunk_bits(int64_t world_size, at::ScalarType carrier) {
+  if (carrier == at::kFloat) return world_size <= 256 ? 16 : 8;
+  int64_t bits = 16;
+  while (bits > 0 && ((int64_t(1) << bits) - 1) * world_size > exact_integers(carrier)) --bits;
+  return bits;
+}
+
+}  // namespace
+
+VerificationCode::VerificationCode(uint64_t code, int64_t world_size, at::ScalarType carrier)
+    : code_(code), world_size_(world_size), bits_(chunk_bits(world_size, carrier)) {
+  TORCH_CHECK(bits_ > 0, "gradiveq: the verification code cannot travel in ", carrier, " for ", world_size,
+              " ranks");
+}
+
+bool VerificationCode::fits(int64_t world_size, at::ScalarType carrier) {
+  return chunk_bits(world_size, carrier) > 0;
+}
 
 uint64_t VerificationCode::of_state(int64_t iteration, const GradiVeQOptions& options, int64_t schedule_shift,
                                     uint64_t configuration_code, uint64_t bases_checksum) {
@@ -228,7 +252,7 @@ uint64_t VerificationCode::of_state(int64_t iteration, const GradiVeQOptions& op
 void VerificationCode::write(at::Tensor slot) const {
   std::vector<float> values(static_cast<size_t>(length()));
   for (int64_t j = 0; j < length(); ++j) values[static_cast<size_t>(j)] = float(chunk(j));
-  slot.copy_(at::tensor(values, at::kFloat));
+  slot.copy_(at::tensor(values, at::kFloat));  // exact in the carrier: each chunk is a small integer
 }
 
 void VerificationCode::check(const at::Tensor& summed, int64_t iteration, int64_t rank) const {

@@ -46,14 +46,18 @@ uint64_t bases_checksum(const std::vector<std::unique_ptr<EngineLayer>>& layers)
 /// The state code of one step, written into the all-reduce and checked from it, side by side.
 class VerificationCode {
  public:
-  VerificationCode(uint64_t code, int64_t world_size);
+  /// Its values travel in `carrier`: each holds a chunk of the code narrow enough that the sum over
+  /// world_size ranks is an exact integer in that dtype (float32: 16-bit chunks up to 256 ranks, else 8-bit).
+  VerificationCode(uint64_t code, int64_t world_size, at::ScalarType carrier = at::kFloat);
+  /// Whether half-precision `carrier` sums 1-bit chunks of world_size ranks exactly (float32 always does).
+  static bool fits(int64_t world_size, at::ScalarType carrier);
   /// The code of the state the ranks must agree on at `iteration`.
   static uint64_t of_state(int64_t iteration, const GradiVeQOptions& options, int64_t schedule_shift,
                            uint64_t configuration_code, uint64_t bases_checksum);
 
-  /// Float32 values it takes in the all-reduce.
-  int64_t length() const { return 64 / bits_; }
-  /// Writes the chunks into `slot` (length() float32 values).
+  /// Values it takes in the all-reduce.
+  int64_t length() const { return (64 + bits_ - 1) / bits_; }
+  /// Writes the chunks into `slot` (length() values of the carrier dtype).
   void write(at::Tensor slot) const;
   /// Raises (every rank alike) unless each summed chunk in `summed` is world_size times this rank's own.
   void check(const at::Tensor& summed, int64_t iteration, int64_t rank) const;

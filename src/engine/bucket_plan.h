@@ -53,7 +53,7 @@ struct PlanContext {
   int64_t rank = 0;
   uint64_t seed = 0;
   at::ScalarType coeff_dtype = at::kFloat;
-  int64_t raw_element_size = 4;  // bytes per raw value on the wire (the bucket's dtype)
+  int64_t raw_element_size = 4;  // bytes per raw value on the wire (raw_dtype)
   FitSamples fit_on = FitSamples::kAllSlices;
   bool error_feedback = false;
   std::mutex* samples_mutex = nullptr;  // guards layers' samples and stats
@@ -64,10 +64,14 @@ struct BucketPlan {
   std::vector<Entry> entries;
   int64_t iter = 0;
   bool in_place = false;  // plain all-reduce of `buffer` itself
-  at::Tensor packed;  // the raw values' all-reduce, in the bucket's dtype (float32 buckets: also the control)
-  at::Tensor control;  // float32 [coefficients if float32 | verification code | vote]: a view of `packed` for
-                       // float32 buckets, its own all-reduce for half-precision ones (exact integer sums)
-  at::Tensor coeffs;   // coefficient segment: a view of `packed`, or its own tensor of coeff_dtype
+  // The raw all-reduce [raw values | coefficients of the same dtype], in the raw dtype (raw_dtype of the
+  // bucket and uncompressed_dtype); also the control values when they share that dtype.
+  at::Tensor packed;
+  // [float32 coefficients | verification code | vote] in control_dtype (exact integer sums): a view of
+  // `packed` when that is the raw dtype, else its own float32 all-reduce.
+  at::Tensor control;
+  at::Tensor coeffs;  // coefficients: a view of `packed` or `control`, or their own tensor of coeff_dtype
+  bool coeffs_own_all_reduce = false;  // `coeffs` is its own tensor (a third dtype) and all-reduced alone
   std::unique_ptr<GatherPipeline> sampling;  // sampled QSGD layers' messages
   std::vector<at::Tensor> sampled_sums;      // their decoded sums over ranks, once gathered
   std::optional<VerificationCode> verify;

@@ -21,10 +21,11 @@ inline c10::intrusive_ptr<c10::ivalue::Future> when_all(
 }
 
 /// The dtype a bucket's uncompressed values travel in: a half-precision bucket's own (DDP's default
-/// all-reduce sends no more), else float32.
-inline at::ScalarType raw_dtype(const at::Tensor& buffer) {
+/// all-reduce sends no more; a bfloat16 model keeps its range), else `requested` (uncompressed_dtype).
+inline at::ScalarType raw_dtype(const at::Tensor& buffer, at::ScalarType requested = at::kFloat) {
   const auto t = buffer.scalar_type();
-  return t == at::kHalf || t == at::kBFloat16 ? t : at::kFloat;
+  if (t == at::kHalf || t == at::kBFloat16) return t;
+  return requested == at::kHalf || requested == at::kBFloat16 ? requested : at::kFloat;
 }
 
 /// Bytes one rank sends in a ring all-reduce of `bytes` over `world_size` ranks: 2 (N - 1) / N of them.

@@ -36,6 +36,8 @@ void GradiVeQOptions::validate() const {
                 "must be float32, float16 or bfloat16, got ", coeff_dtype);
   GVQ_CHECK_ARG(detail::is_float_like(basis_dtype), kWhere, "basis_dtype",
                 "must be float32, float16 or bfloat16, got ", basis_dtype);
+  GVQ_CHECK_ARG(detail::is_float_like(uncompressed_dtype), kWhere, "uncompressed_dtype",
+                "must be float32, float16 or bfloat16, got ", uncompressed_dtype);
   GVQ_CHECK_ARG(policy.min_numel >= 0, kWhere, "min_numel", "must be >= 0, got ", policy.min_numel);
   GVQ_CHECK_ARG(pipeline_chunks >= 1, kWhere, "pipeline_chunks", "must be >= 1, got ", pipeline_chunks);
   GVQ_CHECK_ARG(error_budget == 0.0 || (error_budget > 0.0 && error_budget < 1.0), kWhere, "error_budget",
@@ -66,6 +68,7 @@ GradiVeQOptions GradiVeQOptions::paper() {
   o.slice_layout = SliceLayoutKind::kKernelRow;
   o.restart_error_growth = 0.0;
   o.coeff_dtype = at::kFloat;
+  o.uncompressed_dtype = at::kFloat;
   return o;
 }
 
@@ -142,7 +145,7 @@ detail::PlanContext GradiVeQAggregator::plan_context(const BucketPlan& plan) {
           rank_,
           options_.seed,
           options_.coeff_dtype,
-          int64_t(c10::elementSize(detail::raw_dtype(plan.buffer))),
+          int64_t(c10::elementSize(detail::raw_dtype(plan.buffer, options_.uncompressed_dtype))),
           options_.fit_on,
           options_.error_feedback,
           &stats_mutex_};
@@ -243,7 +246,7 @@ std::vector<std::shared_ptr<BucketPlan>> GradiVeQAggregator::plan_bucket(
     if (options_.verify_bases && index == 0 && g == 0) {
       plan->verify.emplace(detail::VerificationCode::of_state(iteration_, options_, window_->shift(),
                                                               configuration_code_, bases_checksum_),
-                           world_size_);
+                           world_size_, control_dtype(buffer));
     }
     // The adaptive window's vote rides in the step's last all-reduce of every compressed step, after every
     // layer of the step has been compressed.
@@ -253,29 +256,46 @@ std::vector<std::shared_ptr<BucketPlan>> GradiVeQAggregator::plan_bucket(
   return plans;
 }
 
-// Lays out the raw all-reduce and the float32 control values [float32 coefficients | verification code |
-// vote] (one tensor for a float32 bucket, two for a half-precision one), packs every entry into them (and the
-// coefficients into their own tensor when they travel in half precision, the sampled QSGD layers into the
-// gather pipeline), then writes the verification code and the restart vote.
-void GradiVeQAggregator::pack_plan(BucketPlan& plan, const detail::Segments& segments, bool separate_coeffs,
-                                   bool any_qsgd) {
-  const int64_t coeffs_in_control = separate_coeffs ? 0 : segments.coeff;
+// The dtype of a plan's control values (verification code, restart vote): the raw values' when they are half
+// precision, the coefficients are not float32 and that dtype sums them exactly, so that they ride in the raw
+// all-reduce; else float32.
+at::ScalarType GradiVeQAggregator::control_dtype(const at::Tensor& buffer) const {
+  const at::ScalarType raw = detail::raw_dtype(buffer, options_.uncompressed_dtype);
+  if (raw == at::kFloat || options_.coeff_dtype == at::kFloat) return at::kFloat;
+  return detail::VerificationCode::fits(world_size_, raw) ? raw : at::kFloat;
+}
+
+// Lays out the raw all-reduce [raw values | coefficients of its dtype] and the control values [float32
+// coefficients if the raw values are not float32 | verification code | vote] (one tensor when they share the
+// raw values' dtype, two otherwise; coefficients of a third dtype get a tensor of their own), packs every
+// entry into them (the sampled QSGD layers into the gather pipeline), then writes the verification code and
+// the restart vote.
+void GradiVeQAggregator::pack_plan(BucketPlan& plan, const detail::Segments& segments, bool any_qsgd) {
+  const at::ScalarType raw = detail::raw_dtype(plan.buffer, options_.uncompressed_dtype);
+  const bool coeffs_with_raw = options_.coeff_dtype == raw;
+  const bool coeffs_in_control = !coeffs_with_raw && options_.coeff_dtype == at::kFloat;
+  const int64_t raw_len = segments.raw + (coeffs_with_raw ? segments.coeff : 0);
   const int64_t verify_len = plan.verify ? plan.verify->length() : 0;
-  const int64_t control_len = coeffs_in_control + verify_len + (plan.vote ? 1 : 0);
+  const int64_t control_len = (coeffs_in_control ? segments.coeff : 0) + verify_len + (plan.vote ? 1 : 0);
   const auto fopts = plan.buffer.options().dtype(at::kFloat);
-  const at::ScalarType raw = detail::raw_dtype(plan.buffer);
   int64_t control_base = 0;
-  if (raw == at::kFloat) {
-    plan.packed = at::empty({segments.raw + control_len}, fopts);
+  if (control_dtype(plan.buffer) == raw) {
+    plan.packed = at::empty({raw_len + control_len}, fopts.dtype(raw));
     plan.control = plan.packed;
-    control_base = segments.raw;
+    control_base = raw_len;
   } else {
-    plan.packed = at::empty({segments.raw}, fopts.dtype(raw));
+    plan.packed = at::empty({raw_len}, fopts.dtype(raw));
     plan.control = at::empty({control_len}, fopts);
   }
-  plan.coeffs = separate_coeffs ? at::empty({segments.coeff}, fopts.dtype(options_.coeff_dtype))
-                                : plan.control.narrow(0, control_base, segments.coeff);
-  plan.verify_offset = control_base + coeffs_in_control;
+  if (coeffs_with_raw) {
+    plan.coeffs = plan.packed.narrow(0, segments.raw, segments.coeff);
+  } else if (coeffs_in_control) {
+    plan.coeffs = plan.control.narrow(0, control_base, segments.coeff);
+  } else {
+    plan.coeffs = at::empty({segments.coeff}, fopts.dtype(options_.coeff_dtype));
+    plan.coeffs_own_all_reduce = segments.coeff > 0;
+  }
+  plan.verify_offset = control_base + (coeffs_in_control ? segments.coeff : 0);
   plan.vote_offset = plan.verify_offset + verify_len;
   if (any_qsgd) plan.sampling = std::make_unique<detail::GatherPipeline>(sampling_codec_);
   const detail::PlanContext ctx = plan_context(plan);
@@ -306,16 +326,16 @@ c10::intrusive_ptr<c10::ivalue::Future> GradiVeQAggregator::issue_plan(
   const auto all_reduce = [&](const at::Tensor& t) {
     futures.push_back(detail::issue_all_reduce(*pg_, t, plan->bytes));
   };
-  if (all_raw && plan->whole_bucket && !plan->verify && !plan->vote) {
+  const bool converts = detail::raw_dtype(buffer, options_.uncompressed_dtype) != buffer.scalar_type();
+  if (all_raw && plan->whole_bucket && !plan->verify && !plan->vote && !converts) {
     // Nothing to compress: the bucket itself is all-reduced in place, exactly like DDP's default.
     plan->in_place = true;
     all_reduce(buffer);
   } else {
-    const bool separate_coeffs = options_.coeff_dtype != at::kFloat && segments.coeff > 0;
-    pack_plan(*plan, segments, separate_coeffs, any_qsgd);
+    pack_plan(*plan, segments, any_qsgd);
     if (plan->packed.numel() > 0) all_reduce(plan->packed);
     if (!plan->control.is_same(plan->packed) && plan->control.numel() > 0) all_reduce(plan->control);
-    if (separate_coeffs) all_reduce(plan->coeffs);
+    if (plan->coeffs_own_all_reduce) all_reduce(plan->coeffs);
     if (plan->sampling) futures.push_back(plan->sampling->issue(*pg_, buffer.device(), plan->bytes));
   }
   int64_t uncompressed = 0;

@@ -28,7 +28,7 @@ SynchronizerOptions following_options() {
   o.gradiveq.policy.min_numel = 100;
   o.gradiveq.fit.energy = 0.9;
   o.gradiveq.fit.min_ratio = 4.0;
-  o.gradiveq.coeff_dtype = at::kFloat;
+  o.gradiveq.coeff_dtype = o.gradiveq.uncompressed_dtype = at::kFloat;
   return o;
 }
 

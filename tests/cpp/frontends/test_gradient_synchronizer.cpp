@@ -45,7 +45,7 @@ SynchronizerOptions exact_options() {
   SynchronizerOptions o;
   o.gradiveq.fit.energy = 1.0;
   o.gradiveq.fit.min_ratio = 0.0;
-  o.gradiveq.coeff_dtype = at::kFloat;  // lossless up to float32 rounding
+  o.gradiveq.coeff_dtype = o.gradiveq.uncompressed_dtype = at::kFloat;  // lossless up to float32 rounding
   o.gradiveq.schedule = {1, 2, 3};
   o.gradiveq.sample_quantizer = SampleQuantizer::kNone;
   o.gradiveq.policy.min_numel = 100;
@@ -77,6 +77,37 @@ TEST_P(SynchronizerRanks, FullRankEqualsPlainAllReduceAverageInEveryPhase) {
 }
 
 INSTANTIATE_TEST_SUITE_P(World, SynchronizerRanks, ::testing::Values(2, 3, 4));
+
+// uncompressed_dtype = float16: every phase averages like plain all-reduce within float16 rounding, the warm-up
+// and sampling steps put half the bytes into their collectives, and no step takes more collectives.
+TEST(GradientSynchronizer, HalfPrecisionUncompressedValuesHalveTheirBytes) {
+  std::vector<std::vector<at::Tensor>> grads(2);
+  run_ranks(2, [&](int rank, c10::intrusive_ptr<c10d::ProcessGroup> pg) {
+    TinyNet net(7), full_net(7), reference(7);
+    SynchronizerOptions half = exact_options(), full = exact_options();
+    half.gradiveq.uncompressed_dtype = half.gradiveq.coeff_dtype = at::kHalf;
+    full.gradiveq.coeff_dtype = at::kHalf;
+    full.gradiveq.uncompressed_dtype = at::kFloat;
+    GradientSynchronizer sync(pg, net.params, half), full_sync(pg, full_net.params, full);
+    for (int step = 0; step < 6; ++step) {  // warm-up 1, sampling 2, compressed 3
+      auto [x, y] = batch(rank, step);
+      for (TinyNet* n : {&net, &full_net, &reference}) {
+        n->zero_grad();
+        n->loss(x, y).backward();
+      }
+      sync.synchronize();
+      full_sync.synchronize();
+      expect_plain_average(net, reference, *pg, 2e-3,
+                           "rank " + std::to_string(rank) + " step " + std::to_string(step));
+      const StepStats h = sync.engine().step_stats(), f = full_sync.engine().step_stats();
+      if (step < 3) EXPECT_LT(double(h.bytes_payload), 0.52 * double(f.bytes_payload)) << step;
+      // The verification code rides in the float16 all-reduce too: never an extra collective.
+      EXPECT_LE(h.collectives, f.collectives) << step;
+    }
+    for (auto& np : net.params) grads[rank].push_back(np.tensor.grad().clone());
+  });
+  for (size_t i = 0; i < grads[0].size(); ++i) EXPECT_TRUE(at::equal(grads[0][i], grads[1][i])) << i;
+}
 
 // The LibTorch front end runs any engine: QSGD, CO3 and CASQ through the gather engine. Each must average the
 // ranks' gradients (QSGD and CASQ unbiased, CO3 fp8 fine-grained) with every rank applying the same result, and
