@@ -498,8 +498,8 @@ class GradiVeQState(_HookState):
         uncompressed_dtype: the dtype of everything sent uncompressed (the warm-up, uncompressed sampling
             windows, layers that are not compressed): torch.float16 (the default) or torch.bfloat16, half the
             bytes of float32, as torch's fp16 / bf16 hooks (on Fashion-MNIST without loss of accuracy), or
-            torch.float32 (each bucket's own dtype; exact warm-up). Equal to coeff_dtype, the coefficients and
-            the verification code ride in the same all-reduce.
+            torch.float32 (exact warm-up). A half-precision model always sends its own dtype. Equal to
+            coeff_dtype, the coefficients and the verification code ride in the same all-reduce.
         pipeline_chunks: compressed steps cut a bucket's compressed layers into up to this many groups of about
             equal size, each with its own all-reduce, so compressing one group overlaps the transfer of the
             previous one and decompressing it the transfer of the next (docs/results.md, "Hiding the aggregation").

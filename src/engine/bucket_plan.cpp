@@ -160,9 +160,7 @@ Mode mode_for(const EngineLayer& layer, Phase phase, SampleQuantizer sample_quan
     return Mode::kCompressed;
   }
   if (layer.compressible && phase == Phase::kSampling) {
-    // With local samples this is the first window, the warm-up's last steps: uncompressed like the warm-up.
-    const bool qsgd = sample_quantizer == SampleQuantizer::kQsgd4 && source != SampleSource::kLocal;
-    return qsgd ? Mode::kSampledQsgd : Mode::kSampledRaw;
+    return samples_as_qsgd(sample_quantizer, source) ? Mode::kSampledQsgd : Mode::kSampledRaw;
   }
   if (layer.compressible && phase == Phase::kCompressed && layer.pca.is_fitted()) return Mode::kCompressed;
   return Mode::kRaw;

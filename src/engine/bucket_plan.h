@@ -36,6 +36,12 @@ enum class Mode { kRaw, kCompressed, kSampledRaw, kSampledQsgd };
 /// windows when the samples are local.
 Mode mode_for(const EngineLayer& layer, Phase phase, SampleQuantizer sample_quantizer, SampleSource source);
 
+/// Whether a layer without a basis travels QSGD-coded in a sampling window. With local samples that window is
+/// the first one, the warm-up's last steps, and it travels uncompressed like the warm-up.
+inline bool samples_as_qsgd(SampleQuantizer sample_quantizer, SampleSource source) {
+  return sample_quantizer == SampleQuantizer::kQsgd4 && source != SampleSource::kLocal;
+}
+
 struct Entry {
   EngineLayer* layer = nullptr;
   Mode mode = Mode::kRaw;

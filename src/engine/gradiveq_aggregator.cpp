@@ -156,7 +156,7 @@ detail::PlanContext GradiVeQAggregator::plan_context(const BucketPlan& plan) {
 void GradiVeQAggregator::begin_iteration() {
   window_->begin_step(schedule_, iteration_);
   steps_->begin(iteration_, phase_name(phase_at(iteration_)),
-                options_.sample_quantizer == SampleQuantizer::kQsgd4
+                detail::samples_as_qsgd(options_.sample_quantizer, options_.sample_source)
                     ? "all-gather of 4-bit QSGD (not summable)"
                     : "all-reduce (uncompressed)");
   steps_->set_window_restarts(window_->restarts());

@@ -137,7 +137,7 @@ def test_half_precision_uncompressed_values_halve_their_bytes_and_keep_ranks_ide
             assert torch.equal(g, half[1]["grads"][step][n]), (step, n)
     for step, phase in enumerate(PHASES):
         h, f = half[0]["step_stats"][step], full[0]["step_stats"][step]
-        if phase != "compressed":  # everything travels uncompressed: half the bytes, bar the float32 check code
+        if phase != "compressed":  # everything travels uncompressed: half the bytes, bar the verification code
             assert h["bytes_payload"] < 0.52 * f["bytes_payload"], (step, h["bytes_payload"], f["bytes_payload"])
         else:  # the layers left uncompressed and the slice tails halve
             assert h["bytes_payload"] < f["bytes_payload"], step
@@ -261,6 +261,9 @@ def test_local_samples_compress_every_step_after_warmup_on_real_ddp():
     # With local samples the first window is the warm-up's last 3 steps: compressed from step 3 on, sampling
     # windows included (the schedule still names them), and the bases are refitted after every window.
     assert res[0]["phases"][:3] == ["sampling"] * 3  # warm-up 2 - 3 < 0: the whole warm-up samples
+    # ... and travels uncompressed in the all-reduce, whatever sample_quantizer (QSGD by default) says.
+    assert res[0]["step_stats"][0]["sampling_aggregation"] == "all-reduce (uncompressed)"
+    assert res[0]["step_stats"][0]["collectives"] == 1
     conv = {n: s for n, s in res[0]["stats"]["layers"].items() if s["compressible"]}
     assert set(conv) == {"conv2.weight", "conv3.weight", "conv1.weight", "fc.weight"}
     assert conv["fc.weight"]["K"] == 288  # one output row of the linear head per slice
