@@ -230,6 +230,7 @@ void bind_stats(py::module_& m) {
       .def_readonly("window_restarts", &StepStats::window_restarts)
       .def_readonly("decompress_ms", &StepStats::decompress_ms)
       .def_readonly("fit_ms", &StepStats::fit_ms)
+      .def_readonly("bytes_bases", &StepStats::bytes_bases)
       .def_readonly("sampling_aggregation", &StepStats::sampling_aggregation)
       .def_readonly("values_encoded", &StepStats::values_encoded)
       .def_readonly("bytes_encoded", &StepStats::bytes_encoded)

@@ -372,7 +372,8 @@ def report(results, args):
               "Wire KB/step/rank: bytes the run's loopback transmitted (both ranks, TCP/IP headers included) from "
               "the first training step to the last, / steps / 2 ranks, mean over seeds; warm-up and sampling steps "
               "included, evaluation excluded (it runs no collective). Payload KB/step/rank: the bytes each method "
-              "hands to its collectives per step by its own accounting (rank 0, mean over all steps and seeds). "
+              "hands to its collectives per step by its own accounting (rank 0, mean over all steps and seeds; "
+              "GradiVeQ's include the bases rank 0 broadcast). "
               "Vs plain: accuracy difference to plain all-reduce with the same seed, in points; paired spread: "
               "min..max of those per-seed differences.",
               "Conv ratio: the conv layers' uncompressed bytes over the bytes they sent in the last compressed step "

@@ -192,7 +192,8 @@ class Method:
     def measure(self, world_size) -> dict:
         if self.ours:
             st = self.state.stats()["step"]
-            row = dict(agg=st["aggregation_ms"] / 1e3, bytes=st["bytes_payload"], wire=st["bytes_wire"],
+            # A new basis counts where it is sent: the fitting rank's broadcasts of that step.
+            row = dict(agg=st["aggregation_ms"] / 1e3, bytes=st["bytes_payload"] + st.get("bytes_bases", 0), wire=st["bytes_wire"],
                        uncompressed=st["bytes_uncompressed"], phase=st["phase"], fit=st["fit_ms"] / 1e3,
                        codec=(st["compress_ms"] + st["decompress_ms"]) / 1e3, compress=st["compress_ms"] / 1e3,
                        decompress=st["decompress_ms"] / 1e3, buckets=st["buckets"])

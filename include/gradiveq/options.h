@@ -138,9 +138,9 @@ struct GradiVeQOptions {
   /// dtype unless uncompressed_dtype is the same. A float16 coefficient beyond 65504 (loss scaling too
   /// high) becomes inf on every rank alike, which GradScaler detects and skips, as with torch's fp16 hook.
   at::ScalarType coeff_dtype = at::kHalf;
-  /// dtype the bases are stored in: float32, or bfloat16 / float16 (half the basis memory and half the bytes
-  /// the codec streams per step; products still accumulate in float32). The fitting rank rounds before the
-  /// broadcast, so every rank holds the same basis.
+  /// dtype the bases are stored in: float32, or bfloat16 / float16 (half the basis memory, half the bytes
+  /// the codec streams per step and half those of every basis broadcast; products still accumulate in
+  /// float32). The fitting rank rounds before the broadcast, so every rank holds the same basis.
   at::ScalarType basis_dtype = at::kFloat;
   /// dtype the values sent uncompressed travel in: the warm-up, uncompressed sampling windows, the layers
   /// that are not compressed and the compressed layers' slice tails. float16 (default) or bfloat16 halves

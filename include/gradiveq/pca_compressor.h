@@ -54,17 +54,19 @@ class PcaCompressor {
   void decompress_into(const at::Tensor& coeffs, at::Tensor out) const;
 
   /// Self-describing, versioned byte image (uint8 CPU tensor) of mu, U and the eigenvalues: what is
-  /// broadcast from the fitting rank and stored in checkpoints.
+  /// broadcast from the fitting rank and stored in checkpoints. U is written in its own dtype, so a
+  /// half-precision basis broadcasts (K d) 2 bytes instead of 4.
   at::Tensor serialize() const;
-  /// Inverse of serialize; throws InvalidArgument on a truncated, corrupted or wrong-version image.
+  /// Inverse of serialize (also of version-1 images, float32 throughout); the basis comes back in the dtype
+  /// it was written in. Throws InvalidArgument on a truncated, corrupted or wrong-version image.
   static PcaCompressor deserialize(const at::Tensor& bytes);
   /// 64-bit checksum of the serialized image; equal on all ranks iff their bases are bit-identical.
   uint64_t checksum() const;
 
   /// Copy whose basis is stored in `dtype` (float32, bfloat16 or float16), rounded to nearest: half the memory
   /// and half the bytes each compress / decompress streams. The products still accumulate in float32; the
-  /// result is exactly that of the float32 widening of the stored basis. serialize() writes that widening, so
-  /// a broadcast or checkpointed half-precision basis comes back bit-identical after with_basis_dtype again.
+  /// result is exactly that of the float32 widening of the stored basis. A broadcast or checkpointed
+  /// half-precision basis comes back bit-identical.
   PcaCompressor with_basis_dtype(at::ScalarType dtype) const;
 
   /// Copy whose tensors live on `device` (the coefficients are computed where the slices are).

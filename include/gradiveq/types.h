@@ -31,6 +31,9 @@ struct StepStats {
   double compress_ms = 0.0;     ///< packing and compressing, in the hook call
   double decompress_ms = 0.0;   ///< unpacking and decompressing, in the callbacks
   double fit_ms = 0.0;          ///< fitting and distributing bases (only on steps that fit)
+  /// Bytes of the basis images (and their size tables) this rank broadcast as a fitting rank, only on steps
+  /// that fit; not part of bytes_payload. Each is received by the N - 1 other ranks.
+  int64_t bytes_bases = 0;
   std::string sampling_aggregation;
   /// This rank's local loss (eq. 7) over the layers it compressed in the step, sqrt(sum of squared residuals
   /// / sum of squared gradients); -1 when nothing was compressed.

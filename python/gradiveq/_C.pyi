@@ -217,6 +217,7 @@ class StepStats:
     compress_ms: float
     decompress_ms: float
     fit_ms: float
+    bytes_bases: int
     sampling_aggregation: str
     relative_error: float
     window_restarts: int

@@ -90,7 +90,7 @@ def _step_dict(st) -> "StepStats":
     return dict(iteration=st.iteration, phase=st.phase, buckets=st.buckets, collectives=st.collectives,
                 bytes_uncompressed=st.bytes_uncompressed, bytes_payload=st.bytes_payload, bytes_wire=st.bytes_wire,
                 aggregation_ms=st.aggregation_ms, compress_ms=st.compress_ms, decompress_ms=st.decompress_ms,
-                fit_ms=st.fit_ms, sampling_aggregation=st.sampling_aggregation, relative_error=st.relative_error,
+                fit_ms=st.fit_ms, bytes_bases=st.bytes_bases, sampling_aggregation=st.sampling_aggregation, relative_error=st.relative_error,
                 window_restarts=st.window_restarts, values_encoded=st.values_encoded,
                 bytes_encoded=st.bytes_encoded, warning=st.warning)
 
@@ -124,6 +124,7 @@ class StepStats(TypedDict):
     compress_ms: float
     decompress_ms: float
     fit_ms: float
+    bytes_bases: int         # basis images this rank broadcast as a fitting rank (steps that fit; not in payload)
     sampling_aggregation: str
     relative_error: float    # eq. 7 local loss of the compressed layers, or the codec's error; -1: none
     window_restarts: int

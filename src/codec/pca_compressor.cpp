@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <vector>
 
 #include "util/byte_io.h"
@@ -20,9 +21,22 @@ namespace gradiveq {
 namespace {
 
 constexpr char kMagic[4] = {'G', 'V', 'Q', 'B'};
-constexpr uint32_t kFormatVersion = 1;
-// magic, version, K, d, num_samples
-constexpr size_t kHeaderBytes = 4 + 4 + 8 + 8 + 8;
+// Version 2 stores U in its own dtype (a half-precision basis broadcasts half the bytes); version 1, float32
+// throughout, is still read (checkpoints written before).
+constexpr uint32_t kFormatVersion = 2;
+constexpr uint32_t kFloat32OnlyVersion = 1;
+// magic, version, K, d, num_samples; version 2 adds the basis dtype (uint32 code)
+constexpr size_t kHeaderBytesV1 = 4 + 4 + 8 + 8 + 8;
+constexpr size_t kHeaderBytes = kHeaderBytesV1 + 4;
+
+// The basis dtype's code in an image, and back.
+uint32_t basis_dtype_code(at::ScalarType dtype) { return dtype == at::kHalf ? 1 : dtype == at::kBFloat16 ? 2 : 0; }
+std::optional<at::ScalarType> basis_dtype_of_code(uint32_t code) {
+  if (code == 0) return at::kFloat;
+  if (code == 1) return at::kHalf;
+  if (code == 2) return at::kBFloat16;
+  return std::nullopt;
+}
 
 // Relative threshold under which an eigenvalue of the Gram/covariance matrix is treated as zero: the
 // corresponding direction is rounding noise, and dividing by its square root would amplify it.
@@ -364,10 +378,11 @@ at::Tensor PcaCompressor::serialize() const {
   out.put(slice_len());
   out.put(num_components());
   out.put(num_samples_);
+  out.put(basis_dtype_code(basis_.scalar_type()));
   GVQ_ASSERT(out.size() == kHeaderBytes);
   for (const at::Tensor& t : {mean_, eigenvalues_, basis_}) {
-    at::Tensor c = t.to(at::kCPU, at::kFloat).contiguous();
-    out.put_raw(c.data_ptr<float>(), c.nbytes());
+    const at::Tensor c = t.to(at::kCPU).contiguous();
+    out.put_raw(c.data_ptr(), c.nbytes());
   }
   return out.to_tensor();
 }
@@ -383,23 +398,31 @@ PcaCompressor PcaCompressor::deserialize(const at::Tensor& bytes) {
   detail::ByteReader in(b.data_ptr<uint8_t>(), n, kWhere, "bytes");
   GVQ_CHECK_ARG(std::memcmp(in.take(4), kMagic, 4) == 0, kWhere, "bytes", "does not start with the GVQB magic");
   const auto version = in.get<uint32_t>();
-  GVQ_CHECK_ARG(version == kFormatVersion, kWhere, "bytes", "has format version ", version,
-                ", this build reads version ", kFormatVersion);
+  GVQ_CHECK_ARG(version == kFormatVersion || version == kFloat32OnlyVersion, kWhere, "bytes", "has format version ",
+                version, ", this build reads versions ", kFloat32OnlyVersion, " and ", kFormatVersion);
   const auto k = in.get<int64_t>(), d = in.get<int64_t>(), samples = in.get<int64_t>();
   GVQ_CHECK_ARG(k >= 1 && d >= 1 && d <= k && k <= (int64_t(1) << 24) && samples >= 0, kWhere, "bytes",
                 "has an invalid header (K = ", k, ", d = ", d, ", samples = ", samples, ")");
-  const size_t expected = kHeaderBytes + sizeof(float) * size_t(k + k + k * d);
+  at::ScalarType basis_dtype = at::kFloat;
+  if (version == kFormatVersion) {
+    const auto code = in.get<uint32_t>();
+    const auto dtype = basis_dtype_of_code(code);
+    GVQ_CHECK_ARG(dtype.has_value(), kWhere, "bytes", "has an unknown basis dtype code ", code);
+    basis_dtype = *dtype;
+  }
+  const size_t header = version == kFormatVersion ? kHeaderBytes : kHeaderBytesV1;
+  const size_t expected = header + sizeof(float) * size_t(k + k) + at::elementSize(basis_dtype) * size_t(k * d);
   GVQ_CHECK_ARG(n == expected, kWhere, "bytes", "has ", n, " bytes, expected ", expected, " for K = ", k,
-                ", d = ", d, " (truncated or corrupted)");
-  auto take = [&](at::IntArrayRef shape) {
-    at::Tensor t = at::empty(shape, at::kFloat);
-    std::memcpy(t.data_ptr<float>(), in.take(t.nbytes()), t.nbytes());
+                ", d = ", d, ", a ", basis_dtype, " basis (truncated or corrupted)");
+  auto take = [&](at::IntArrayRef shape, at::ScalarType dtype) {
+    at::Tensor t = at::empty(shape, dtype);
+    std::memcpy(t.data_ptr(), in.take(t.nbytes()), t.nbytes());
     return t;
   };
   PcaCompressor pca;
-  pca.mean_ = take({k});
-  pca.eigenvalues_ = take({k});
-  pca.basis_ = take({k, d});
+  pca.mean_ = take({k}, at::kFloat);
+  pca.eigenvalues_ = take({k}, at::kFloat);
+  pca.basis_ = take({k, d}, basis_dtype);
   pca.num_samples_ = samples;
   for (const at::Tensor& t : {pca.mean_, pca.eigenvalues_, pca.basis_}) {
     GVQ_CHECK_ARG(at::isfinite(t).all().item<bool>(), kWhere, "bytes", "holds non-finite values");

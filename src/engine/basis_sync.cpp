@@ -155,7 +155,7 @@ void install_bases(const std::vector<EngineLayer*>& fittable, const std::vector<
     offset += n;
     PcaCompressor pca = PcaCompressor::deserialize(image);
     GVQ_ASSERT(pca.slice_len() == l->layout.slice_len, "fitted basis has the wrong slice length");
-    l->pca = pca.with_basis_dtype(basis_dtype).to(l->device);
+    l->pca = pca.with_basis_dtype(basis_dtype).to(l->device);  // a no-op unless the image is of another dtype
     l->checksum = checksum_bytes(image);
     l->stats.fits += 1;
     l->stats.fit_status = "ok";
@@ -164,8 +164,8 @@ void install_bases(const std::vector<EngineLayer*>& fittable, const std::vector<
 
 }  // namespace
 
-void fit_and_broadcast(c10d::ProcessGroup& pg, const std::vector<std::unique_ptr<EngineLayer>>& layers,
-                       const GradiVeQOptions& options, std::mutex& mutex) {
+int64_t fit_and_broadcast(c10d::ProcessGroup& pg, const std::vector<std::unique_ptr<EngineLayer>>& layers,
+                          const GradiVeQOptions& options, std::mutex& mutex) {
   const int64_t rank = pg.getRank(), world_size = pg.getSize();
   std::vector<EngineLayer*> fittable;
   for (const auto& l : layers) {
@@ -176,16 +176,19 @@ void fit_and_broadcast(c10d::ProcessGroup& pg, const std::vector<std::unique_ptr
   std::vector<char> kept(fittable.size(), 0);
   fit_owned(fittable, options, rank, images, failures, kept);
   const at::TensorOptions comm = at::TensorOptions().device(layers.front()->device);
+  int64_t sent = 0;
   for (int64_t r = 0; r < world_size; ++r) {
     std::vector<size_t> owned;
     for (size_t j = size_t(r); j < fittable.size(); j += size_t(world_size)) owned.push_back(j);
     if (owned.empty()) continue;
     auto [sizes, payload] = broadcast_images(pg, r, owned, images, kept, comm);
+    if (r == rank) sent += sizes.nbytes() + (payload.defined() ? payload.nbytes() : 0);
     std::lock_guard<std::mutex> lock(mutex);
     install_bases(fittable, owned, sizes, payload, r == rank, failures, options.basis_dtype);
   }
   std::lock_guard<std::mutex> lock(mutex);
   for (const auto& l : layers) l->samples.clear();
+  return sent;
 }
 
 uint64_t configuration_code(const std::vector<std::unique_ptr<EngineLayer>>& layers,

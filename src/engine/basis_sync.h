@@ -29,9 +29,10 @@ namespace gradiveq::detail {
 inline int64_t fitting_rank(int64_t fittable_index, int64_t world_size) { return fittable_index % world_size; }
 
 /// Fits the layers this rank owns and broadcasts every fitted basis from its owner; every layer's basis,
-/// checksum and fit stats are updated (under `mutex`) and the window's samples dropped.
-void fit_and_broadcast(c10d::ProcessGroup& pg, const std::vector<std::unique_ptr<EngineLayer>>& layers,
-                       const GradiVeQOptions& options, std::mutex& mutex);
+/// checksum and fit stats are updated (under `mutex`) and the window's samples dropped. Returns the bytes
+/// this rank broadcast as a root (size tables and images).
+int64_t fit_and_broadcast(c10d::ProcessGroup& pg, const std::vector<std::unique_ptr<EngineLayer>>& layers,
+                          const GradiVeQOptions& options, std::mutex& mutex);
 
 /// A code of everything that decides the shape of a step's collectives and must match on every rank: each
 /// layer's name, shape, policy verdict and slice length, the wire and basis dtypes, the sampling quantizer,

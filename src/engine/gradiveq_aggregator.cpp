@@ -173,8 +173,8 @@ void GradiVeQAggregator::begin_iteration() {
 
 void GradiVeQAggregator::refit_and_broadcast() {
   const auto start = Clock::now();
-  detail::fit_and_broadcast(*pg_, layers_, options_, stats_mutex_);
-  steps_->add_fit_ms(ms_since(start));
+  const int64_t broadcast = detail::fit_and_broadcast(*pg_, layers_, options_, stats_mutex_);
+  steps_->add_fit(ms_since(start), broadcast);
   update_bases_checksum();
 }
 

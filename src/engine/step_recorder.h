@@ -32,9 +32,10 @@ class StepRecorder {
     residual_sq_ = signal_sq_ = 0.0;
     has_error_ = false;
   }
-  void add_fit_ms(double ms) {
+  void add_fit(double ms, int64_t bytes_broadcast) {
     std::lock_guard<std::mutex> lock(mutex_);
     current_.fit_ms += ms;
+    current_.bytes_bases += bytes_broadcast;
   }
   /// A bucket's collectives (or one pipelining group's: new_bucket false for all groups but the first) went out.
   void issued(int64_t collectives, int64_t payload, int64_t wire, int64_t uncompressed, double compress_ms,

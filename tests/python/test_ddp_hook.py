@@ -84,6 +84,16 @@ def test_half_precision_bases_halve_basis_memory_and_keep_ranks_identical(basis_
             assert s["d"] > 0 and s["basis_bytes"] == s["K"] * s["d"] * 2 + s["K"] * 4, (name, s)
             f = full[0]["stats"]["layers"][name]
             assert f["basis_bytes"] == f["K"] * f["d"] * 4 + f["K"] * 4, (name, f)
+    # The bases travel in their own dtype. The first fit (step 5: same samples, so the same d) broadcasts,
+    # summed over the fitting ranks, per layer a 36-byte header, mu and the eigenvalues (8 K bytes), an 8-byte
+    # size, and U: 4 K d bytes in float32, 2 K d in half precision. Nothing is broadcast in steps that do not fit.
+    def broadcast(run, step):
+        return sum(r["step_stats"][step]["bytes_bases"] for r in run)
+    conv = [s for s in full[0]["stats"]["layers"].values() if s["compressible"]]
+    fixed = sum(36 + 8 * s["K"] + 8 for s in conv)
+    assert broadcast(full, 5) > fixed
+    assert broadcast(full, 5) - broadcast(half, 5) == (broadcast(full, 5) - fixed) // 2
+    assert all(broadcast(run, step) == 0 for run in (full, half) for step in (0, 4, 6, 8)), "only fits broadcast"
     # Same samples until the first compressed step (step 5); from there the rounded basis changes the
     # reconstruction slightly (measured at step 5: 1.8e-3 relative for bfloat16, 2.4e-4 for float16).
     for step in range(5):

@@ -234,15 +234,20 @@ TEST(PcaCompressor, HalfPrecisionBasesMatchTheirFloat32WideningAndStayClose) {
     ASSERT_EQ(half.basis_dtype(), dtype);
     EXPECT_EQ(half.basis().nbytes() * 2, f32.basis().nbytes());
     EXPECT_EQ(half.num_components(), f32.num_components());
-    // Exactly the float32 codec with the widened basis: serialize() stores that widening.
-    const auto widened = PcaCompressor::deserialize(half.serialize());
+    // The image carries the basis in its own dtype: (K d) 2 bytes fewer than the float32 image's 4.
+    EXPECT_EQ(f32.serialize().numel() - half.serialize().numel(), k * f32.num_components() * 2) << dtype;
+    const auto restored = PcaCompressor::deserialize(half.serialize());
+    ASSERT_EQ(restored.basis_dtype(), dtype);
+    EXPECT_TRUE(at::equal(restored.basis(), half.basis())) << dtype;
+    EXPECT_EQ(restored.checksum(), half.checksum()) << dtype;
+    // Exactly the float32 codec with the widened basis.
+    const auto widened = half.with_basis_dtype(at::kFloat);
     ASSERT_EQ(widened.basis_dtype(), at::kFloat);
     EXPECT_TRUE(at::equal(half.compress(held_out, 3), widened.compress(held_out, 3))) << dtype;
     const at::Tensor c = half.compress(held_out);
     EXPECT_TRUE(at::equal(half.decompress(c), widened.decompress(c))) << dtype;
-    // Rounding the widening again is exact: a broadcast or checkpointed basis comes back bit-identical.
+    // Rounding the widening again is exact.
     EXPECT_TRUE(at::equal(widened.with_basis_dtype(dtype).serialize(), half.serialize())) << dtype;
-    EXPECT_EQ(widened.with_basis_dtype(dtype).checksum(), half.checksum()) << dtype;
     const double drift = rel_error(half.decompress(c), restored32);
     EXPECT_LT(drift, tolerance) << dtype;
     EXPECT_GT(drift, 0.0) << dtype;  // it really is stored rounded
@@ -307,6 +312,20 @@ TEST(PcaCompressor, SerializationRoundTripsBitForBit) {
   EXPECT_NE(PcaCompressor::deserialize(corrupted).checksum(), pca.checksum());
 }
 
+// Checkpoints written before version 2 hold version-1 images: the same header without the dtype code, all
+// float32. They still load, bit for bit.
+TEST(PcaCompressor, ReadsVersionOneImages) {
+  auto pca = PcaCompressor::fit(low_rank_samples(40, 96, 6, 0.05, seeded(13)), {0.99});
+  const at::Tensor v2 = pca.serialize();
+  at::Tensor v1 = at::cat({v2.narrow(0, 0, 32), v2.narrow(0, 36, v2.numel() - 36)});
+  v1[4] = uint8_t(1);
+  const auto copy = PcaCompressor::deserialize(v1);
+  EXPECT_EQ(copy.basis_dtype(), at::kFloat);
+  EXPECT_TRUE(at::equal(copy.basis(), pca.basis()));
+  EXPECT_TRUE(at::equal(copy.mean(), pca.mean()));
+  EXPECT_EQ(copy.checksum(), pca.checksum());
+}
+
 TEST(PcaCompressor, DeserializeRejectsDamagedImages) {
   auto pca = PcaCompressor::fit(low_rank_samples(20, 64, 4, 0.05, seeded(12)), {0.99});
   at::Tensor bytes = pca.serialize();
@@ -319,6 +338,9 @@ TEST(PcaCompressor, DeserializeRejectsDamagedImages) {
   at::Tensor bad_version = bytes.clone();
   bad_version[4] = uint8_t(99);
   expect_invalid([&] { PcaCompressor::deserialize(bad_version); }, {"bytes", "version 99"});
+  at::Tensor bad_dtype = bytes.clone();
+  bad_dtype[32] = uint8_t(7);  // the basis dtype code follows the 32-byte version-1 header
+  expect_invalid([&] { PcaCompressor::deserialize(bad_dtype); }, {"bytes", "basis dtype code 7"});
   expect_invalid([&] { PcaCompressor::deserialize(at::zeros({100}, at::kFloat)); }, {"bytes", "uint8"});
 }
 
