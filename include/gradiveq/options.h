@@ -122,9 +122,10 @@ struct LayerPolicy {
 
 // The defaults are chosen by measurement (benchmarks/ddp/accuracy.py, docs/results.md): every slice of every
 // sampled gradient is a PCA sample, one kernel position per slice (K = D*F), energy 0.995 with d capped at
-// K/8, the sampling windows travel as the paper's 4-bit QSGD, the coefficients and everything left
-// uncompressed in float16. On Fashion-MNIST (small CNN, 2 ranks, 3 seeds) they keep test accuracy far closer
-// to plain all-reduce than the paper's choices (paper()), with fewer wire bytes than torch's PowerSGD rank 2.
+// K/8 and at 192 (a wider basis costs more to broadcast than it returns: ResNet-32, docs/results.md 7e), the
+// sampling windows travel as the paper's 4-bit QSGD, the coefficients and everything left uncompressed in
+// float16. On Fashion-MNIST (small CNN and ResNet-32, 2 ranks, 3 seeds) they keep test accuracy far closer to
+// plain all-reduce than the paper's choices (paper()), with fewer wire bytes than torch's PowerSGD rank 2.
 // QSGD sampling all-gathers: from about 8 ranks on, sample_quantizer = kNone puts fewer bytes on the wire.
 struct GradiVeQOptions {
   FitOptions fit = default_fit();
@@ -196,6 +197,7 @@ struct GradiVeQOptions {
     FitOptions f;
     f.energy = 0.995;
     f.min_ratio = 8.0;
+    f.max_components = 192;
     return f;
   }
 };

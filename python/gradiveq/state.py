@@ -473,16 +473,19 @@ class GradiVeQState(_HookState):
     """Options and state of GradiVeQ gradient aggregation for one DDP model.
 
     The defaults were chosen by measurement on real data (docs/results.md, "Accuracy on real data"): every slice of every
-    sampled gradient is a PCA sample, one kernel position per slice, energy 0.995 with d capped at K/8, and the
-    sampling windows travel uncompressed. ``GradiVeQState.paper()`` gives the paper's method exactly.
+    sampled gradient is a PCA sample, one kernel position per slice, energy 0.995 with d capped at K/8 and at 192,
+    the sampling windows travel as the paper's 4-bit QSGD, and coefficients and whatever travels uncompressed go
+    in float16. ``GradiVeQState.paper()`` gives the paper's method exactly.
 
     Args:
         process_group: the group to aggregate over; None uses the DDP model's (the default group).
         energy: PCA energy threshold in (0, 1] (default 0.995; paper: lambda = 0.01, i.e. 0.99): keep the smallest
             d whose eigenvalues hold this fraction of the window's variance. 1.0 keeps all K components (d = K):
-            the hook is then an exact all-reduce up to float rounding (set min_ratio=0, sample_quantizer="none",
-            coeff_dtype=torch.float32 and uncompressed_dtype=torch.float32 too).
-        max_components: cap on d (0: none).
+            the hook is then an exact all-reduce up to float rounding (set min_ratio=0, max_components=0,
+            sample_quantizer="none", coeff_dtype=torch.float32 and uncompressed_dtype=torch.float32 too).
+        max_components: cap on d (default 192; 0: none). A basis is K x d and is broadcast after every window,
+            so on wide layers (ResNet-32's K = 4096) a larger d costs more in broadcasts than it returns: the
+            window's few hundred samples do not estimate more directions well (docs/results.md 7e).
         warmup_iters, sample_iters, compress_iters: the schedule (paper: 2500 / 100 / 400). Iterations count
             synchronised steps (``no_sync`` steps are not counted).
         sample_quantizer: how sampling iterations are aggregated: "qsgd4" (the default and the paper's: 4-bit

@@ -129,9 +129,10 @@ void FitOptions::validate(const char* where) const {
                 target_ratio);
   GVQ_CHECK_ARG(min_ratio == 0.0 || min_ratio >= 1.0, where, "min_ratio", "must be >= 1 or 0 (off), got ",
                 min_ratio);
-  GVQ_CHECK_ARG(energy < 1.0 || (min_ratio == 0.0 && target_ratio == 0.0), where, "energy",
-                "is 1.0 (keep all K components: lossless) but min_ratio = ", min_ratio, " and target_ratio = ",
-                target_ratio, " limit d; set both to 0 (and, for the engine, coeff_dtype to float32) for a lossless run");
+  GVQ_CHECK_ARG(energy < 1.0 || (min_ratio == 0.0 && target_ratio == 0.0 && max_components == 0), where, "energy",
+                "is 1.0 (keep all K components: lossless) but min_ratio = ", min_ratio, ", target_ratio = ",
+                target_ratio, " and max_components = ", max_components,
+                " limit d; set all three to 0 (and, for the engine, coeff_dtype to float32) for a lossless run");
 }
 
 namespace {

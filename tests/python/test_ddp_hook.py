@@ -10,7 +10,7 @@ from ddp_workers import load_damaged_state_dicts, train
 
 # 2 warm-up, 3 sampling, 4 compressed iterations per window: 13 steps cover every phase and a re-fit.
 SHORT = dict(warmup_iters=2, sample_iters=3, compress_iters=4, min_numel=100)
-EXACT = dict(SHORT, energy=1.0, min_ratio=0, sample_quantizer="none", coeff_dtype=torch.float32,
+EXACT = dict(SHORT, energy=1.0, min_ratio=0, max_components=0, sample_quantizer="none", coeff_dtype=torch.float32,
              uncompressed_dtype=torch.float32)
 PHASES = ["warmup"] * 2 + ["sampling"] * 3 + ["compressed"] * 4 + ["sampling"] * 3 + ["compressed"]
 
@@ -415,6 +415,7 @@ def test_non_finite_gradients_stay_non_finite_and_grad_scaler_skips():
     (dict(min_ratio=-1), ["min_ratio"]),
     (dict(restart_error_growth=0.9), ["restart_error_growth", "> 1"]),
     (dict(energy=1.0), ["energy", "min_ratio", "lossless"]),
+    (dict(energy=1.0, min_ratio=0), ["energy", "max_components = 192", "lossless"]),
     (dict(target_ratio="8"), ["target_ratio", "number"]),
     (dict(slice_layout="row"), ["slice_layout", "row"]),
 ])

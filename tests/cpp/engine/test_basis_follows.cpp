@@ -212,6 +212,7 @@ TEST(BasisFollows, FullRankWithLocalSamplesEqualsPlainAllReduce) {
     o.gradiveq.error_feedback = false;
     o.gradiveq.fit.energy = 1.0;
     o.gradiveq.fit.min_ratio = 0.0;
+    o.gradiveq.fit.max_components = 0;
     GradientSynchronizer sync(pg, net.params, o);
     for (int step = 0; step < 14; ++step) {
       std::vector<at::Tensor> g = local_gradients(net, rank, step);
@@ -244,6 +245,7 @@ TEST(BasisFollows, RejectsOptionsThatCannotWorkTogether) {
   o.error_feedback = true;
   o.fit.energy = 1.0;
   o.fit.min_ratio = 0.0;
+  o.fit.max_components = 0;
   expect_invalid([&] { o.validate(); }, {"error_feedback", "energy"});
 }
 

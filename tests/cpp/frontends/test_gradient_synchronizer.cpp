@@ -45,6 +45,7 @@ SynchronizerOptions exact_options() {
   SynchronizerOptions o;
   o.gradiveq.fit.energy = 1.0;
   o.gradiveq.fit.min_ratio = 0.0;
+  o.gradiveq.fit.max_components = 0;
   o.gradiveq.coeff_dtype = o.gradiveq.uncompressed_dtype = at::kFloat;  // lossless up to float32 rounding
   o.gradiveq.schedule = {1, 2, 3};
   o.gradiveq.sample_quantizer = SampleQuantizer::kNone;
