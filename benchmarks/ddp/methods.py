@@ -256,15 +256,51 @@ def netns_unavailable(shape=False):
     return f"no {' / '.join(missing)}" if missing else None
 
 
-def _netns_kill_and_delete(name):
-    """Kills the processes left inside namespace `name` (only ours: it was made for them), then deletes it."""
-    pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
+def _pids_in_namespace(ns_id):
+    """PIDs whose network namespace is `ns_id` ((st_dev, st_ino) of the namespace's nsfs inode)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                st = os.stat(f"/proc/{entry}/ns/net")
+            except OSError:  # gone meanwhile, or not ours to see
+                continue
+            if (st.st_dev, st.st_ino) == ns_id:
+                pids.append(int(entry))
+    return pids
+
+
+def _kill_all(pids):
     for pid in pids:
         try:
             os.kill(int(pid), signal.SIGKILL)
         except (ProcessLookupError, ValueError):
             pass
+
+
+def _netns_kill_and_delete(name, quiet_s=0.5, limit_s=10.0):
+    """Kills the processes left inside namespace `name` (only ours: it was made for them), then deletes it.
+
+    An `ip netns exec` that opened the namespace just before the deletion enters it just after, where `ip netns pids`
+    can no longer name it (seen on a loaded machine: a `sleep` outlived its deleted namespace). So after deleting the
+    name, processes are found by the namespace's inode and killed until none has appeared for `quiet_s` seconds
+    (at most `limit_s`)."""
+    try:
+        st = os.stat(f"/run/netns/{name}")
+        ns_id = (st.st_dev, st.st_ino)
+    except OSError:
+        ns_id = None
+    _kill_all(subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split())
     subprocess.run(["ip", "netns", "del", name], stderr=subprocess.DEVNULL)
+    if ns_id is None:
+        return
+    start = last_seen = time.monotonic()
+    while time.monotonic() - last_seen < quiet_s and time.monotonic() - start < limit_s:
+        pids = _pids_in_namespace(ns_id)
+        if pids:
+            _kill_all(pids)
+            last_seen = time.monotonic()
+        time.sleep(0.02)
 
 
 @contextlib.contextmanager

@@ -71,6 +71,33 @@ def test_the_cluster_is_removed_when_the_body_fails():
     assert sleeper.wait(timeout=10) != 0  # the process left inside was killed
 
 
+# Enters the namespace whose file it opened only once that file is gone: what a loaded machine did to an
+# `ip netns exec` started just before the cluster was removed.
+LATE_ENTRY = """
+import ctypes, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY)
+print("ready", flush=True)
+while os.path.exists(sys.argv[1]):
+    time.sleep(0.005)
+assert ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000) == 0  # CLONE_NEWNET
+os.execvp("sleep", ["sleep", "60"])
+"""
+
+
+def test_a_process_entering_while_the_cluster_is_removed_is_killed_too():
+    c = cluster.EmulatedCluster(2, mbit=100, prefix=f"gvql{os.getpid()}")
+    with pytest.raises(RuntimeError, match="boom"):
+        with c:
+            late = subprocess.Popen([sys.executable, "-c", LATE_ENTRY, f"/run/netns/{c.node(1)}"],
+                                    stdout=subprocess.PIPE, text=True)
+            assert late.stdout.readline().strip() == "ready"
+            raise RuntimeError("boom")
+    try:
+        assert late.wait(timeout=10) != 0  # killed, not left sleeping in a deleted namespace
+    finally:
+        late.kill()
+
+
 def test_bad_arguments_name_the_parameter():
     with pytest.raises(ValueError, match="nodes"):
         cluster.EmulatedCluster(0)
