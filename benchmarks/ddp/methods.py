@@ -285,22 +285,27 @@ def _netns_kill_and_delete(name, quiet_s=0.5, limit_s=10.0):
     can no longer name it (seen on a loaded machine: a `sleep` outlived its deleted namespace). So after deleting the
     name, processes are found by the namespace's inode and killed until none has appeared for `quiet_s` seconds
     (at most `limit_s`)."""
-    try:
-        st = os.stat(f"/run/netns/{name}")
-        ns_id = (st.st_dev, st.st_ino)
+    try:  # held open until the end, so that the namespace, and with it its inode number, cannot be reused
+        ns_fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
     except OSError:
-        ns_id = None
-    _kill_all(subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split())
-    subprocess.run(["ip", "netns", "del", name], stderr=subprocess.DEVNULL)
-    if ns_id is None:
-        return
-    start = last_seen = time.monotonic()
-    while time.monotonic() - last_seen < quiet_s and time.monotonic() - start < limit_s:
-        pids = _pids_in_namespace(ns_id)
-        if pids:
-            _kill_all(pids)
-            last_seen = time.monotonic()
-        time.sleep(0.02)
+        ns_fd = None
+    try:
+        _kill_all(subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split())
+        subprocess.run(["ip", "netns", "del", name], stderr=subprocess.DEVNULL)
+        if ns_fd is None:
+            return
+        st = os.fstat(ns_fd)
+        ns_id = (st.st_dev, st.st_ino)
+        start = last_seen = time.monotonic()
+        while time.monotonic() - last_seen < quiet_s and time.monotonic() - start < limit_s:
+            pids = _pids_in_namespace(ns_id)
+            if pids:
+                _kill_all(pids)
+                last_seen = time.monotonic()
+            time.sleep(0.02)
+    finally:
+        if ns_fd is not None:
+            os.close(ns_fd)
 
 
 @contextlib.contextmanager

@@ -19,7 +19,8 @@ struct FitOptions {
   /// 1 - lambda; 0.99 is its lambda = 0.01). Must lie in (0, 1]. 1.0 keeps all K components (d = K),
   /// including those of zero variance, so compression is lossless up to float rounding.
   double energy = 0.99;
-  /// Upper bound on d; 0 means no cap.
+  /// Upper bound on d, whichever rule chose it (energy, target_ratio, the engine's error_budget); 0 means no
+  /// cap. The engine's default is 192 (GradiVeQOptions::default_fit).
   int64_t max_components = 0;
   /// If > 0, d is chosen for this compression ratio instead of by energy: d = ceil(K / target_ratio)
   /// (energy is then ignored). Must be >= 1 or 0 (off).
