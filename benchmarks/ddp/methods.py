@@ -193,10 +193,10 @@ class Method:
         if self.ours:
             st = self.state.stats()["step"]
             # A new basis counts where it is sent: the fitting rank's broadcasts of that step.
-            row = dict(agg=st["aggregation_ms"] / 1e3, bytes=st["bytes_payload"] + st.get("bytes_bases", 0), wire=st["bytes_wire"],
-                       uncompressed=st["bytes_uncompressed"], phase=st["phase"], fit=st["fit_ms"] / 1e3,
-                       codec=(st["compress_ms"] + st["decompress_ms"]) / 1e3, compress=st["compress_ms"] / 1e3,
-                       decompress=st["decompress_ms"] / 1e3, buckets=st["buckets"])
+            row = dict(agg=st["aggregation_ms"] / 1e3, bytes=st["bytes_payload"] + st.get("bytes_bases", 0),
+                       wire=st["bytes_wire"], uncompressed=st["bytes_uncompressed"], phase=st["phase"],
+                       fit=st["fit_ms"] / 1e3, codec=(st["compress_ms"] + st["decompress_ms"]) / 1e3,
+                       compress=st["compress_ms"] / 1e3, decompress=st["decompress_ms"] / 1e3, buckets=st["buckets"])
             if st["values_encoded"]:  # CO3 / CASQ: bits per encoded value and this rank's quantization error
                 row["bits_per_element"] = 8.0 * st["bytes_encoded"] / st["values_encoded"]
                 row["relative_error"] = st["relative_error"]

@@ -90,9 +90,9 @@ def _step_dict(st) -> "StepStats":
     return dict(iteration=st.iteration, phase=st.phase, buckets=st.buckets, collectives=st.collectives,
                 bytes_uncompressed=st.bytes_uncompressed, bytes_payload=st.bytes_payload, bytes_wire=st.bytes_wire,
                 aggregation_ms=st.aggregation_ms, compress_ms=st.compress_ms, decompress_ms=st.decompress_ms,
-                fit_ms=st.fit_ms, bytes_bases=st.bytes_bases, sampling_aggregation=st.sampling_aggregation, relative_error=st.relative_error,
-                window_restarts=st.window_restarts, values_encoded=st.values_encoded,
-                bytes_encoded=st.bytes_encoded, warning=st.warning)
+                fit_ms=st.fit_ms, bytes_bases=st.bytes_bases, sampling_aggregation=st.sampling_aggregation,
+                relative_error=st.relative_error, window_restarts=st.window_restarts,
+                values_encoded=st.values_encoded, bytes_encoded=st.bytes_encoded, warning=st.warning)
 
 
 def _module_of(model) -> torch.nn.Module:

@@ -7,8 +7,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <iterator>
 #include <limits>
-#include <optional>
 #include <vector>
 
 #include "util/byte_io.h"
@@ -29,13 +29,13 @@ constexpr uint32_t kFloat32OnlyVersion = 1;
 constexpr size_t kHeaderBytesV1 = 4 + 4 + 8 + 8 + 8;
 constexpr size_t kHeaderBytes = kHeaderBytesV1 + 4;
 
-// The basis dtype's code in an image, and back.
-uint32_t basis_dtype_code(at::ScalarType dtype) { return dtype == at::kHalf ? 1 : dtype == at::kBFloat16 ? 2 : 0; }
-std::optional<at::ScalarType> basis_dtype_of_code(uint32_t code) {
-  if (code == 0) return at::kFloat;
-  if (code == 1) return at::kHalf;
-  if (code == 2) return at::kBFloat16;
-  return std::nullopt;
+// A version-2 image names its basis dtype by its index in this table.
+constexpr at::ScalarType kBasisDtypes[] = {at::kFloat, at::kHalf, at::kBFloat16};
+
+uint32_t basis_dtype_code(at::ScalarType dtype) {
+  const auto* it = std::find(std::begin(kBasisDtypes), std::end(kBasisDtypes), dtype);
+  GVQ_ASSERT(it != std::end(kBasisDtypes), "basis of an unsupported dtype");
+  return uint32_t(it - std::begin(kBasisDtypes));
 }
 
 // Relative threshold under which an eigenvalue of the Gram/covariance matrix is treated as zero: the
@@ -407,9 +407,8 @@ PcaCompressor PcaCompressor::deserialize(const at::Tensor& bytes) {
   at::ScalarType basis_dtype = at::kFloat;
   if (version == kFormatVersion) {
     const auto code = in.get<uint32_t>();
-    const auto dtype = basis_dtype_of_code(code);
-    GVQ_CHECK_ARG(dtype.has_value(), kWhere, "bytes", "has an unknown basis dtype code ", code);
-    basis_dtype = *dtype;
+    GVQ_CHECK_ARG(code < std::size(kBasisDtypes), kWhere, "bytes", "has an unknown basis dtype code ", code);
+    basis_dtype = kBasisDtypes[code];
   }
   const size_t header = version == kFormatVersion ? kHeaderBytes : kHeaderBytesV1;
   const size_t expected = header + sizeof(float) * size_t(k + k) + at::elementSize(basis_dtype) * size_t(k * d);

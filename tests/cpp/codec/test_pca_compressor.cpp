@@ -248,6 +248,7 @@ TEST(PcaCompressor, HalfPrecisionBasesMatchTheirFloat32WideningAndStayClose) {
     EXPECT_TRUE(at::equal(half.decompress(c), widened.decompress(c))) << dtype;
     // Rounding the widening again is exact.
     EXPECT_TRUE(at::equal(widened.with_basis_dtype(dtype).serialize(), half.serialize())) << dtype;
+    EXPECT_EQ(widened.with_basis_dtype(dtype).checksum(), half.checksum()) << dtype;
     const double drift = rel_error(half.decompress(c), restored32);
     EXPECT_LT(drift, tolerance) << dtype;
     EXPECT_GT(drift, 0.0) << dtype;  // it really is stored rounded
