@@ -131,6 +131,9 @@ void bind_schedule(py::module_& m) {
   py::enum_<SampleSource>(m, "SampleSource")
       .value("aggregated", SampleSource::kAggregated)
       .value("local", SampleSource::kLocal);
+  py::enum_<BasisSync>(m, "BasisSync")
+      .value("broadcast", BasisSync::kBroadcast)
+      .value("replicated", BasisSync::kReplicated);
   py::enum_<SliceLayoutKind>(m, "SliceLayout")
       .value("kernel_row", SliceLayoutKind::kKernelRow)
       .value("kernel_position", SliceLayoutKind::kKernelPosition)
@@ -168,7 +171,8 @@ void bind_options(py::module_& m) {
       .def_readwrite("sample_source", &GradiVeQOptions::sample_source)
       .def_readwrite("error_feedback", &GradiVeQOptions::error_feedback)
       .def_readwrite("error_budget", &GradiVeQOptions::error_budget)
-      .def_readwrite("refit_threshold", &GradiVeQOptions::refit_threshold);
+      .def_readwrite("refit_threshold", &GradiVeQOptions::refit_threshold)
+      .def_readwrite("basis_sync", &GradiVeQOptions::basis_sync);
 
   // The gather engine's and its codecs' options, for the quantizer states' defaults.
   py::class_<GatherAggregatorOptions>(m, "GatherAggregatorOptions")

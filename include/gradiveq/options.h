@@ -99,6 +99,18 @@ enum class SampleSource {
   kLocal,
 };
 
+/// How every rank comes to hold the same bases after a sampling window.
+enum class BasisSync {
+  /// Layer j is fitted by rank j % N, which broadcasts the basis: each rank fits 1/N of the layers, and the
+  /// bases cost K x d values per layer and refit on the wire.
+  kBroadcast,
+  /// Every rank fits every layer from the window's aggregated samples, which are identical on all ranks, and
+  /// the fit is deterministic (Eigen, single-threaded), so the bases are bit-identical without a byte on the
+  /// wire; each rank spends N times the fitting time. It needs sample_source = kAggregated, and verify_bases,
+  /// which makes every rank raise should a rank's fit ever differ (ranks of different builds or CPUs).
+  kReplicated,
+};
+
 /// How a layer is cut into slices.
 enum class SliceLayoutKind {
   kKernelRow,       ///< K = W*D*F, the paper's default
@@ -183,6 +195,8 @@ struct GradiVeQOptions {
   /// 1 - ||U_old^T U_new||_F^2 / d_new, in [0, 1]. A kept basis is not broadcast (only a marker is). 0: every
   /// refit replaces; 1: the first basis is kept for good (which rules out error_feedback).
   double refit_threshold = 0.0;
+  /// How the fitted bases reach every rank (BasisSync above).
+  BasisSync basis_sync = BasisSync::kBroadcast;
 
   /// Throws InvalidArgument naming the first bad option.
   void validate() const;

@@ -30,7 +30,7 @@ STATE_DICT_VERSION = 5
 # The GradiVeQ options, in the order C++ binds them (one property each on _C.GradiVeQOptions).
 OPTION_NAMES = tuple(name for name, value in vars(_C.GradiVeQOptions).items() if isinstance(value, property))
 _ENUM_OPTIONS = {"sample_quantizer": _C.SampleQuantizer, "fit_on": _C.FitSamples, "slice_layout": _C.SliceLayout,
-                 "sample_source": _C.SampleSource}
+                 "sample_source": _C.SampleSource, "basis_sync": _C.BasisSync}
 _COEFF_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DTYPE_OPTIONS = ("coeff_dtype", "basis_dtype", "uncompressed_dtype")
 
@@ -536,6 +536,11 @@ class GradiVeQState(_HookState):
             max_components; energy and target_ratio are then ignored.
         refit_threshold: a refitted basis replaces the current one only if its subspace moved by more than this
             (1 - ||U_old^T U_new||^2 / d, in [0, 1]); a kept basis costs no broadcast. 1 keeps the first basis.
+        basis_sync: "broadcast" (layer j is fitted by rank j % N, which broadcasts its basis) or "replicated"
+            (every rank fits every layer from the window's aggregated samples, identical on all ranks, with a
+            deterministic fit: bit-identical bases and no basis bytes on the wire, for N times the fitting time
+            per rank). Replicated needs sample_source="aggregated" and verify_bases, which raises on every rank
+            should one rank's fit ever differ (ranks of different builds or CPU kinds).
         linear_weights: also compress 2-D weights (nn.Linear), one output row per slice (K = in_features).
         verify_bases: carry a checksum of the iteration counter and all bases in the first bucket's all-reduce
             of every step, and raise on every rank when any rank differs.
@@ -558,9 +563,10 @@ class GradiVeQState(_HookState):
                  pipeline_chunks: int = _D["pipeline_chunks"],
                  sample_source: str = _D["sample_source"], error_budget: float = _D["error_budget"],
                  refit_threshold: float = _D["refit_threshold"], linear_weights: bool = _D["linear_weights"],
-                 model: Optional[torch.nn.Module] = None):
+                 basis_sync: str = _D["basis_sync"], model: Optional[torch.nn.Module] = None):
         for name, value in (("sample_quantizer", sample_quantizer), ("fit_on", fit_on),
-                            ("slice_layout", slice_layout), ("sample_source", sample_source)):
+                            ("slice_layout", slice_layout), ("sample_source", sample_source),
+                            ("basis_sync", basis_sync)):
             members = sorted(_ENUM_OPTIONS[name].__members__)
             if value not in members:
                 raise ValueError(f"GradiVeQState: argument '{name}' must be one of {members}, got {value!r}")

@@ -1,5 +1,6 @@
 #include "engine/basis_sync.h"
 
+#include <Eigen/Dense>
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -22,17 +23,29 @@ uint64_t double_bits(double v) {
   return bits;
 }
 
+// The helpers below run in Eigen (double, single-threaded) rather than ATen: with basis_sync = replicated
+// every rank takes their decisions (d, keep or replace) itself and must take the same ones, while MKL's
+// products may depend on thread count and alignment (pca_compressor.cpp).
+using MatD = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+// A 2-D tensor (or a 1-D one, as one row) as a double matrix.
+MatD to_matrix(const at::Tensor& t) {
+  const at::Tensor x = t.to(at::kCPU, at::kDouble).contiguous();
+  const int64_t rows = x.dim() == 1 ? 1 : x.size(0), cols = x.dim() == 1 ? x.size(0) : x.size(1);
+  return Eigen::Map<const MatD>(x.data_ptr<double>(), rows, cols);
+}
+
 // Held-out relative error of `pca` on `held` (rows, K) for every d = 1..D: ||h - mu - U_d U_d^T (h - mu)|| /
 // ||h||, from one projection (U is orthonormal, so the residual shrinks by each component's energy).
 std::vector<double> held_out_errors(const PcaCompressor& pca, const at::Tensor& held) {
-  const at::Tensor centred = held - pca.mean();
-  const at::Tensor energy = centred.matmul(pca.basis().to(at::kFloat)).pow(2).sum(0).to(at::kDouble);
-  const double total = held.to(at::kDouble).pow(2).sum().item<double>();
-  double residual = centred.to(at::kDouble).pow(2).sum().item<double>();
+  const MatD h = to_matrix(held);
+  const MatD centred = h.rowwise() - to_matrix(pca.mean()).row(0);
+  const Eigen::RowVectorXd energy = (centred * to_matrix(pca.basis())).colwise().squaredNorm();
+  const double total = h.squaredNorm();
+  double residual = centred.squaredNorm();
   std::vector<double> out;
-  const double* e = energy.contiguous().data_ptr<double>();
-  for (int64_t j = 0; j < energy.numel(); ++j) {
-    residual -= e[j];
+  for (Eigen::Index j = 0; j < energy.size(); ++j) {
+    residual -= energy(j);
     out.push_back(total > 0 ? std::sqrt(std::max(0.0, residual) / total) : 0.0);
   }
   return out;
@@ -67,18 +80,19 @@ PcaCompressor fit_within_budget(const at::Tensor& samples, const GradiVeQOptions
 // How far `fresh` moved from `current`: 1 - ||U_old^T U_new||_F^2 / d_new, 0 for the same subspace, 1 for an
 // orthogonal one.
 double subspace_movement(const PcaCompressor& current, const PcaCompressor& fresh) {
-  const at::Tensor overlap =
-      current.basis().to(at::kCPU, at::kDouble).t().matmul(fresh.basis().to(at::kCPU, at::kDouble));
-  return 1.0 - overlap.pow(2).sum().item<double>() / double(fresh.num_components());
+  const MatD overlap = to_matrix(current.basis()).transpose() * to_matrix(fresh.basis());
+  return 1.0 - overlap.squaredNorm() / double(fresh.num_components());
 }
 
-// The fits of the layers this rank owns: serialized images, why a fit was skipped, or that the current basis
-// stays (`kept`).
-void fit_owned(const std::vector<EngineLayer*>& fittable, const GradiVeQOptions& options, int64_t rank,
-               std::vector<at::Tensor>& images, std::vector<std::string>& failures, std::vector<char>& kept) {
+// The fits of the layers `rank` fits (every layer when `rank` is kAllLayers): serialized images, why a fit
+// was skipped, or that the current basis stays (`kept`).
+constexpr int64_t kAllLayers = -1;
+void fit_layers(const std::vector<EngineLayer*>& fittable, const GradiVeQOptions& options, int64_t rank,
+                std::vector<at::Tensor>& images, std::vector<std::string>& failures,
+                std::vector<char>& kept) {
   for (size_t j = 0; j < fittable.size(); ++j) {
     EngineLayer* l = fittable[j];
-    if (l->fit_owner != rank) continue;
+    if (rank != kAllLayers && l->fit_owner != rank) continue;
     if (l->sample_rows() < 2) {
       failures[j] = "skipped: fewer than 2 finite samples in the window";
       continue;
@@ -101,20 +115,32 @@ void fit_owned(const std::vector<EngineLayer*>& fittable, const GradiVeQOptions&
   }
 }
 
-// Root `root` broadcasts the sizes of its layers' images, then the images in one payload. Returns the sizes
-// (0: no basis) and the payload (undefined when empty), on the CPU.
+// The size table of layers `owned` (an image's size, 0: no basis, kKeptBasis: keep the current one) and their
+// images in one payload (undefined when there are none).
+std::pair<at::Tensor, at::Tensor> image_table(const std::vector<size_t>& owned,
+                                              const std::vector<at::Tensor>& images,
+                                              const std::vector<char>& kept) {
+  at::Tensor sizes = at::zeros({int64_t(owned.size())}, at::kLong);
+  std::vector<at::Tensor> payload;
+  for (size_t i = 0; i < owned.size(); ++i) {
+    const size_t j = owned[i];
+    sizes[i] = kept[j] ? kKeptBasis : images[j].defined() ? images[j].numel() : 0;
+    if (images[j].defined()) payload.push_back(images[j]);
+  }
+  return {sizes, payload.empty() ? at::Tensor() : at::cat(payload)};
+}
+
+// Root `root` broadcasts the size table of its layers, then their images in one payload. Returns both, on the
+// CPU.
 std::pair<at::Tensor, at::Tensor> broadcast_images(c10d::ProcessGroup& pg, int64_t root,
                                                    const std::vector<size_t>& owned,
                                                    const std::vector<at::Tensor>& images,
                                                    const std::vector<char>& kept,
                                                    const at::TensorOptions& comm) {
-  at::Tensor sizes = at::zeros({int64_t(owned.size())}, at::kLong);
-  if (root == pg.getRank()) {
-    for (size_t i = 0; i < owned.size(); ++i) {
-      const size_t j = owned[i];
-      sizes[i] = kept[j] ? kKeptBasis : images[j].defined() ? images[j].numel() : 0;
-    }
-  }
+  const bool is_root = root == pg.getRank();
+  auto [sizes, mine] = is_root ? image_table(owned, images, kept)
+                               : std::pair<at::Tensor, at::Tensor>{
+                                     at::zeros({int64_t(owned.size())}, at::kLong), at::Tensor()};
   c10d::BroadcastOptions opts;
   opts.rootRank = root;
   std::vector<at::Tensor> sizes_vec{sizes.to(comm.dtype(at::kLong))};
@@ -123,13 +149,7 @@ std::pair<at::Tensor, at::Tensor> broadcast_images(c10d::ProcessGroup& pg, int64
   const int64_t total = sizes.clamp_min(0).sum().item<int64_t>();
   if (total == 0) return {sizes, at::Tensor()};
   std::vector<at::Tensor> payload_vec{at::empty({total}, comm.dtype(at::kByte))};
-  if (root == pg.getRank()) {
-    std::vector<at::Tensor> mine;
-    for (size_t j : owned) {
-      if (images[j].defined()) mine.push_back(images[j]);
-    }
-    payload_vec[0].copy_(at::cat(mine));
-  }
+  if (is_root) payload_vec[0].copy_(mine);
   pg.broadcast(payload_vec, opts)->wait();
   return {sizes, payload_vec[0].to(at::kCPU)};
 }
@@ -174,7 +194,19 @@ int64_t fit_and_broadcast(c10d::ProcessGroup& pg, const std::vector<std::unique_
   std::vector<at::Tensor> images(fittable.size());
   std::vector<std::string> failures(fittable.size());
   std::vector<char> kept(fittable.size(), 0);
-  fit_owned(fittable, options, rank, images, failures, kept);
+  if (options.basis_sync == BasisSync::kReplicated) {
+    // Every rank fits every layer from the same samples: it installs its own images, exactly as it would
+    // have installed the broadcast ones, and nothing travels.
+    fit_layers(fittable, options, kAllLayers, images, failures, kept);
+    std::vector<size_t> all(fittable.size());
+    for (size_t j = 0; j < all.size(); ++j) all[j] = j;
+    auto [sizes, payload] = image_table(all, images, kept);
+    std::lock_guard<std::mutex> lock(mutex);
+    install_bases(fittable, all, sizes, payload, /*own=*/true, failures, options.basis_dtype);
+    for (const auto& l : layers) l->samples.clear();
+    return 0;
+  }
+  fit_layers(fittable, options, rank, images, failures, kept);
   const at::TensorOptions comm = at::TensorOptions().device(layers.front()->device);
   int64_t sent = 0;
   for (int64_t r = 0; r < world_size; ++r) {
@@ -204,6 +236,7 @@ uint64_t configuration_code(const std::vector<std::unique_ptr<EngineLayer>>& lay
   h = mix(mix(h, uint64_t(options.sample_quantizer)), uint64_t(options.fit_on));
   h = mix(mix(h, uint64_t(options.slice_layout)), uint64_t(options.pipeline_chunks));
   h = mix(mix(h, uint64_t(options.sample_source)), uint64_t(options.error_feedback));
+  h = mix(h, uint64_t(options.basis_sync));
   h = mix(mix(h, double_bits(options.error_budget)), double_bits(options.refit_threshold));
   h = mix(h, uint64_t(options.policy.linear_weights));
   return mix(h, double_bits(options.restart_error_growth));

@@ -4,6 +4,10 @@
 // samples of the window (aggregated gradients, identical on every rank, or that rank's own local ones) and
 // its serialized basis, rounded to basis_dtype first, is broadcast by that rank; everyone deserializes the
 // same bytes. A basis that moved no more than refit_threshold is not sent: a marker says "keep yours".
+// With basis_sync = replicated every rank fits every layer from the aggregated samples, identical on all
+// ranks, and installs its own images: the fit and its decisions (error_budget's d, refit_threshold's keep)
+// run in Eigen, single-threaded, so they come out bit-identical, and the verification below checks that
+// they did.
 //
 // Verification (verify_bases): a 64-bit code of the iteration, the schedule, the energy, the adaptive
 // window's shift, the configuration (layer policy, wire dtypes: configuration_code) and all bases rides in
@@ -28,7 +32,8 @@ namespace gradiveq::detail {
 /// The rank that fits compressible layer number `fittable_index` (in registration order).
 inline int64_t fitting_rank(int64_t fittable_index, int64_t world_size) { return fittable_index % world_size; }
 
-/// Fits the layers this rank owns and broadcasts every fitted basis from its owner; every layer's basis,
+/// Fits the layers this rank owns and broadcasts every fitted basis from its owner (replicated: fits every
+/// layer and broadcasts nothing); every layer's basis,
 /// checksum and fit stats are updated (under `mutex`) and the window's samples dropped. Returns the bytes
 /// this rank broadcast as a root (size tables and images).
 int64_t fit_and_broadcast(c10d::ProcessGroup& pg, const std::vector<std::unique_ptr<EngineLayer>>& layers,

@@ -50,6 +50,16 @@ void GradiVeQOptions::validate() const {
                 "orthogonal to it, would never be sent); lower refit_threshold or turn error_feedback off");
   GVQ_CHECK_ARG(!error_feedback || schedule.compress_iters > 0, kWhere, "error_feedback",
                 "does nothing with compress_iters = 0 (nothing is ever compressed, so nothing is lost)");
+  // Replicated fits need the same samples on every rank, and the check that would catch a rank whose fit
+  // differs.
+  GVQ_CHECK_ARG(basis_sync != BasisSync::kReplicated || sample_source == SampleSource::kAggregated, kWhere,
+                "basis_sync",
+                "= replicated needs sample_source = aggregated: local samples differ from rank to "
+                "rank, so only their fitting rank can fit them (use basis_sync = broadcast)");
+  GVQ_CHECK_ARG(
+      basis_sync != BasisSync::kReplicated || verify_bases, kWhere, "basis_sync",
+      "= replicated needs verify_bases: it is what makes every rank raise should one rank's fit ever "
+      "differ (use basis_sync = broadcast to turn verification off)");
   const bool lossless = fit.energy == 1.0 && fit.max_components == 0 && fit.target_ratio == 0.0 &&
                         fit.min_ratio == 0.0 && error_budget == 0.0;
   GVQ_CHECK_ARG(

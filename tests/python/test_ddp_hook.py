@@ -263,6 +263,22 @@ def test_checkpoint_and_resume_in_new_processes_reproduces_the_run(tmp_path):
         assert resumed[0]["stats"]["iteration"] == 16
 
 
+def test_replicated_fits_train_bit_for_bit_like_broadcast_ones_without_basis_bytes():
+    # Every rank fits every layer from the QSGD window it decoded: the same bases as the broadcast run (so the
+    # same parameters, bit for bit, through three refits), and no basis byte sent.
+    state = dict(SHORT, energy=0.95)
+    broadcast = no_errors(run_ranks(train, 2, dict(hook="cpp", state=state, steps=16, keep_grads=False)))
+    replicated = no_errors(run_ranks(train, 2, dict(hook="cpp", state=dict(state, basis_sync="replicated"), steps=16,
+                                                    keep_grads=False)))
+    assert sum(s["bytes_bases"] for r in broadcast for s in r["step_stats"]) > 0
+    for r in range(2):
+        assert sum(s["bytes_bases"] for s in replicated[r]["step_stats"]) == 0
+        assert replicated[r]["stats"]["options"]["basis_sync"] == "replicated"
+        assert replicated[r]["stats"]["layers"]["conv2.weight"]["fits"] == 2
+        for n, p in broadcast[r]["params"].items():
+            assert torch.equal(replicated[r]["params"][n], p), (r, n)
+
+
 FOLLOW = dict(SHORT, energy=0.9, sample_source="local", error_feedback=True, linear_weights=True)
 
 
@@ -406,6 +422,9 @@ def test_non_finite_gradients_stay_non_finite_and_grad_scaler_skips():
     (dict(error_budget=-0.1), ["error_budget"]),
     (dict(refit_threshold=2.0), ["refit_threshold", "[0, 1]"]),
     (dict(sample_source="remote"), ["sample_source", "remote"]),
+    (dict(basis_sync="gossip"), ["basis_sync", "gossip"]),
+    (dict(basis_sync="replicated", sample_source="local"), ["basis_sync", "sample_source"]),
+    (dict(basis_sync="replicated", verify_bases=False), ["basis_sync", "verify_bases"]),
     (dict(linear_weights="yes"), ["linear_weights"]),
     (dict(include=3), ["include"]),
     (dict(fit_on="middle"), ["fit_on"]),

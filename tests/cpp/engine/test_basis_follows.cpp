@@ -1,5 +1,6 @@
 // The options that let the basis follow the gradients (options.h: sample_source, error_feedback,
-// error_budget, refit_threshold, linear_weights), on 2 real Gloo ranks (threads of this process).
+// error_budget, refit_threshold, linear_weights) and the fit that needs no broadcast (basis_sync), on 2 real
+// Gloo ranks (threads of this process).
 #include <map>
 #include <mutex>
 
@@ -163,7 +164,7 @@ struct Planted {
 };
 
 void run_planted(int rank, c10::intrusive_ptr<c10d::ProcessGroup> pg, const GradiVeQOptions& o, int steps,
-                 std::vector<LayerStats>& out) {
+                 std::vector<LayerStats>& out, int64_t* bases_bytes = nullptr) {
   std::vector<NamedParameter> params{{"low", at::zeros({16, 8, 3, 3})}, {"full", at::zeros({16, 8, 3, 3})}};
   std::vector<at::Tensor> tensors{params[0].tensor, params[1].tensor};
   auto engine = GradiVeQAggregator::create(pg, params, o);
@@ -174,6 +175,7 @@ void run_planted(int rank, c10::intrusive_ptr<c10d::ProcessGroup> pg, const Grad
     std::vector<at::Tensor> views{buffer.narrow(0, 0, g[0].numel()).view(g[0].sizes()),
                                   buffer.narrow(0, g[0].numel(), g[1].numel()).view(g[1].sizes())};
     engine->aggregate_bucket(buffer, views, tensors, 0, true)->waitAndThrow();
+    if (bases_bytes) *bases_bytes += engine->step_stats().bytes_bases;
   }
   out = engine->layer_stats();
 }
@@ -201,6 +203,50 @@ TEST(BasisFollows, ErrorBudgetChoosesDPerLayerAndUnmovedBasesAreNotResent) {
   }
   EXPECT_EQ(stats[0][0].basis_checksum, stats[1][0].basis_checksum);
   EXPECT_EQ(stats[0][1].basis_checksum, stats[1][1].basis_checksum);
+}
+
+// basis_sync = replicated: every rank fits every layer from the QSGD-coded window it decoded, and gets the
+// bases, the error budget's d and the refit threshold's verdicts the broadcast would have given it, bit for
+// bit, without sending a basis byte (the verification code in every step checks the ranks agree).
+TEST(BasisFollows, ReplicatedFitsGiveTheBroadcastBasesWithoutSendingThem) {
+  for (SampleQuantizer quantizer : {SampleQuantizer::kQsgd4, SampleQuantizer::kNone}) {
+    SCOPED_TRACE(quantizer == SampleQuantizer::kQsgd4 ? "QSGD-coded window" : "uncompressed window");
+    GradiVeQOptions o;
+    o.schedule = {2, 6, 4};  // fits at the start of steps 8 and 18
+    o.sample_quantizer = quantizer;
+    o.fit.min_ratio = 4.0;
+    o.error_budget = 0.05;
+    o.refit_threshold = 0.01;
+    o.policy.min_numel = 100;
+    std::map<BasisSync, std::vector<std::vector<LayerStats>>> stats;
+    std::map<BasisSync, std::vector<int64_t>> bases_bytes;
+    for (BasisSync sync : {BasisSync::kBroadcast, BasisSync::kReplicated}) {
+      o.basis_sync = sync;
+      stats[sync].resize(2);
+      bases_bytes[sync].assign(2, 0);
+      run_ranks(2, [&](int rank, c10::intrusive_ptr<c10d::ProcessGroup> pg) {
+        run_planted(rank, pg, o, 20, stats[sync][rank], &bases_bytes[sync][rank]);
+      });
+    }
+    const auto& broadcast = stats[BasisSync::kBroadcast];
+    const auto& replicated = stats[BasisSync::kReplicated];
+    EXPECT_GT(bases_bytes[BasisSync::kBroadcast][0] + bases_bytes[BasisSync::kBroadcast][1], 0);
+    for (int r = 0; r < 2; ++r) {
+      EXPECT_EQ(bases_bytes[BasisSync::kReplicated][r], 0) << "rank " << r;
+      for (size_t j = 0; j < 2; ++j) {
+        EXPECT_NE(replicated[r][j].basis_checksum, 0u) << replicated[r][j].fit_status;
+        EXPECT_EQ(replicated[r][j].basis_checksum, broadcast[r][j].basis_checksum)
+            << "rank " << r << " layer " << j;
+        EXPECT_EQ(replicated[r][j].num_components, broadcast[r][j].num_components);
+        EXPECT_EQ(replicated[r][j].bases_kept, broadcast[r][j].bases_kept);
+        EXPECT_EQ(replicated[r][j].fits, broadcast[r][j].fits);
+      }
+    }
+    if (quantizer == SampleQuantizer::kNone) {  // exact samples: the planted subspace, found and kept
+      EXPECT_EQ(replicated[0][0].num_components, 2);
+      EXPECT_EQ(replicated[0][0].bases_kept, 1);
+    }
+  }
 }
 
 // Energy 1.0 with no cap on d stays an exact all-reduce with the new options on (local samples, linear
@@ -247,6 +293,14 @@ TEST(BasisFollows, RejectsOptionsThatCannotWorkTogether) {
   o.fit.min_ratio = 0.0;
   o.fit.max_components = 0;
   expect_invalid([&] { o.validate(); }, {"error_feedback", "energy"});
+  o = GradiVeQOptions();
+  o.basis_sync = BasisSync::kReplicated;
+  o.sample_source = SampleSource::kLocal;
+  expect_invalid([&] { o.validate(); }, {"basis_sync", "sample_source"});
+  o = GradiVeQOptions();
+  o.basis_sync = BasisSync::kReplicated;
+  o.verify_bases = false;
+  expect_invalid([&] { o.validate(); }, {"basis_sync", "verify_bases"});
 }
 
 }  // namespace
