@@ -132,6 +132,7 @@ void bind_schedule(py::module_& m) {
       .value("aggregated", SampleSource::kAggregated)
       .value("local", SampleSource::kLocal);
   py::enum_<BasisSync>(m, "BasisSync")
+      .value("auto", BasisSync::kAuto)
       .value("broadcast", BasisSync::kBroadcast)
       .value("replicated", BasisSync::kReplicated);
   py::enum_<SliceLayoutKind>(m, "SliceLayout")

@@ -20,7 +20,9 @@ struct FitOptions {
   /// including those of zero variance, so compression is lossless up to float rounding.
   double energy = 0.99;
   /// Upper bound on d, whichever rule chose it (energy, target_ratio, the engine's error_budget); 0 means no
-  /// cap. The engine's default is 192 (GradiVeQOptions::default_fit).
+  /// cap (the engine's default: with replicated fits a wider basis costs no broadcast, only its
+  /// coefficients). With basis_sync = broadcast, 192 keeps ResNet-32's broadcasts in check (docs/results.md
+  /// 7e).
   int64_t max_components = 0;
   /// If > 0, d is chosen for this compression ratio instead of by energy: d = ceil(K / target_ratio)
   /// (energy is then ignored). Must be >= 1 or 0 (off).
@@ -40,7 +42,9 @@ struct FitOptions {
 struct ScheduleOptions {
   int64_t warmup_iters = 2500;   ///< >= 0
   int64_t sample_iters = 100;    ///< >= 1
-  int64_t compress_iters = 400;  ///< >= 0 (0: never compress, only sample)
+  /// >= 0 (0: never compress, only sample). 200 (paper: 400): bases refitted twice as often, since a
+  /// replicated refit costs no bytes (docs/results.md 7f).
+  int64_t compress_iters = 200;
 };
 
 // --- Message codecs (qsgd.h, co3.h, casq.h); each codec's constructor validates its options -------------
@@ -101,6 +105,8 @@ enum class SampleSource {
 
 /// How every rank comes to hold the same bases after a sampling window.
 enum class BasisSync {
+  /// kReplicated where it can work (aggregated samples, verify_bases on), else kBroadcast.
+  kAuto,
   /// Layer j is fitted by rank j % N, which broadcasts the basis: each rank fits 1/N of the layers, and the
   /// bases cost K x d values per layer and refit on the wire.
   kBroadcast,
@@ -135,10 +141,11 @@ struct LayerPolicy {
 
 // The defaults are chosen by measurement (benchmarks/ddp/accuracy.py, docs/results.md): every slice of every
 // sampled gradient is a PCA sample, one kernel position per slice (K = D*F), energy 0.995 with d capped at
-// K/8 and at 192 (a wider basis costs more to broadcast than it returns: ResNet-32, docs/results.md 7e), the
-// sampling windows travel as the paper's 4-bit QSGD, the coefficients and everything left uncompressed in
-// float16. On Fashion-MNIST (small CNN and ResNet-32, 2 ranks, 3 seeds) they keep test accuracy far closer to
-// plain all-reduce than the paper's choices (paper()), with fewer wire bytes than torch's PowerSGD rank 2.
+// K/4, every rank fitting every basis itself (no broadcasts, so no cap on d for their sake), a compressed
+// window twice the sampling window, the sampling windows as the paper's 4-bit QSGD, the coefficients and
+// everything left uncompressed in float16. On Fashion-MNIST (small CNN and ResNet-32, 2 ranks, 3 seeds) they
+// keep test accuracy far closer to plain all-reduce than the paper's choices (paper()), with fewer wire bytes
+// than torch's PowerSGD rank 2 (docs/results.md 7f).
 // QSGD sampling all-gathers: from about 8 ranks on, sample_quantizer = kNone puts fewer bytes on the wire.
 struct GradiVeQOptions {
   FitOptions fit = default_fit();
@@ -195,11 +202,15 @@ struct GradiVeQOptions {
   /// 1 - ||U_old^T U_new||_F^2 / d_new, in [0, 1]. A kept basis is not broadcast (only a marker is). 0: every
   /// refit replaces; 1: the first basis is kept for good (which rules out error_feedback).
   double refit_threshold = 0.0;
-  /// How the fitted bases reach every rank (BasisSync above).
-  BasisSync basis_sync = BasisSync::kBroadcast;
+  /// How the fitted bases reach every rank (BasisSync above). Auto (the default) replicates the fits, which
+  /// on Fashion-MNIST trains bit for bit like the broadcast with 9% (small CNN) to 25% (ResNet-32) fewer wire
+  /// bytes (docs/results.md 7f).
+  BasisSync basis_sync = BasisSync::kAuto;
 
   /// Throws InvalidArgument naming the first bad option.
   void validate() const;
+  /// basis_sync with kAuto resolved: kReplicated when the samples are aggregated and verify_bases is on.
+  BasisSync effective_basis_sync() const;
 
   /// The paper's method exactly (Yu et al. 2018): first-slice fit, K = one kernel row, energy 0.99, 4-bit
   /// QSGD sampling, schedule 2500 / 100 / 400, no adaptive window, float32 coefficients and uncompressed
@@ -211,8 +222,7 @@ struct GradiVeQOptions {
   static FitOptions default_fit() {
     FitOptions f;
     f.energy = 0.995;
-    f.min_ratio = 8.0;
-    f.max_components = 192;
+    f.min_ratio = 4.0;
     return f;
   }
 };

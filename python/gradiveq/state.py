@@ -473,9 +473,9 @@ class GradiVeQState(_HookState):
     """Options and state of GradiVeQ gradient aggregation for one DDP model.
 
     The defaults were chosen by measurement on real data (docs/results.md, "Accuracy on real data"): every slice of every
-    sampled gradient is a PCA sample, one kernel position per slice, energy 0.995 with d capped at K/8 and at 192,
-    the sampling windows travel as the paper's 4-bit QSGD, and coefficients and whatever travels uncompressed go
-    in float16. ``GradiVeQState.paper()`` gives the paper's method exactly.
+    sampled gradient is a PCA sample, one kernel position per slice, energy 0.995 with d capped at K/4, every rank
+    fits every basis itself (no broadcasts), the compressed window is twice the sampling window, the sampling
+    windows travel as the paper's 4-bit QSGD, and coefficients and whatever travels uncompressed go in float16. ``GradiVeQState.paper()`` gives the paper's method exactly.
 
     Args:
         process_group: the group to aggregate over; None uses the DDP model's (the default group).
@@ -483,10 +483,11 @@ class GradiVeQState(_HookState):
             d whose eigenvalues hold this fraction of the window's variance. 1.0 keeps all K components (d = K):
             the hook is then an exact all-reduce up to float rounding (set min_ratio=0, max_components=0,
             sample_quantizer="none", coeff_dtype=torch.float32 and uncompressed_dtype=torch.float32 too).
-        max_components: cap on d (default 192; 0: none). A basis is K x d and is broadcast after every window,
-            so on wide layers (ResNet-32's K = 4096) a larger d costs more in broadcasts than it returns: the
-            window's few hundred samples do not estimate more directions well (docs/results.md 7e).
-        warmup_iters, sample_iters, compress_iters: the schedule (paper: 2500 / 100 / 400). Iterations count
+        max_components: cap on d (default 0: none). With basis_sync="broadcast" a basis is K x d and is broadcast
+            after every window, so on wide layers (ResNet-32's K = 4096) a cap of 192 saves more broadcast bytes
+            than the extra directions return (docs/results.md 7e); replicated fits pay only the coefficients.
+        warmup_iters, sample_iters, compress_iters: the schedule (default 2500 / 100 / 200; paper: 2500 / 100 /
+            400). Iterations count
             synchronised steps (``no_sync`` steps are not counted).
         sample_quantizer: how sampling iterations are aggregated: "qsgd4" (the default and the paper's: 4-bit
             QSGD, 7 levels, bucket 512, via all-gather because QSGD codes cannot be summed) or "none"
@@ -516,7 +517,7 @@ class GradiVeQState(_HookState):
             input columns, K = out). Filter columns make the basis F x d, cheap to refit every few steps.
         target_ratio: if > 0, choose d for this compression ratio, d = ceil(K / target_ratio), instead of by
             energy (d never exceeds the rank of the window's samples).
-        min_ratio: if > 0 (default 8), cap d at floor(K / min_ratio) after the energy rule: every layer
+        min_ratio: if > 0 (default 4), cap d at floor(K / min_ratio) after the energy rule: every layer
             compresses at least this much.
         restart_error_growth: the paper's adaptive window (eq. 7); 0 disables it. Each rank measures its local
             loss E (sqrt of the summed squared residuals over the summed squared gradients of the layers it
@@ -536,7 +537,8 @@ class GradiVeQState(_HookState):
             max_components; energy and target_ratio are then ignored.
         refit_threshold: a refitted basis replaces the current one only if its subspace moved by more than this
             (1 - ||U_old^T U_new||^2 / d, in [0, 1]); a kept basis costs no broadcast. 1 keeps the first basis.
-        basis_sync: "broadcast" (layer j is fitted by rank j % N, which broadcasts its basis) or "replicated"
+        basis_sync: "auto" (the default: "replicated" with aggregated samples and verify_bases on, else
+            "broadcast"), "broadcast" (layer j is fitted by rank j % N, which broadcasts its basis) or "replicated"
             (every rank fits every layer from the window's aggregated samples, identical on all ranks, with a
             deterministic fit: bit-identical bases and no basis bytes on the wire, for N times the fitting time
             per rank). Replicated needs sample_source="aggregated" and verify_bases, which raises on every rank

@@ -194,7 +194,7 @@ int64_t fit_and_broadcast(c10d::ProcessGroup& pg, const std::vector<std::unique_
   std::vector<at::Tensor> images(fittable.size());
   std::vector<std::string> failures(fittable.size());
   std::vector<char> kept(fittable.size(), 0);
-  if (options.basis_sync == BasisSync::kReplicated) {
+  if (options.effective_basis_sync() == BasisSync::kReplicated) {
     // Every rank fits every layer from the same samples: it installs its own images, exactly as it would
     // have installed the broadcast ones, and nothing travels.
     fit_layers(fittable, options, kAllLayers, images, failures, kept);
@@ -236,7 +236,7 @@ uint64_t configuration_code(const std::vector<std::unique_ptr<EngineLayer>>& lay
   h = mix(mix(h, uint64_t(options.sample_quantizer)), uint64_t(options.fit_on));
   h = mix(mix(h, uint64_t(options.slice_layout)), uint64_t(options.pipeline_chunks));
   h = mix(mix(h, uint64_t(options.sample_source)), uint64_t(options.error_feedback));
-  h = mix(h, uint64_t(options.basis_sync));
+  h = mix(h, uint64_t(options.effective_basis_sync()));
   h = mix(mix(h, double_bits(options.error_budget)), double_bits(options.refit_threshold));
   h = mix(h, uint64_t(options.policy.linear_weights));
   return mix(h, double_bits(options.restart_error_growth));
@@ -302,8 +302,8 @@ void VerificationCode::check(const at::Tensor& summed, int64_t iteration, int64_
            "the wire or basis dtypes, the sampling options or the PCA bases differ between ranks (this rank "
         << rank << " of " << world_size_ << ", state checksum " << std::hex << code_
         << "). Typical causes: options that differ between ranks, a checkpoint loaded on some ranks only, or "
-           "a "
-           "basis modified on one rank.";
+           "a basis modified on one rank, or with basis_sync = replicated ranks whose own fits came out "
+           "differently (other builds or CPU kinds: use basis_sync = broadcast there).";
     throw std::runtime_error(msg.str());
   }
 }

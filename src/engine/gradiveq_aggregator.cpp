@@ -68,6 +68,12 @@ void GradiVeQOptions::validate() const {
       "the basis keeps every direction, nothing is lost");
 }
 
+BasisSync GradiVeQOptions::effective_basis_sync() const {
+  if (basis_sync != BasisSync::kAuto) return basis_sync;
+  return sample_source == SampleSource::kAggregated && verify_bases ? BasisSync::kReplicated
+                                                                    : BasisSync::kBroadcast;
+}
+
 GradiVeQOptions GradiVeQOptions::paper() {
   GradiVeQOptions o;
   o.fit = FitOptions{};
@@ -79,6 +85,7 @@ GradiVeQOptions GradiVeQOptions::paper() {
   o.restart_error_growth = 0.0;
   o.coeff_dtype = at::kFloat;
   o.uncompressed_dtype = at::kFloat;
+  o.basis_sync = BasisSync::kBroadcast;  // one rank fits each layer and broadcasts it
   return o;
 }
 

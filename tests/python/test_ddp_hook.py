@@ -73,9 +73,9 @@ def test_ranks_hold_identical_parameters_after_50_steps_and_loss_falls_like_plai
 @pytest.mark.parametrize("basis_dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_bases_halve_basis_memory_and_keep_ranks_identical(basis_dtype):
     cfg = dict(steps=13, bucket_cap_mb=0.02, keep_grads=True)
-    full = no_errors(run_ranks(train, 2, dict(cfg, hook="cpp", state=dict(SHORT, energy=0.95))))
-    half = no_errors(run_ranks(train, 2, dict(cfg, hook="cpp", state=dict(SHORT, energy=0.95,
-                                                                           basis_dtype=basis_dtype))))
+    shared = dict(SHORT, energy=0.95, basis_sync="broadcast")  # the broadcast's bytes are counted below
+    full = no_errors(run_ranks(train, 2, dict(cfg, hook="cpp", state=shared)))
+    half = no_errors(run_ranks(train, 2, dict(cfg, hook="cpp", state=dict(shared, basis_dtype=basis_dtype))))
     assert half[0]["stats"]["options"]["basis_dtype"] == str(basis_dtype).replace("torch.", "")
     for n, p in half[0]["params"].items():
         assert torch.equal(p, half[1]["params"][n]), n
@@ -267,7 +267,8 @@ def test_replicated_fits_train_bit_for_bit_like_broadcast_ones_without_basis_byt
     # Every rank fits every layer from the QSGD window it decoded: the same bases as the broadcast run (so the
     # same parameters, bit for bit, through three refits), and no basis byte sent.
     state = dict(SHORT, energy=0.95)
-    broadcast = no_errors(run_ranks(train, 2, dict(hook="cpp", state=state, steps=16, keep_grads=False)))
+    broadcast = no_errors(run_ranks(train, 2, dict(hook="cpp", state=dict(state, basis_sync="broadcast"), steps=16,
+                                                   keep_grads=False)))
     replicated = no_errors(run_ranks(train, 2, dict(hook="cpp", state=dict(state, basis_sync="replicated"), steps=16,
                                                     keep_grads=False)))
     assert sum(s["bytes_bases"] for r in broadcast for s in r["step_stats"]) > 0
@@ -425,6 +426,7 @@ def test_non_finite_gradients_stay_non_finite_and_grad_scaler_skips():
     (dict(basis_sync="gossip"), ["basis_sync", "gossip"]),
     (dict(basis_sync="replicated", sample_source="local"), ["basis_sync", "sample_source"]),
     (dict(basis_sync="replicated", verify_bases=False), ["basis_sync", "verify_bases"]),
+    (dict(basis_sync="broadcast", verify_bases="no"), ["verify_bases", "True or False"]),
     (dict(linear_weights="yes"), ["linear_weights"]),
     (dict(include=3), ["include"]),
     (dict(fit_on="middle"), ["fit_on"]),
@@ -434,7 +436,7 @@ def test_non_finite_gradients_stay_non_finite_and_grad_scaler_skips():
     (dict(min_ratio=-1), ["min_ratio"]),
     (dict(restart_error_growth=0.9), ["restart_error_growth", "> 1"]),
     (dict(energy=1.0), ["energy", "min_ratio", "lossless"]),
-    (dict(energy=1.0, min_ratio=0), ["energy", "max_components = 192", "lossless"]),
+    (dict(energy=1.0, min_ratio=0, max_components=192), ["energy", "max_components = 192", "lossless"]),
     (dict(target_ratio="8"), ["target_ratio", "number"]),
     (dict(slice_layout="row"), ["slice_layout", "row"]),
 ])

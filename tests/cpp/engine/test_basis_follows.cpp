@@ -249,6 +249,19 @@ TEST(BasisFollows, ReplicatedFitsGiveTheBroadcastBasesWithoutSendingThem) {
   }
 }
 
+// Auto (the default) replicates exactly where replication can work; the paper's method broadcasts.
+TEST(BasisFollows, AutoBasisSyncReplicatesWhereItCanWork) {
+  GradiVeQOptions o;
+  EXPECT_EQ(o.effective_basis_sync(), BasisSync::kReplicated);
+  o.sample_source = SampleSource::kLocal;
+  EXPECT_EQ(o.effective_basis_sync(), BasisSync::kBroadcast);
+  o = GradiVeQOptions();
+  o.verify_bases = false;
+  EXPECT_EQ(o.effective_basis_sync(), BasisSync::kBroadcast);
+  o.validate();  // auto never asks for what it cannot have
+  EXPECT_EQ(GradiVeQOptions::paper().effective_basis_sync(), BasisSync::kBroadcast);
+}
+
 // Energy 1.0 with no cap on d stays an exact all-reduce with the new options on (local samples, linear
 // weights; error feedback is refused there, see RejectsOptionsThatCannotWorkTogether).
 TEST(BasisFollows, FullRankWithLocalSamplesEqualsPlainAllReduce) {
