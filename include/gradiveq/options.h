@@ -203,8 +203,8 @@ struct GradiVeQOptions {
   /// refit replaces; 1: the first basis is kept for good (which rules out error_feedback).
   double refit_threshold = 0.0;
   /// How the fitted bases reach every rank (BasisSync above). Auto (the default) replicates the fits, which
-  /// on Fashion-MNIST trains bit for bit like the broadcast with 9% (small CNN) to 25% (ResNet-32) fewer wire
-  /// bytes (docs/results.md 7f).
+  /// on Fashion-MNIST trains bit for bit like the broadcast with fewer wire bytes: 16.0 -> 14.5 KB/step/rank
+  /// on the small CNN, 497.1 -> 261.6 on ResNet-32 with the default d (docs/results.md 7f).
   BasisSync basis_sync = BasisSync::kAuto;
 
   /// Throws InvalidArgument naming the first bad option.
