@@ -484,7 +484,8 @@ def parse_args(argv):
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch", type=int, default=64, help="batch per rank")
     ap.add_argument("--schedule", default="100,50,100",
-                    help="GradiVeQ warm-up,sampling,compressed iterations (the library's 2500/100/200 scaled to the run)")
+                    help="GradiVeQ warm-up,sampling,compressed iterations (the library's 2500/100/200 scaled to the "
+                         "run)")
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--target", type=float, default=None,
                     help="test accuracy for the time-to-accuracy column (default: plain's mean final accuracy minus "

@@ -475,7 +475,8 @@ class GradiVeQState(_HookState):
     The defaults were chosen by measurement on real data (docs/results.md, "Accuracy on real data"): every slice of every
     sampled gradient is a PCA sample, one kernel position per slice, energy 0.995 with d capped at K/4, every rank
     fits every basis itself (no broadcasts), the compressed window is twice the sampling window, the sampling
-    windows travel as the paper's 4-bit QSGD, and coefficients and whatever travels uncompressed go in float16. ``GradiVeQState.paper()`` gives the paper's method exactly.
+    windows travel as the paper's 4-bit QSGD, and coefficients and whatever travels uncompressed go in float16.
+    ``GradiVeQState.paper()`` gives the paper's method exactly.
 
     Args:
         process_group: the group to aggregate over; None uses the DDP model's (the default group).
@@ -487,8 +488,7 @@ class GradiVeQState(_HookState):
             after every window, so on wide layers (ResNet-32's K = 4096) a cap of 192 saves more broadcast bytes
             than the extra directions return (docs/results.md 7e); replicated fits pay only the coefficients.
         warmup_iters, sample_iters, compress_iters: the schedule (default 2500 / 100 / 200; paper: 2500 / 100 /
-            400). Iterations count
-            synchronised steps (``no_sync`` steps are not counted).
+            400). Iterations count synchronised steps (``no_sync`` steps are not counted).
         sample_quantizer: how sampling iterations are aggregated: "qsgd4" (the default and the paper's: 4-bit
             QSGD, 7 levels, bucket 512, via all-gather because QSGD codes cannot be summed) or "none"
             (uncompressed all-reduce in ``uncompressed_dtype``: exact samples; an all-gather's bytes per rank grow

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <numeric>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -84,9 +85,10 @@ double subspace_movement(const PcaCompressor& current, const PcaCompressor& fres
   return 1.0 - overlap.squaredNorm() / double(fresh.num_components());
 }
 
+constexpr int64_t kAllLayers = -1;  // fit_layers' rank that stands for every rank (replicated fits)
+
 // The fits of the layers `rank` fits (every layer when `rank` is kAllLayers): serialized images, why a fit
 // was skipped, or that the current basis stays (`kept`).
-constexpr int64_t kAllLayers = -1;
 void fit_layers(const std::vector<EngineLayer*>& fittable, const GradiVeQOptions& options, int64_t rank,
                 std::vector<at::Tensor>& images, std::vector<std::string>& failures,
                 std::vector<char>& kept) {
@@ -199,7 +201,7 @@ int64_t fit_and_broadcast(c10d::ProcessGroup& pg, const std::vector<std::unique_
     // have installed the broadcast ones, and nothing travels.
     fit_layers(fittable, options, kAllLayers, images, failures, kept);
     std::vector<size_t> all(fittable.size());
-    for (size_t j = 0; j < all.size(); ++j) all[j] = j;
+    std::iota(all.begin(), all.end(), size_t(0));
     auto [sizes, payload] = image_table(all, images, kept);
     std::lock_guard<std::mutex> lock(mutex);
     install_bases(fittable, all, sizes, payload, /*own=*/true, failures, options.basis_dtype);
