@@ -11,10 +11,11 @@
 #include <limits>
 #include <vector>
 
+#include "gradiveq/errors.h"
+#include "kernels/kernels.h"
+#include "kernels/kernels_cuda.h"
 #include "util/byte_io.h"
 #include "util/hash_mix.h"
-#include "kernels/kernels.h"
-#include "gradiveq/errors.h"
 
 namespace gradiveq {
 
@@ -31,6 +32,31 @@ constexpr size_t kHeaderBytes = kHeaderBytesV1 + 4;
 
 // A version-2 image names its basis dtype by its index in this table.
 constexpr at::ScalarType kBasisDtypes[] = {at::kFloat, at::kHalf, at::kBFloat16};
+
+// CUDA tensors with the kernels switched on (kernels_cuda.h): the product as a grouped launch of one layer.
+// The kernel reads float32 input with unit column stride and writes rows of unit column stride; anything else
+// goes through a temporary.
+void project_with_cuda_kernels(const at::Tensor& input, const at::Tensor& basis, const at::Tensor& bias,
+                               at::Tensor out, bool decompress) {
+#ifdef GRADIVEQ_WITH_CUDA_KERNELS
+  detail::ProjectionTask task;
+  task.input =
+      input.scalar_type() == at::kFloat && input.stride(1) == 1 ? input : input.to(at::kFloat).contiguous();
+  task.basis = basis.contiguous();
+  task.bias = bias.reshape({-1}).contiguous();
+  const bool direct = out.stride(1) == 1;
+  task.out = direct ? out : at::empty(out.sizes(), out.options());
+  if (decompress) {
+    detail::cuda_decompress_grouped({task});
+  } else {
+    detail::cuda_compress_grouped({task});
+  }
+  if (!direct) out.copy_(task.out);
+#else
+  (void)input, (void)basis, (void)bias, (void)out, (void)decompress;
+  GVQ_ASSERT(false, "CUDA kernels used in a build without them");
+#endif
+}
 
 uint32_t basis_dtype_code(at::ScalarType dtype) {
   const auto* it = std::find(std::begin(kBasisDtypes), std::end(kBasisDtypes), dtype);
@@ -310,6 +336,10 @@ void PcaCompressor::compress_into(const at::Tensor& slices, int64_t world_size, 
     if (!direct) out.copy_(target);
     return;
   }
+  if (slices.is_cuda() && detail::cuda_kernels_enabled()) {
+    project_with_cuda_kernels(slices, basis_, offset, out, /*decompress=*/false);
+    return;
+  }
   const at::Tensor g = slices.scalar_type() == at::kFloat ? slices : slices.to(at::kFloat);
   const at::Tensor basis = basis_.to(at::kFloat);
   if (out.scalar_type() == at::kFloat && out.is_contiguous()) {
@@ -360,6 +390,10 @@ void PcaCompressor::decompress_into(const at::Tensor& coeffs, at::Tensor out) co
         detail::cpu_decompress(c.data_ptr<float>(), basis_.data_ptr<float>(), mu, dst, stride, s_rows, k, d);
     }
     if (!direct) out.copy_(target);
+    return;
+  }
+  if (coeffs.is_cuda() && detail::cuda_kernels_enabled() && is_float_like(out.scalar_type())) {
+    project_with_cuda_kernels(coeffs, basis_, mean_, out, /*decompress=*/true);
     return;
   }
   const at::Tensor c = coeffs.scalar_type() == at::kFloat ? coeffs : coeffs.to(at::kFloat);

@@ -4,10 +4,17 @@
 #include <cstdint>
 #include <string>
 
+// The counter-based generator runs in the CUDA kernels too (cuda/), with the same results.
+#if defined(__CUDACC__)
+#define GVQ_HOST_DEVICE __host__ __device__
+#else
+#define GVQ_HOST_DEVICE
+#endif
+
 namespace gradiveq::detail {
 
 /// splitmix64's finaliser: a bijection of 64-bit words; every input bit moves about half the output bits.
-inline uint64_t splitmix64(uint64_t z) {
+GVQ_HOST_DEVICE inline uint64_t splitmix64(uint64_t z) {
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
   return z ^ (z >> 31);
@@ -20,7 +27,7 @@ inline uint64_t mix(uint64_t h, uint64_t v) {
 
 /// Counter-based uniform in [0, 1): splitmix64 of (seed, index). Stateless, so any element can be rounded
 /// independently (and in parallel, on any device) with the same result.
-inline double uniform01(uint64_t seed, uint64_t index) {
+GVQ_HOST_DEVICE inline double uniform01(uint64_t seed, uint64_t index) {
   return double(splitmix64(seed + 0x9E3779B97F4A7C15ull * (index + 1)) >> 11) * 0x1.0p-53;
 }
 
