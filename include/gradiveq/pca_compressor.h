@@ -44,6 +44,8 @@ class PcaCompressor {
   at::ScalarType basis_dtype() const { return basis_.scalar_type(); }
   const at::Tensor& eigenvalues() const { return eigenvalues_; }  ///< (K) float32, decreasing, >= 0
 
+  /// The affine map's offset for one of `world_size` ranks: -U^T mu / world_size, (d) float32.
+  at::Tensor offset(int64_t world_size) const;
   /// (S, K) slices of one rank -> (S, d) float32 coefficients U^T (g - mu / world_size).
   at::Tensor compress(const at::Tensor& slices, int64_t world_size = 1) const;
   /// Same, written into `out` (S, d) of dtype float32, float16 or bfloat16.

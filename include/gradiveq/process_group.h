@@ -3,6 +3,8 @@
 //   auto store = gradiveq::connect_store({"127.0.0.1", 29500}, rank, world_size, std::chrono::seconds(30));
 //   auto pg = gradiveq::make_gloo_process_group(store, rank, world_size);
 //
+// On GPUs, make_nccl_process_group(store, rank, world_size) instead.
+//
 // Rank 0 hosts the TCPStore; the others connect to it. A store that cannot be reached raises within the
 // timeout (never hangs). A FileStore (a fresh path shared by all ranks) works without any port.
 #pragma once
@@ -32,5 +34,12 @@ c10::intrusive_ptr<c10d::Store> connect_store(const StoreAddress& address, int r
 c10::intrusive_ptr<c10d::ProcessGroup> make_gloo_process_group(
     const c10::intrusive_ptr<c10d::Store>& store, int rank, int world_size,
     std::chrono::milliseconds timeout = std::chrono::seconds(60), const std::string& interface_host = "127.0.0.1");
+
+/// A process group whose collectives run on NCCL (CUDA tensors), for a rank whose CUDA device is already the
+/// current one (c10::cuda::set_device(local_rank)). Raises InvalidArgument in a build without NCCL
+/// (configured without the CUDA toolkit) or on a machine without a CUDA device.
+c10::intrusive_ptr<c10d::ProcessGroup> make_nccl_process_group(
+    const c10::intrusive_ptr<c10d::Store>& store, int rank, int world_size,
+    std::chrono::milliseconds timeout = std::chrono::seconds(60));
 
 }  // namespace gradiveq

@@ -289,6 +289,12 @@ double PcaCompressor::explained_variance() const {
   return eigenvalues_.narrow(0, 0, num_components()).sum(at::kDouble).item<double>() / total;
 }
 
+at::Tensor PcaCompressor::offset(int64_t world_size) const {
+  check_fitted("PcaCompressor.offset");
+  GVQ_CHECK_ARG(world_size >= 1, "PcaCompressor.offset", "world_size", "must be >= 1, got ", world_size);
+  return mean_proj_ * (-1.0 / double(world_size));
+}
+
 at::Tensor PcaCompressor::compress(const at::Tensor& slices, int64_t world_size) const {
   check_fitted("PcaCompressor.compress");
   GVQ_CHECK_ARG(slices.defined() && slices.dim() == 2, "PcaCompressor.compress", "slices",
@@ -315,7 +321,7 @@ void PcaCompressor::compress_into(const at::Tensor& slices, int64_t world_size, 
   GVQ_CHECK_ARG(is_float_like(out.scalar_type()), kWhere, "out", "must be float32, float16 or bfloat16, got ",
                 out.scalar_type());
   c10::NoGradGuard no_grad;
-  const at::Tensor offset = (mean_proj_ * (-1.0 / double(world_size))).view({1, -1});
+  const at::Tensor offset = this->offset(world_size).view({1, -1});
   if (slices.device().is_cpu()) {
     const at::Tensor g = contiguous_float(slices);
     const bool direct = out.scalar_type() == at::kFloat && out.is_contiguous();

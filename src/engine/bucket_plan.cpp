@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "kernels/kernels_cuda.h"
 #include "util/hash_mix.h"
 
 namespace gradiveq::detail {
@@ -38,6 +39,37 @@ void remember_error(EngineLayer& l, const at::Tensor& x, const at::Tensor& c, co
   const at::Tensor sent = c.to(ctx.coeff_dtype).to(at::kFloat);
   const double mean_share = 1.0 - 1.0 / double(ctx.world_size);
   l.error = x - (l.pca.decompress(sent) - l.pca.mean().mul(mean_share));
+}
+
+// Compressed route, first half: this rank's gradient in paper order, float32, with the error-feedback memory
+// added to its slices (x = g + e).
+at::Tensor compressed_flat(Entry& e, const PlanContext& ctx) {
+  EngineLayer& l = *e.layer;
+  at::Tensor flat = l.layout.to_paper_order(e.grad.to(at::kFloat));
+  if (ctx.error_feedback && l.error.defined()) l.layout.slices(flat).add_(l.error);
+  return flat;
+}
+
+// Compressed route, second half, once the slices of `flat` are compressed to `c` (S, d) float32.
+void finish_compressed_pack(Entry& e, BucketPlan& plan, const PlanContext& ctx, const at::Tensor& flat,
+                            const at::Tensor& c) {
+  EngineLayer& l = *e.layer;
+  const int64_t n = ctx.world_size;
+  const at::Tensor slices = l.layout.slices(flat);
+  // A local sample is N x, the estimate of the sum an aggregated sample would have been.
+  if (e.local_sample) keep_sample(l, flat.mul(double(n)), ctx);
+  if (ctx.error_feedback) remember_error(l, slices, c, ctx);
+  plan.coeffs.narrow(0, e.coeff_offset, e.coeff_len).view(c.sizes()).copy_(c);
+  plan.packed.narrow(0, e.raw_offset, e.raw_len).copy_(l.layout.tail(flat));
+  // Local loss of eq. 7 without decompressing: U is orthonormal, so with x = g - mu/N,
+  // ||x - U U^T x||^2 = ||x||^2 - ||U^T x||^2.
+  e.residual_sq = (slices - l.pca.mean() / double(n)).pow(2).sum() - c.pow(2).sum();
+  e.signal_sq = slices.pow(2).sum();
+}
+
+// The entry's summed coefficients, (S, d), in `coeffs` (the plan's coefficient segment, or a float32 copy).
+at::Tensor entry_coeffs(const Entry& e, const at::Tensor& coeffs) {
+  return coeffs.narrow(0, e.coeff_offset, e.coeff_len).view({e.layer->layout.num_slices(), -1});
 }
 
 void unpack_sample(Entry& e, const at::Tensor& sum, BucketPlan& plan, const PlanContext& ctx) {
@@ -81,28 +113,14 @@ const Route kCompressedRoute{
       s.raw += e.raw_len;
     },
     [](Entry& e, BucketPlan& plan, const PlanContext& ctx) {
-      EngineLayer& l = *e.layer;
-      const int64_t n = ctx.world_size;
-      at::Tensor flat = l.layout.to_paper_order(e.grad.to(at::kFloat));
-      at::Tensor slices = l.layout.slices(flat);
-      if (ctx.error_feedback && l.error.defined()) slices.add_(l.error);  // x = g + e
-      at::Tensor c = l.pca.compress(slices, n);
-      // A local sample is N x, the estimate of the sum an aggregated sample would have been.
-      if (e.local_sample) keep_sample(l, flat.mul(double(n)), ctx);
-      if (ctx.error_feedback) remember_error(l, slices, c, ctx);
-      plan.coeffs.narrow(0, e.coeff_offset, e.coeff_len).view(c.sizes()).copy_(c);
-      plan.packed.narrow(0, e.raw_offset, e.raw_len).copy_(l.layout.tail(flat));
-      // Local loss of eq. 7 without decompressing: U is orthonormal, so with x = g - mu/N,
-      // ||x - U U^T x||^2 = ||x||^2 - ||U^T x||^2.
-      e.residual_sq = (slices - l.pca.mean() / double(n)).pow(2).sum() - c.pow(2).sum();
-      e.signal_sq = slices.pow(2).sum();
+      at::Tensor flat = compressed_flat(e, ctx);
+      const at::Tensor slices = e.layer->layout.slices(flat);
+      finish_compressed_pack(e, plan, ctx, flat, e.layer->pca.compress(slices, ctx.world_size));
     },
     [](Entry& e, BucketPlan& plan, const PlanContext& ctx) {
       const EngineLayer& l = *e.layer;
       at::Tensor flat = at::empty({l.numel}, plan.packed.options().dtype(at::kFloat));
-      l.pca.decompress_into(
-          plan.coeffs.narrow(0, e.coeff_offset, e.coeff_len).view({l.layout.num_slices(), -1}),
-          l.layout.slices(flat));
+      l.pca.decompress_into(entry_coeffs(e, plan.coeffs), l.layout.slices(flat));
       l.layout.tail(flat).copy_(plan.packed.narrow(0, e.raw_offset, e.raw_len));
       l.layout.from_paper_order_into(flat.mul_(1.0 / double(ctx.world_size)), e.grad);
     },
@@ -200,6 +218,62 @@ std::vector<std::vector<Entry>> split_into_groups(std::vector<Entry> entries, in
   chunks.erase(std::remove_if(chunks.begin(), chunks.end(), [](const auto& c) { return c.empty(); }),
                chunks.end());
   return chunks;
+}
+
+bool groups_on_cuda(const BucketPlan& plan) { return plan.buffer.is_cuda() && cuda_kernels_enabled(); }
+
+// One kernel launch for every compressed entry of the plan (kernels_cuda.h), then each entry's own second
+// half.
+void pack_compressed_grouped(BucketPlan& plan, const PlanContext& ctx) {
+#ifdef GRADIVEQ_WITH_CUDA_KERNELS
+  std::vector<Entry*> entries;
+  std::vector<at::Tensor> flats;
+  std::vector<ProjectionTask> tasks;
+  for (auto& e : plan.entries) {
+    if (e.mode != Mode::kCompressed) continue;
+    const PcaCompressor& pca = e.layer->pca;
+    entries.push_back(&e);
+    flats.push_back(compressed_flat(e, ctx));
+    const at::Tensor slices = e.layer->layout.slices(flats.back());
+    tasks.push_back({slices, pca.basis(), pca.offset(ctx.world_size),
+                     at::empty({slices.size(0), pca.num_components()}, slices.options()), 1.0f});
+  }
+  cuda_compress_grouped(tasks);
+  for (size_t i = 0; i < entries.size(); ++i)
+    finish_compressed_pack(*entries[i], plan, ctx, flats[i], tasks[i].out);
+#else
+  (void)plan, (void)ctx;
+  GVQ_ASSERT(false, "CUDA kernels used in a build without them");
+#endif
+}
+
+// One launch decompresses every compressed entry (mean added, averaged over ranks) into a float32 buffer
+// in paper order; each entry then adds its tail and scatters into its gradient.
+void unpack_compressed_grouped(BucketPlan& plan, const PlanContext& ctx) {
+#ifdef GRADIVEQ_WITH_CUDA_KERNELS
+  const double inv_n = 1.0 / double(ctx.world_size);
+  const at::Tensor coeffs = plan.coeffs.to(at::kFloat);
+  std::vector<Entry*> entries;
+  std::vector<at::Tensor> flats;
+  std::vector<ProjectionTask> tasks;
+  for (auto& e : plan.entries) {
+    if (e.mode != Mode::kCompressed) continue;
+    const EngineLayer& l = *e.layer;
+    entries.push_back(&e);
+    flats.push_back(at::empty({l.numel}, coeffs.options()));
+    tasks.push_back(
+        {entry_coeffs(e, coeffs), l.pca.basis(), l.pca.mean(), l.layout.slices(flats.back()), float(inv_n)});
+  }
+  cuda_decompress_grouped(tasks);
+  for (size_t i = 0; i < entries.size(); ++i) {
+    Entry& e = *entries[i];
+    e.layer->layout.tail(flats[i]).copy_(plan.packed.narrow(0, e.raw_offset, e.raw_len)).mul_(inv_n);
+    e.layer->layout.from_paper_order_into(flats[i], e.grad);
+  }
+#else
+  (void)plan, (void)ctx;
+  GVQ_ASSERT(false, "CUDA kernels used in a build without them");
+#endif
 }
 
 }  // namespace gradiveq::detail

@@ -113,6 +113,13 @@ struct Route {
 
 const Route& route_of(Mode mode);
 
+/// Whether the plan's compressed entries go through the CUDA kernels, all in one launch (a CUDA bucket with
+/// the kernels switched on); pack_plan and finish_plan then skip those entries' own pack and unpack.
+bool groups_on_cuda(const BucketPlan& plan);
+/// The compressed route's pack / unpack for all compressed entries of the plan at once.
+void pack_compressed_grouped(BucketPlan& plan, const PlanContext& ctx);
+void unpack_compressed_grouped(BucketPlan& plan, const PlanContext& ctx);
+
 /// Cuts a bucket's entries into up to `pipeline_chunks` groups of about equal compressed size, in bucket
 /// order; only non-empty groups are returned.
 std::vector<std::vector<Entry>> split_into_groups(std::vector<Entry> entries, int64_t pipeline_chunks);

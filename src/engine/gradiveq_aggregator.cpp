@@ -316,8 +316,10 @@ void GradiVeQAggregator::pack_plan(BucketPlan& plan, const detail::Segments& seg
   plan.vote_offset = plan.verify_offset + verify_len;
   if (any_qsgd) plan.sampling = std::make_unique<detail::GatherPipeline>(sampling_codec_);
   const detail::PlanContext ctx = plan_context(plan);
+  const bool grouped = detail::groups_on_cuda(plan);
+  if (grouped) detail::pack_compressed_grouped(plan, ctx);
   for (auto& e : plan.entries) {
-    route_of(e.mode).pack(e, plan, ctx);
+    if (!(grouped && e.mode == Mode::kCompressed)) route_of(e.mode).pack(e, plan, ctx);
     if (window_->enabled() && e.residual_sq.defined()) window_->add_terms(e.residual_sq, e.signal_sq);
   }
   if (plan.verify) plan.verify->write(plan.control.narrow(0, plan.verify_offset, verify_len));
@@ -386,7 +388,11 @@ void GradiVeQAggregator::finish_plan(BucketPlan& plan) {
       plan.verify->check(plan.control.narrow(0, plan.verify_offset, plan.verify->length()), plan.iter, rank_);
     }
     if (plan.sampling) plan.sampled_sums = plan.sampling->decoded_sums();
-    for (auto& e : plan.entries) route_of(e.mode).unpack(e, plan, ctx);
+    const bool grouped = detail::groups_on_cuda(plan);
+    if (grouped) detail::unpack_compressed_grouped(plan, ctx);
+    for (auto& e : plan.entries) {
+      if (!(grouped && e.mode == Mode::kCompressed)) route_of(e.mode).unpack(e, plan, ctx);
+    }
   }
   const double decompress_ms = ms_since(start);
   {

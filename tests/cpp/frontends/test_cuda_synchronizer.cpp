@@ -1,0 +1,112 @@
+// The LibTorch front end on CUDA tensors: an NCCL process group of one rank on one GPU, and 2 Gloo ranks
+// with CUDA tensors, with the CUDA kernels on and off, against the plain average. They skip without a GPU;
+// the NCCL refusal runs everywhere.
+#include <ATen/Context.h>
+#include <gtest/gtest.h>
+
+#include <string>
+
+#include "gradiveq/gradient_synchronizer.h"
+#include "gradiveq/process_group.h"
+#include "kernels/kernels_cuda.h"
+#include "rank_threads.h"
+#include "test_helpers.h"
+#include "tiny_net.h"
+
+namespace gradiveq {
+namespace {
+
+using testing::batch;
+using testing::expect_invalid;
+using testing::fresh_store_path;
+using testing::rel_error;
+using testing::run_ranks;
+using testing::TinyNet;
+
+// Float32 rounding through a full-rank basis, on the GPU (cuBLAS or the kernels) and through NCCL or Gloo.
+constexpr double kLosslessTolerance = 1e-5;
+
+at::Device gpu() { return at::Device(at::kCUDA, 0); }
+
+// TinyNet's parameters moved to the GPU (same values on every rank).
+void to_gpu(TinyNet& net) {
+  for (auto& np : net.params) np.tensor = np.tensor.detach().to(gpu()).set_requires_grad(true);
+}
+
+SynchronizerOptions lossless_options() {
+  SynchronizerOptions o;
+  o.gradiveq.fit.energy = 1.0;
+  o.gradiveq.fit.min_ratio = 0.0;
+  o.gradiveq.fit.max_components = 0;
+  o.gradiveq.coeff_dtype = o.gradiveq.uncompressed_dtype = at::kFloat;
+  o.gradiveq.schedule = {1, 2, 3};
+  o.gradiveq.sample_quantizer = SampleQuantizer::kNone;
+  o.gradiveq.policy.min_numel = 100;
+  o.bucket_cap_bytes = 4000;
+  return o;
+}
+
+// Trains `net` 9 steps through `pg` (warm-up, sampling, compressed, sampling, compressed) and checks every
+// gradient against the plain all-reduce average of an identical net's.
+void expect_plain_average_every_step(int rank, const c10::intrusive_ptr<c10d::ProcessGroup>& pg,
+                                     const std::string& context) {
+  TinyNet net(7), reference(7);
+  to_gpu(net);
+  to_gpu(reference);
+  GradientSynchronizer sync(pg, net.params, lossless_options());
+  for (int step = 0; step < 9; ++step) {
+    auto [x, y] = batch(rank, step);
+    x = x.to(gpu());
+    y = y.to(gpu());
+    for (TinyNet* n : {&net, &reference}) {
+      n->zero_grad();
+      n->loss(x, y).backward();
+    }
+    sync.synchronize();
+    for (size_t i = 0; i < net.params.size(); ++i) {
+      std::vector<at::Tensor> t{reference.p(i).grad().clone()};
+      pg->allreduce(t)->wait();
+      EXPECT_LT(rel_error(net.p(i).grad(), t[0] / double(pg->getSize())), kLosslessTolerance)
+          << context << " rank " << rank << " step " << step << " " << net.params[i].name;
+    }
+  }
+  EXPECT_EQ(sync.aggregator().layer_stats()[1].fits, 2) << context;
+}
+
+struct KernelSwitchGuard {
+  bool was = detail::cuda_kernels_enabled();
+  ~KernelSwitchGuard() { detail::set_cuda_kernels_enabled(was); }
+};
+
+TEST(CudaSynchronizer, NcclIsRefusedWithoutNcclOrAGpu) {
+  if (detail::cuda_kernels_built() && at::hasCUDA()) GTEST_SKIP() << "this machine has a GPU";
+  auto store = connect_store({"", 0, fresh_store_path()}, 0, 1);
+  expect_invalid([&] { make_nccl_process_group(store, 0, 1); }, {"make_nccl_process_group"});
+}
+
+TEST(CudaSynchronizer, OneNcclRankAveragesLikePlainAllReduceWithAndWithoutKernels) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  KernelSwitchGuard guard;
+  for (const bool kernels : {false, true}) {
+    if (kernels && !detail::cuda_kernels_built()) continue;
+    detail::set_cuda_kernels_enabled(kernels);
+    auto store = connect_store({"", 0, fresh_store_path()}, 0, 1);
+    expect_plain_average_every_step(0, make_nccl_process_group(store, 0, 1),
+                                    kernels ? "nccl, kernels" : "nccl, aten");
+  }
+}
+
+TEST(CudaSynchronizer, TwoGlooRanksWithCudaTensorsAverageLikePlainAllReduce) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  KernelSwitchGuard guard;
+  for (const bool kernels : {false, true}) {
+    if (kernels && !detail::cuda_kernels_built()) continue;
+    detail::set_cuda_kernels_enabled(kernels);
+    run_ranks(2, [&](int rank, c10::intrusive_ptr<c10d::ProcessGroup> pg) {
+      expect_plain_average_every_step(rank, pg, kernels ? "gloo, kernels" : "gloo, aten");
+    });
+  }
+}
+
+}  // namespace
+}  // namespace gradiveq
