@@ -80,8 +80,21 @@ void grouped_projection(const std::vector<ProjectionTask>& tasks, bool decompres
   const cuda::Dtype out_dtype = kernel_dtype(first.out.scalar_type(), "cuda projection", "out");
   std::vector<cuda::GemmJob> jobs;
   jobs.reserve(tasks.size());
-  for (const auto& t : tasks) jobs.push_back(projection_job(t, first, decompress));
+  int64_t partials = 0;
+  for (const auto& t : tasks) {
+    jobs.push_back(projection_job(t, first, decompress));
+    jobs.back().splits = cuda::inner_splits(jobs.back());
+    partials += cuda::partial_floats(jobs.back());
+  }
   const c10::cuda::CUDAGuard guard(first.input.device());
+  // One workspace for every split job's partial sums; the caching allocator keeps it for this stream's work.
+  const at::Tensor workspace = at::empty({partials}, first.input.options());
+  float* next = workspace.data_ptr<float>();
+  for (auto& job : jobs) {
+    if (job.splits <= 1) continue;
+    job.partials = next;
+    next += cuda::partial_floats(job);
+  }
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   for (size_t begin = 0; begin < jobs.size(); begin += size_t(kMaxGroupedTasks)) {
     const int count = int(std::min<size_t>(size_t(kMaxGroupedTasks), jobs.size() - begin));

@@ -23,7 +23,17 @@ struct GemmJob {
   int64_t a_stride = 0, out_stride = 0;
   float scale = 1.0f;
   bool accumulate = false;
+  /// Split of the inner dimension over `splits` thread blocks per tile (>= 1): products with few rows and a
+  /// long inner dimension (kernel-position slices: S = 9, or 1 for a 1x1 conv, K up to 2^20) would otherwise
+  /// run on a handful of blocks. Partial sums go to `partials` (splits x rows x cols float32) and a second
+  /// pass adds them in split order, so the result stays deterministic.
+  int32_t splits = 1;
+  float* partials = nullptr;
 };
+
+/// The split a projection job gets, and the partial sums it needs (floats).
+int32_t inner_splits(const GemmJob& job);
+int64_t partial_floats(const GemmJob& job);
 
 /// Tiles of 64 x 64 outputs per thread block.
 constexpr int64_t kTileRows = 64, kTileCols = 64;

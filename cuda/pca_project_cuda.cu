@@ -8,8 +8,10 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "launch.h"
 
@@ -73,14 +75,38 @@ __device__ __forceinline__ int find_job(const JobTable& table, int tile) {
   return j;
 }
 
+// Inner elements per split, a multiple of the staging step.
+__host__ __device__ __forceinline__ int64_t split_chunk(const GemmJob& job) {
+  const int64_t per = (job.inner + job.splits - 1) / job.splits;
+  return (per + kTileInner - 1) / kTileInner * kTileInner;
+}
+
+// Second pass of split jobs (float32 projections only): partial sums added in split order, then bias, scale
+// and the cast, one thread per output. Blocks of other jobs return at once.
+template <typename Out>
+__global__ void reduce_splits(const JobTable table) {
+  const GemmJob& job = table.jobs[blockIdx.y];
+  if (job.splits <= 1) return;
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= job.rows * job.cols) return;
+  const int64_t r = i / job.cols, c = i % job.cols;
+  float sum = 0.0f;
+  for (int s = 0; s < job.splits; ++s) sum += job.partials[s * job.rows * job.cols + i];
+  const float bias = job.bias ? job.bias[c] : 0.0f;
+  static_cast<Out*>(job.out)[r * job.out_stride + c] = narrow_to<Out, float>((sum + bias) * job.scale);
+}
+
 template <typename Acc, typename B, typename Out, bool kTransA, bool kTransB>
 __global__ void __launch_bounds__(kThreads) grouped_gemm(const JobTable table) {
   const int j = find_job(table, int(blockIdx.x));
   const GemmJob& job = table.jobs[j];
-  const int local = int(blockIdx.x) - table.tile_start[j];
   const int tiles_across = int((job.cols + kTileCols - 1) / kTileCols);
+  const int local = (int(blockIdx.x) - table.tile_start[j]) / job.splits;
+  const int split = (int(blockIdx.x) - table.tile_start[j]) % job.splits;
   const int64_t row0 = int64_t(local / tiles_across) * kTileRows,
                 col0 = int64_t(local % tiles_across) * kTileCols;
+  const int64_t chunk = split_chunk(job);
+  const int64_t inner_begin = split * chunk, inner_end = min(job.inner, inner_begin + chunk);
 
   // One column of padding: staging writes that stride through the inner index fall in different banks.
   __shared__ Acc a_tile[kTileInner][kTileRows + 1];
@@ -88,11 +114,11 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm(const JobTable table) {
   const int tid = int(threadIdx.x), tx = tid % 16, ty = tid / 16;
   Acc acc[kPerThread][kPerThread] = {};
 
-  for (int64_t l0 = 0; l0 < job.inner; l0 += kTileInner) {
+  for (int64_t l0 = inner_begin; l0 < inner_end; l0 += kTileInner) {
     // Coalesced staging: consecutive threads read consecutive addresses of whichever layout is stored.
     for (int i = tid; i < kTileInner * kTileRows; i += kThreads) {
       const int r = kTransA ? i % kTileRows : i / kTileInner, l = kTransA ? i / kTileRows : i % kTileInner;
-      a_tile[l][r] = Acc(load_a<kTransA>(job, row0 + r, l0 + l));
+      a_tile[l][r] = l0 + l < inner_end ? Acc(load_a<kTransA>(job, row0 + r, l0 + l)) : Acc(0);
     }
     for (int i = tid; i < kTileInner * kTileCols; i += kThreads) {
       const int c = kTransB ? i / kTileInner : i % kTileCols, l = kTransB ? i % kTileInner : i / kTileCols;
@@ -125,6 +151,10 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm(const JobTable table) {
     for (int x = 0; x < kPerThread; ++x) {
       const int64_t c = col0 + tx + 16 * x;
       if (c >= job.cols) continue;
+      if (job.splits > 1) {  // the reduction pass finishes it
+        job.partials[(int64_t(split) * job.rows + r) * job.cols + c] = float(acc[y][x]);
+        continue;
+      }
       const Acc bias = job.bias ? Acc(job.bias[c]) : Acc(0);
       const Acc v = (acc[y][x] + bias) * Acc(job.scale);
       Out& dst = out[r * job.out_stride + c];
@@ -133,9 +163,10 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm(const JobTable table) {
   }
 }
 
-int64_t tiles_of(const GemmJob& job) {
+int64_t output_tiles(const GemmJob& job) {
   return ((job.rows + kTileRows - 1) / kTileRows) * ((job.cols + kTileCols - 1) / kTileCols);
 }
+int64_t tiles_of(const GemmJob& job) { return output_tiles(job) * job.splits; }
 
 JobTable make_table(const GemmJob* jobs, int count) {
   if (count < 1 || count > kMaxJobs) {
@@ -161,6 +192,17 @@ void launch(const JobTable& table, cudaStream_t stream) {
   if (tiles == 0) return;
   grouped_gemm<Acc, B, Out, kTransA, kTransB><<<tiles, kThreads, 0, stream>>>(table);
   check_launch("grouped projection");
+  int64_t largest_split_output = 0;
+  for (int i = 0; i < table.count; ++i) {
+    const GemmJob& job = table.jobs[i];
+    if (job.splits > 1) largest_split_output = std::max(largest_split_output, job.rows * job.cols);
+  }
+  if constexpr (std::is_same_v<Acc, float>) {
+    if (largest_split_output == 0) return;
+    const dim3 grid(unsigned((largest_split_output + kThreads - 1) / kThreads), unsigned(table.count));
+    reduce_splits<Out><<<grid, kThreads, 0, stream>>>(table);
+    check_launch("grouped projection, split reduction");
+  }
 }
 
 template <typename B, bool kTransB>
@@ -199,6 +241,20 @@ void check_launch(const char* what) {
     throw std::runtime_error(std::string("gradiveq CUDA kernel '") + what +
                              "' failed to launch: " + cudaGetErrorString(err));
   }
+}
+
+int32_t inner_splits(const GemmJob& job) {
+  // Enough blocks to fill a large GPU (132 SMs on an H100 / H200, several blocks each), each still summing at
+  // least 512 inner elements; the float32 partials cost splits x rows x cols floats, small for the short
+  // products that need them.
+  constexpr int64_t kTargetBlocks = 512, kMinChunk = 512;
+  const int64_t tiles = output_tiles(job);
+  if (tiles >= kTargetBlocks || job.inner < 2 * kMinChunk) return 1;
+  return int32_t(std::min<int64_t>((kTargetBlocks + tiles - 1) / tiles, job.inner / kMinChunk));
+}
+
+int64_t partial_floats(const GemmJob& job) {
+  return job.splits > 1 ? int64_t(job.splits) * job.rows * job.cols : 0;
 }
 
 void launch_projection(const GemmJob* jobs, int count, bool transpose_b, Dtype b_dtype, Dtype out_dtype,

@@ -85,8 +85,11 @@ TEST(CudaKernelSwitch, CpuTensorsNeverTakeTheCudaPath) {
 struct Shape {
   int64_t rows, k, d;
 };
-// ResNet-32's conv slices (K = 9 C) and a Linear-like layer, with row counts that leave partial tiles.
-const std::vector<Shape> kShapes = {{16, 144, 36}, {33, 288, 72}, {70, 576, 144}, {5, 100, 3}};
+// Kernel-row slices (K = 9 C) with row counts that leave partial tiles, a Linear-like layer, and the short,
+// long products of kernel-position slices (S = 9 of a 3x3 conv, S = 1 of a 1x1 conv; K = C_in C_out), whose
+// inner dimension is split over several blocks.
+const std::vector<Shape> kShapes = {{16, 144, 36}, {33, 288, 72},  {70, 576, 144},
+                                    {5, 100, 3},   {9, 4096, 256}, {1, 2048, 128}};
 
 double out_tolerance(at::ScalarType out) {
   return out == at::kBFloat16 ? kBFloat16OutTolerance
