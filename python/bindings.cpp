@@ -1,9 +1,11 @@
 // Python bindings of the core API. Only .def calls: the logic lives in the C++ library.
-#include <torch/csrc/distributed/c10d/reducer.hpp>
 #include <torch/csrc/jit/python/pybind_utils.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <torch/csrc/distributed/c10d/reducer.hpp>
+
 #include "gradiveq/gradiveq.h"
+#include "kernels/kernels_cuda.h"
 
 namespace py = pybind11;
 using namespace gradiveq;
@@ -327,4 +329,11 @@ PYBIND11_MODULE(_C, m) {
   bind_options(m);
   bind_stats(m);
   bind_engines(m);
+  m.def("cuda_kernels_built", &gradiveq::detail::cuda_kernels_built,
+        "Whether this build has the CUDA kernels (cuda/).");
+  m.def("cuda_kernels_enabled", &gradiveq::detail::cuda_kernels_enabled,
+        "Whether CUDA tensors go through the CUDA kernels (off by default; GRADIVEQ_CUDA_KERNELS=1 turns "
+        "them on).");
+  m.def("set_cuda_kernels_enabled", &gradiveq::detail::set_cuda_kernels_enabled, py::arg("enabled"),
+        "Switches the CUDA kernels on or off for this process (ValueError on a build without them).");
 }

@@ -46,6 +46,9 @@ from gradiveq._C import (  # noqa: E402
     QsgdNorm,
     Schedule,
     __version__,
+    cuda_kernels_built,
+    cuda_kernels_enabled,
+    set_cuda_kernels_enabled,
 )
 
 __all__ = [
@@ -67,4 +70,7 @@ __all__ = [
     "QsgdNorm",
     "Schedule",
     "__version__",
+    "cuda_kernels_built",
+    "cuda_kernels_enabled",
+    "set_cuda_kernels_enabled",
 ]
