@@ -336,4 +336,13 @@ PYBIND11_MODULE(_C, m) {
         "them on).");
   m.def("set_cuda_kernels_enabled", &gradiveq::detail::set_cuda_kernels_enabled, py::arg("enabled"),
         "Switches the CUDA kernels on or off for this process (ValueError on a build without them).");
+#ifdef GRADIVEQ_WITH_CUDA_KERNELS
+  // For benchmarks/gpu_codec.py: one grouped launch over (input, basis, bias, out, scale) tuples.
+  m.def("_cuda_project_grouped", [](const std::vector<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                                                 float>>& tasks, bool decompress) {
+    std::vector<gradiveq::detail::ProjectionTask> t;
+    for (const auto& [input, basis, bias, out, scale] : tasks) t.push_back({input, basis, bias, out, scale});
+    decompress ? gradiveq::detail::cuda_decompress_grouped(t) : gradiveq::detail::cuda_compress_grouped(t);
+  });
+#endif
 }
