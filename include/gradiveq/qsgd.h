@@ -42,6 +42,7 @@ class QsgdCodec {
   void decode_add(const at::Tensor& packed, at::Tensor& out) const;
 
  private:
+  at::Tensor encode_on_device(const at::Tensor& values, uint64_t seed) const;
   QsgdOptions options_;
   int64_t bits_ = 0;
 };

@@ -5,6 +5,7 @@
 #include <limits>
 
 #include "gradiveq/errors.h"
+#include "kernels/kernels_cuda.h"
 #include "util/hash_mix.h"
 #include "util/packed_bits.h"
 
@@ -41,10 +42,23 @@ int64_t QsgdCodec::packed_bytes(int64_t numel) const {
   return 4 * ceil_div(numel, options_.bucket_size) + ceil_div(numel * bits_, 8);
 }
 
+// CUDA values with the kernels on: quantised and packed on the device, so only the packed message (1/8 of the
+// float32 bytes at 4 bits) crosses to the host, where the gather pipeline expects it.
+at::Tensor QsgdCodec::encode_on_device(const at::Tensor& values, uint64_t seed) const {
+#ifdef GRADIVEQ_WITH_CUDA_KERNELS
+  return detail::cuda_qsgd_encode(values.contiguous(), options_.levels, options_.bucket_size,
+                                  options_.norm == QsgdNorm::kL2, seed)
+      .to(at::kCPU);
+#else
+  return encode(values.to(at::kCPU), seed);
+#endif
+}
+
 at::Tensor QsgdCodec::encode(const at::Tensor& values, uint64_t seed) const {
   constexpr const char* kWhere = "QsgdCodec.encode";
   GVQ_CHECK_ARG(values.defined() && values.scalar_type() == at::kFloat && values.dim() == 1, kWhere, "values",
                 "must be a 1-D float32 tensor");
+  if (values.is_cuda() && detail::cuda_kernels_enabled()) return encode_on_device(values, seed);
   at::Tensor v = values.to(at::kCPU).contiguous();
   const int64_t n = v.numel(), bucket = options_.bucket_size, s = options_.levels;
   const int64_t num_buckets = ceil_div(n, bucket);

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "gradiveq/errors.h"
 #include "kernels/kernels_cuda.h"
 #include "util/hash_mix.h"
 

@@ -254,6 +254,17 @@ TEST(CudaCasq, RoundsAndPacksBitForBitLikeTheCpuCodecGivenItsCodebooks) {
   }
 }
 
+TEST(CudaQsgd, TheCodecQuantisesCudaValuesOnTheDeviceWhenSwitchedOn) {
+  SKIP_WITHOUT_GPU();
+  KernelSwitchGuard guard;
+  const QsgdCodec codec(QsgdOptions{});
+  const at::Tensor v = quantizer_input(512);
+  detail::set_cuda_kernels_enabled(true);
+  const at::Tensor got = codec.encode(v.to(gpu()), 77);
+  EXPECT_TRUE(got.device().is_cpu());
+  EXPECT_TRUE(at::equal(got, codec.encode(v, 77)));
+}
+
 TEST(CudaQsgd, RejectsAMessageOfTheWrongLength) {
   SKIP_WITHOUT_GPU();
   at::Tensor out = at::zeros({100}, gpu());
