@@ -26,7 +26,7 @@ if [[ $DRY == 0 && $HAVE_GPU == 0 ]]; then echo "gpu_check: no CUDA device (use 
 
 step "configure and build (nvcc: $(command -v nvcc || echo missing))"
 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGRADIVEQ_ENABLE_CUDA=ON -DGRADIVEQ_BUILD_BENCHMARKS=OFF \
-  -DPython3_EXECUTABLE="$(command -v "$PYTHON" || echo "$PYTHON")" > "$BUILD.configure.log"
+  -DPython3_EXECUTABLE="$(command -v "$PYTHON" || echo "$PYTHON")" > "$BUILD.configure.log" 2>&1 || { tail -n 30 "$BUILD.configure.log"; exit 1; }
 cmake --build "$BUILD" -j "$(nproc)" --target gradiveq_tests _C
 
 step "C++ CUDA tests"
