@@ -5,7 +5,9 @@
 
 #include <algorithm>
 
+#include "gradiveq/casq.h"
 #include "gradiveq/errors.h"
+#include "gradiveq/qsgd.h"
 #include "kernels/kernels_cuda.h"
 #include "launch.h"
 #include "util/hash_mix.h"
@@ -103,10 +105,16 @@ void grouped_projection(const std::vector<ProjectionTask>& tasks, bool decompres
   }
 }
 
-int qsgd_bits(int64_t levels) {
-  int level_bits = 0;
-  while ((int64_t(1) << level_bits) < levels + 1) ++level_bits;
-  return 1 + level_bits;
+// The CPU codecs own the options' checks, the code width and the message size; the kernels follow them.
+QsgdCodec qsgd_codec(int64_t levels, int64_t bucket_size, bool l2_norm) {
+  return QsgdCodec(QsgdOptions{levels, bucket_size, l2_norm ? QsgdNorm::kL2 : QsgdNorm::kMax});
+}
+CasqCodec casq_codec(int64_t bits, int64_t bucket_size) {
+  CasqOptions o;
+  o.bits = bits;
+  o.clusters = 1;  // the clustering stays on the CPU; one cluster is valid for every bit width
+  o.bucket_size = bucket_size;
+  return CasqCodec(o);
 }
 
 // A zeroed byte buffer of `bytes` on `device`, padded to whole 32-bit words for the kernels' atomicOr.
@@ -163,11 +171,10 @@ at::Tensor cuda_qsgd_encode(const at::Tensor& values, int64_t levels, int64_t bu
                             uint64_t seed) {
   constexpr const char* kWhere = "cuda_qsgd_encode";
   check_values(values, kWhere, "values");
-  GVQ_CHECK_ARG(levels >= 1 && levels <= (1 << 15), kWhere, "levels", "must lie in [1, 32768], got ", levels);
-  GVQ_CHECK_ARG(bucket_size >= 1, kWhere, "bucket_size", "must be >= 1, got ", bucket_size);
+  const QsgdCodec codec = qsgd_codec(levels, bucket_size, l2_norm);
   const int64_t n = values.numel(), num_buckets = ceil_div(n, bucket_size);
-  const int bits = qsgd_bits(levels);
-  at::Tensor out = zeroed_message(4 * num_buckets + ceil_div(n * bits, 8), values.device());
+  const int bits = int(codec.bits_per_value());
+  at::Tensor out = zeroed_message(codec.packed_bytes(n), values.device());
   at::Tensor scratch = at::empty({num_buckets}, values.options().dtype(at::kDouble));
   const c10::cuda::CUDAGuard guard(values.device());
   uint8_t* base = out.data_ptr<uint8_t>();
@@ -180,11 +187,11 @@ at::Tensor cuda_qsgd_encode(const at::Tensor& values, int64_t levels, int64_t bu
 
 void cuda_qsgd_decode_add(const at::Tensor& packed, int64_t levels, int64_t bucket_size, at::Tensor& out) {
   constexpr const char* kWhere = "cuda_qsgd_decode_add";
-  GVQ_CHECK_ARG(levels >= 1 && levels <= (1 << 15), kWhere, "levels", "must lie in [1, 32768], got ", levels);
-  GVQ_CHECK_ARG(bucket_size >= 1, kWhere, "bucket_size", "must be >= 1, got ", bucket_size);
+  const QsgdCodec codec =
+      qsgd_codec(levels, bucket_size, /*l2_norm=*/false);  // the norm is not in the message
   const int64_t n = out.defined() ? out.numel() : 0;
-  const int bits = qsgd_bits(levels);
-  check_message(packed, 4 * ceil_div(n, bucket_size) + ceil_div(n * bits, 8), out, kWhere);
+  const int bits = int(codec.bits_per_value());
+  check_message(packed, codec.packed_bytes(n), out, kWhere);
   const c10::cuda::CUDAGuard guard(out.device());
   cuda::launch_qsgd_decode_add(packed.data_ptr<uint8_t>(), n, levels, bucket_size, bits,
                                out.data_ptr<float>(), at::cuda::getCurrentCUDAStream());
@@ -194,16 +201,15 @@ at::Tensor cuda_casq_encode(const at::Tensor& values, const at::Tensor& codebook
                             int64_t bucket_size, uint64_t seed) {
   constexpr const char* kWhere = "cuda_casq_encode";
   check_values(values, kWhere, "values");
-  GVQ_CHECK_ARG(bits == 2 || bits == 3, kWhere, "bits", "must be 2 or 3, got ", bits);
-  GVQ_CHECK_ARG(bucket_size >= 1, kWhere, "bucket_size", "must be >= 1, got ", bucket_size);
-  const int64_t n = values.numel(), levels = int64_t(1) << bits, num_buckets = ceil_div(n, bucket_size);
+  const CasqCodec codec = casq_codec(bits, bucket_size);
+  const int64_t n = values.numel(), levels = codec.levels(), num_buckets = ceil_div(n, bucket_size);
   check_cuda(codebooks, values.device(), kWhere, "codebooks");
   GVQ_CHECK_ARG(codebooks.scalar_type() == at::kFloat && codebooks.is_contiguous() &&
                     codebooks.numel() == num_buckets * levels,
                 kWhere, "codebooks", "must be a contiguous float32 tensor of ", num_buckets, " x ", levels,
                 " levels");
   const int64_t book_bytes = 4 * levels * num_buckets;
-  at::Tensor out = zeroed_message(book_bytes + ceil_div(n * bits, 8), values.device());
+  at::Tensor out = zeroed_message(codec.packed_bytes(n), values.device());
   const c10::cuda::CUDAGuard guard(values.device());
   out.narrow(0, 0, book_bytes).copy_(codebooks.view(-1).view(at::kByte));
   cuda::launch_casq_encode(values.data_ptr<float>(), n, codebooks.data_ptr<float>(), levels, bucket_size,
@@ -214,10 +220,9 @@ at::Tensor cuda_casq_encode(const at::Tensor& values, const at::Tensor& codebook
 
 void cuda_casq_decode_add(const at::Tensor& packed, int64_t bits, int64_t bucket_size, at::Tensor& out) {
   constexpr const char* kWhere = "cuda_casq_decode_add";
-  GVQ_CHECK_ARG(bits == 2 || bits == 3, kWhere, "bits", "must be 2 or 3, got ", bits);
-  GVQ_CHECK_ARG(bucket_size >= 1, kWhere, "bucket_size", "must be >= 1, got ", bucket_size);
-  const int64_t n = out.defined() ? out.numel() : 0, levels = int64_t(1) << bits;
-  check_message(packed, 4 * levels * ceil_div(n, bucket_size) + ceil_div(n * bits, 8), out, kWhere);
+  const CasqCodec codec = casq_codec(bits, bucket_size);
+  const int64_t n = out.defined() ? out.numel() : 0, levels = codec.levels();
+  check_message(packed, codec.packed_bytes(n), out, kWhere);
   const c10::cuda::CUDAGuard guard(out.device());
   cuda::launch_casq_decode_add(packed.data_ptr<uint8_t>(), n, levels, bucket_size, int(bits),
                                out.data_ptr<float>(), at::cuda::getCurrentCUDAStream());
