@@ -78,17 +78,19 @@ def add_gradiveq_config(spec: str) -> str:
 
 
 class _CountingDist:
-    """Stands in for torch.distributed inside torch's hook modules and counts the bytes they all-reduce."""
+    """Stands in for torch.distributed inside torch's hook modules and counts the all-reduces and their bytes."""
 
     def __init__(self, real):
         self._real = real
         self.bytes = 0
+        self.calls = 0
 
     def __getattr__(self, name):
         return getattr(self._real, name)
 
     def all_reduce(self, tensor, *args, **kwargs):
         self.bytes += tensor.numel() * tensor.element_size()
+        self.calls += 1
         return self._real.all_reduce(tensor, *args, **kwargs)
 
 
@@ -188,6 +190,7 @@ class Method:
     def before_step(self):
         self.hook_times.clear()
         self._bytes_before = self.counter.bytes if self.counter else 0
+        self._calls_before = self.counter.calls if self.counter else 0
 
     def measure(self, world_size) -> dict:
         if self.ours:
@@ -196,14 +199,16 @@ class Method:
             row = dict(agg=st["aggregation_ms"] / 1e3, bytes=st["bytes_payload"] + st.get("bytes_bases", 0),
                        wire=st["bytes_wire"], uncompressed=st["bytes_uncompressed"], phase=st["phase"],
                        fit=st["fit_ms"] / 1e3, codec=(st["compress_ms"] + st["decompress_ms"]) / 1e3,
-                       compress=st["compress_ms"] / 1e3, decompress=st["decompress_ms"] / 1e3, buckets=st["buckets"])
+                       compress=st["compress_ms"] / 1e3, decompress=st["decompress_ms"] / 1e3, buckets=st["buckets"],
+                       collectives=st["collectives"])
             if st["values_encoded"]:  # CO3 / CASQ: bits per encoded value and this rank's quantization error
                 row["bits_per_element"] = 8.0 * st["bytes_encoded"] / st["values_encoded"]
                 row["relative_error"] = st["relative_error"]
             return row
         sent = (self.counter.bytes - self._bytes_before) if self.counter else 0
         return dict(agg=sum(self.hook_times), bytes=sent, wire=sent * 2 * (world_size - 1) / world_size,
-                    uncompressed=self._uncompressed, phase="", buckets=len(self.hook_times))
+                    uncompressed=self._uncompressed, phase="", buckets=len(self.hook_times),
+                    collectives=(self.counter.calls - self._calls_before) if self.counter else 0)
 
     def close(self):
         default_hooks.dist = dist
