@@ -131,13 +131,15 @@ class TrainingSteps:
 
     def model(self):
         torch.manual_seed(0)  # the same initial weights on every rank, as DDP requires
-        return resnet32(num_classes=10, in_channels=1)
+        model = resnet32(num_classes=10, in_channels=1)
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        return model
 
-    def step(self, ddp, optimizer, _):
+    def step(self, ddp, _):
         idx = torch.randint(0, self.x.shape[0], (self.batch,), generator=self.gen)
-        optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
         F.cross_entropy(ddp(self.x[idx]), self.y[idx]).backward()
-        optimizer.step()
+        self.optimizer.step()
 
 
 class ReplaySteps:
@@ -149,8 +151,13 @@ class ReplaySteps:
     def model(self):
         return ReplayModel(self.recorded)
 
-    def step(self, ddp, _, s):
+    def step(self, ddp, s):
         ddp(self.rank + self.world * s).backward()
+
+
+# Per-step numbers Method.measure() reports, with the value recorded for a method that does not report one.
+REPORTED = {"codec": float("nan"), "compress": float("nan"), "decompress": float("nan"), "collectives": 0,
+            "buckets": 0}
 
 
 def time_method(name, steps_source, rank, world, warm, steps):
@@ -158,9 +165,8 @@ def time_method(name, steps_source, rank, world, warm, steps):
         warm = max(warm, sum(GRADIVEQ_SCHEDULE[:2]) + 3)
     model = steps_source.model()
     ddp = torch.nn.parallel.DistributedDataParallel(model, **ddp_kwargs(name))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     method = Method(ddp, model, name, seed=0, schedule=GRADIVEQ_SCHEDULE, powersgd_start_iter=2)
-    step_s, cpu_s, codec_s, compress_s, decompress_s, collectives, buckets = [], [], [], [], [], [], []
+    step_s, cpu_s, reported = [], [], {key: [] for key in REPORTED}
     for s in range(warm + steps):
         if s == warm:
             dist.barrier()
@@ -168,24 +174,20 @@ def time_method(name, steps_source, rank, world, warm, steps):
             jiffies_before = machine_jiffies()
         method.before_step()
         start, cpu_start = time.perf_counter(), time.process_time()
-        steps_source.step(ddp, optimizer, s)
+        steps_source.step(ddp, s)
         if s >= warm:
             step_s.append(time.perf_counter() - start)
             cpu_s.append(time.process_time() - cpu_start)
             row = method.measure(world)
-            codec_s.append(row.get("codec", float("nan")))
-            compress_s.append(row.get("compress", float("nan")))
-            decompress_s.append(row.get("decompress", float("nan")))
-            collectives.append(row.get("collectives", 0))
-            buckets.append(row.get("buckets", 0))
+            for key, missing in REPORTED.items():
+                reported[key].append(row.get(key, missing))
     jiffies_after = machine_jiffies()
     dist.barrier()
     after = link_bytes() if os.environ.get("GRADIVEQ_NETNS") else (0, 0)
     conv_ratio = method.state.stats()["summary"].get("conv_ratio") if name.startswith("gradiveq") else None
     method.close()
     busy = (jiffies_after[0] - jiffies_before[0]) / max(1, jiffies_after[1] - jiffies_before[1])
-    return dict(method=name, step_s=step_s, cpu_s=cpu_s, codec_s=codec_s, compress_s=compress_s,
-                decompress_s=decompress_s, collectives=collectives, buckets=buckets,
+    return dict(method=name, step_s=step_s, cpu_s=cpu_s, reported=reported,
                 tx=(after[0] - before[0]) / steps, rx=(after[1] - before[1]) / steps, conv_ratio=conv_ratio,
                 machine_busy=busy)
 
@@ -269,26 +271,29 @@ def run_world(args, world, result):
         return wait_all(procs, args.run_timeout)
 
 
+def median_ms(seconds):
+    """The median in ms of the values that are not NaN (a method that does not report them), or None."""
+    kept = [v for v in seconds if v == v]
+    return 1e3 * statistics.median(kept) if kept else None
+
+
 def summarise(world, result):
     gathered, rows = result["ranks"], []
     for i, name in enumerate(r["method"] for r in gathered[0]):
         per_rank = [g[i] for g in gathered]
         steps = sorted(per_rank[0]["step_s"])
         q = statistics.quantiles(steps, n=10) if len(steps) >= 2 else [steps[0]] * 9
-        codec = [c for c in per_rank[0]["codec_s"] if c == c]
-        compress = [c for c in per_rank[0].get("compress_s", []) if c == c]
-        decompress = [c for c in per_rank[0].get("decompress_s", []) if c == c]
+        reported = per_rank[0]["reported"]
         rows.append(dict(method=name, world=world, median_ms=1e3 * statistics.median(steps), p10_ms=1e3 * q[0],
                          p90_ms=1e3 * q[-1], tx_kb_mean=statistics.mean(r["tx"] for r in per_rank) / 1e3,
                          tx_kb_max=max(r["tx"] for r in per_rank) / 1e3,
                          rx_kb_mean=statistics.mean(r["rx"] for r in per_rank) / 1e3,
                          cpu_ms=1e3 * statistics.median(statistics.median(r["cpu_s"]) for r in per_rank),
                          machine_busy=statistics.mean(r["machine_busy"] for r in per_rank),
-                         collectives=statistics.median(per_rank[0]["collectives"]),
-                         buckets=statistics.median(per_rank[0]["buckets"]),
-                         codec_ms=1e3 * statistics.median(codec) if codec else None,
-                         compress_ms=1e3 * statistics.median(compress) if compress else None,
-                         decompress_ms=1e3 * statistics.median(decompress) if decompress else None,
+                         collectives=statistics.median(reported["collectives"]),
+                         buckets=statistics.median(reported["buckets"]),
+                         codec_ms=median_ms(reported["codec"]), compress_ms=median_ms(reported["compress"]),
+                         decompress_ms=median_ms(reported["decompress"]),
                          conv_ratio=per_rank[0]["conv_ratio"]))
     return rows, dict(world=world, **{k: 1e3 * v for k, v in result["probe"].items()})
 

@@ -88,7 +88,7 @@ class Network:
 
 class Model:
     def __init__(self, rows, probes, cores):
-        self.cores, self.rows = cores, rows
+        self.cores = cores
         self.net = Network(probes)
         self.by = {(r["method"], r["world"]): r for r in rows}
         self.methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -175,7 +175,7 @@ def extrapolation_table(model, ns=(16, 64, 256, 1024), gbits=(0.1, 1, 10, 100)):
     return lines
 
 
-def targets(model, rows, mbit):
+def targets(model, mbit):
     """The issue's targets at 16 ranks, as measured on the emulated cluster and as the model gives them for one
     node per rank."""
     if not {("gradiveq", 2), ("gradiveq", 16)} <= set(model.by):
@@ -270,7 +270,7 @@ def main():
              "Per method at 2 ranks: CPU ms per rank and step, all-reduces + all-gathers per step: "
              + ", ".join(f"{m} {1e3 * model.cpu2[m]:.1f}, {model.reduces[m]:g} + {model.gathers[m]:g}"
                          for m in model.methods),
-             "", *val, "", *targets(model, rows, mbit), "",
+             "", *val, "", *targets(model, mbit), "",
              "## Extrapolation: one node per rank (ms of aggregation per step)", "",
              "95% of the link rate; latency as the fixed cost plus the per-hop slope of the 2- and 4-rank probes; "
              "a ring for every collective (Gloo's; NCCL's trees would cut the latency term to about log2 N hops). "

@@ -8,6 +8,7 @@
 
 #include "gradiveq/gradient_synchronizer.h"
 #include "gradiveq/process_group.h"
+#include "kernel_switch_guard.h"
 #include "kernels/kernels_cuda.h"
 #include "rank_threads.h"
 #include "test_helpers.h"
@@ -19,6 +20,7 @@ namespace {
 using testing::batch;
 using testing::expect_invalid;
 using testing::fresh_store_path;
+using testing::KernelSwitchGuard;
 using testing::rel_error;
 using testing::run_ranks;
 using testing::TinyNet;
@@ -73,10 +75,16 @@ void expect_plain_average_every_step(int rank, const c10::intrusive_ptr<c10d::Pr
   EXPECT_EQ(sync.aggregator().layer_stats()[1].fits, 2) << context;
 }
 
-struct KernelSwitchGuard {
-  bool was = detail::cuda_kernels_enabled();
-  ~KernelSwitchGuard() { detail::set_cuda_kernels_enabled(was); }
-};
+// Runs body(kernels) with the CUDA kernels off, then on where they are built; the switch is restored after.
+template <typename Body>
+void for_each_kernel_setting(const Body& body) {
+  KernelSwitchGuard guard;
+  for (const bool kernels : {false, true}) {
+    if (kernels && !detail::cuda_kernels_built()) continue;
+    detail::set_cuda_kernels_enabled(kernels);
+    body(kernels);
+  }
+}
 
 TEST(CudaSynchronizer, NcclIsRefusedWithoutNcclOrAGpu) {
   if (detail::cuda_kernels_built() && at::hasCUDA()) GTEST_SKIP() << "this machine has a GPU";
@@ -86,26 +94,20 @@ TEST(CudaSynchronizer, NcclIsRefusedWithoutNcclOrAGpu) {
 
 TEST(CudaSynchronizer, OneNcclRankAveragesLikePlainAllReduceWithAndWithoutKernels) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
-  KernelSwitchGuard guard;
-  for (const bool kernels : {false, true}) {
-    if (kernels && !detail::cuda_kernels_built()) continue;
-    detail::set_cuda_kernels_enabled(kernels);
+  for_each_kernel_setting([](bool kernels) {
     auto store = connect_store({"", 0, fresh_store_path()}, 0, 1);
     expect_plain_average_every_step(0, make_nccl_process_group(store, 0, 1),
                                     kernels ? "nccl, kernels" : "nccl, aten");
-  }
+  });
 }
 
 TEST(CudaSynchronizer, TwoGlooRanksWithCudaTensorsAverageLikePlainAllReduce) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
-  KernelSwitchGuard guard;
-  for (const bool kernels : {false, true}) {
-    if (kernels && !detail::cuda_kernels_built()) continue;
-    detail::set_cuda_kernels_enabled(kernels);
+  for_each_kernel_setting([](bool kernels) {
     run_ranks(2, [&](int rank, c10::intrusive_ptr<c10d::ProcessGroup> pg) {
       expect_plain_average_every_step(rank, pg, kernels ? "gloo, kernels" : "gloo, aten");
     });
-  }
+  });
 }
 
 }  // namespace

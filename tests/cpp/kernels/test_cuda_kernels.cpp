@@ -13,6 +13,7 @@
 #include "gradiveq/casq.h"
 #include "gradiveq/pca_compressor.h"
 #include "gradiveq/qsgd.h"
+#include "kernel_switch_guard.h"
 #include "kernels/kernels_cuda.h"
 #include "test_helpers.h"
 
@@ -20,6 +21,7 @@ namespace gradiveq {
 namespace {
 
 using testing::expect_invalid;
+using testing::KernelSwitchGuard;
 using testing::rel_error;
 
 // Float32 products of K terms summed in another order (and with fused multiply-adds) than the CPU kernel:
@@ -38,12 +40,6 @@ constexpr double kMomentsTolerance = 1e-12;
   } while (0)
 
 at::Device gpu() { return at::Device(at::kCUDA, 0); }
-
-// Restores the switch whatever a test did with it.
-struct KernelSwitchGuard {
-  bool was = detail::cuda_kernels_enabled();
-  ~KernelSwitchGuard() { detail::set_cuda_kernels_enabled(was); }
-};
 
 // A fitted compressor for slices of length k keeping d components, in `dtype`.
 PcaCompressor fitted(int64_t k, int64_t d, at::ScalarType dtype, uint64_t seed) {
