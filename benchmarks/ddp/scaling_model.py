@@ -257,6 +257,7 @@ def main():
         raise SystemExit(f"{args.measurements}: no bare-collective probes or CPU times (written by an older "
                          f"scaling.py): rerun benchmarks/ddp/scaling.py")
     rows, mbit = data["rows"], data["args"]["mbit"]
+    os.makedirs(args.out, exist_ok=True)
     model = Model(rows, data["probes"], args.cores)
     tag = os.path.splitext(os.path.basename(args.measurements))[0] + "_model"
     val, worst = validation_table(model, rows)

@@ -50,13 +50,14 @@ def test_scaling_quick_run_measures_every_method_and_the_collectives(tmp_path):
         assert "UNSHAPED" in out.stdout
     assert by["gradiveq"]["conv_ratio"] > 1  # it reached the compressed phase
 
+    out = tmp_path / "model" / "out"  # not there yet: the model makes it, as scaling.py makes its --out
     model = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks/ddp/scaling_model.py"),
-                            str(tmp_path / "quick.json"), "--out", str(tmp_path)],
+                            str(tmp_path / "quick.json"), "--out", str(out)],
                            capture_output=True, text=True, timeout=300)
     assert model.returncode == 0, model.stdout[-3000:] + model.stderr[-3000:]
-    report = (tmp_path / "quick_model.md").read_text()
+    report = (out / "quick_model.md").read_text()
     assert set(_table_rows(report, METHODS)) == set(METHODS), report
-    assert (tmp_path / "quick_model_regions.png").stat().st_size > 1000
+    assert (out / "quick_model_regions.png").stat().st_size > 1000
 
 
 def test_scaling_training_steps_report_the_exposed_aggregation(tmp_path):
