@@ -416,6 +416,8 @@ def main():
     for hidden in ("--rank", "--world", "--port", "--master", "--result"):
         ap.add_argument(hidden, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.probe_repeats < 1:
+        ap.error(f"argument --probe-repeats: must be >= 1, got {args.probe_repeats}")
     if args.rank is not None:
         args.rank, args.world, args.port = int(args.rank), int(args.world), int(args.port)
         return rank_main(args)

@@ -74,3 +74,9 @@ def test_scaling_training_steps_report_the_exposed_aggregation(tmp_path):
         assert by["nocomm"]["tx_kb_mean"] < 20 < 0.9 * 4 * 463_866 / 1e3 < by["plain"]["tx_kb_mean"], by
     exposed = _table_rows(md.split("Exposed aggregation")[1], ("plain",))
     assert abs(float(exposed["plain"][2]) - (by["plain"]["median_ms"] - by["nocomm"]["median_ms"])) < 0.06
+
+
+def test_scaling_refuses_a_probe_without_repeats():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks/ddp/scaling.py"), "--probe-repeats", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "argument --probe-repeats: must be >= 1, got 0" in out.stderr, out.stderr
