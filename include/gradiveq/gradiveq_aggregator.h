@@ -42,6 +42,7 @@ namespace gradiveq {
 
 namespace detail {
 class StepRecorder;
+struct PendingVerification;
 class AdaptiveWindow;
 struct BucketPlan;
 struct EngineLayer;
@@ -115,6 +116,11 @@ class GradiVeQAggregator : public BucketAggregator, public std::enable_shared_fr
   detail::EngineLayer* find_layer(const at::Tensor& parameter);
   detail::EngineLayer& layer_named(const std::string& name, const char* where) const;
   void update_bases_checksum();
+  /// Moves every layer's arriving samples into its window (EngineLayer::settle_samples).
+  void settle_samples() const;
+  /// Raises if the last step's verification, when its sums have not been checked yet, shows ranks
+  /// disagreeing.
+  void check_pending_verification() const;
 
   c10::intrusive_ptr<c10d::ProcessGroup> pg_;
   GradiVeQOptions options_;
@@ -133,6 +139,8 @@ class GradiVeQAggregator : public BucketAggregator, public std::enable_shared_fr
 
   mutable std::mutex stats_mutex_;  // guards layer stats and samples, written from Gloo/NCCL callback threads
   std::unique_ptr<detail::StepRecorder> steps_;
+  // The last step's verification while its sums travel to the host (guarded by stats_mutex_).
+  std::unique_ptr<detail::PendingVerification> unchecked_;
 };
 
 /// Deprecated name (0.1); removed in the next release.

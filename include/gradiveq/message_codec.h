@@ -38,8 +38,12 @@ class MessageCodec {
   /// Encodes this rank's values of the parameter in `slot`. `seed` differs between iterations, ranks and
   /// parameters. `values`: contiguous 1-D float32 CPU.
   virtual EncodedMessage encode(const at::Tensor& values, int64_t slot, uint64_t seed) = 0;
-  /// out += decode(packed); `out` is a contiguous 1-D float32 CPU tensor of the parameter's size.
+  /// out += decode(packed); `out` is a contiguous 1-D float32 tensor of the parameter's size, on the CPU or,
+  /// for a codec that keeps_messages_on its device, there.
   virtual void decode_add(const at::Tensor& packed, at::Tensor& out) const = 0;
+  /// Whether encode() of values on `device` returns a message on that device, which decode_add unpacks there
+  /// (the gather pipeline then keeps the whole step on the device). Such a codec sends no length table.
+  virtual bool keeps_messages_on(const at::Device& /*device*/) const { return false; }
   /// Whether the codec keeps per-parameter state that a checkpoint must hold.
   virtual bool keeps_slot_state() const { return false; }
   /// Per-parameter state to checkpoint (undefined: none, or the codec keeps none).

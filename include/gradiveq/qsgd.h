@@ -33,13 +33,17 @@ class QsgdCodec {
   /// Exact size of encode()'s output for `numel` values: 4 * ceil(numel / bucket) + ceil(numel * bits / 8).
   int64_t packed_bytes(int64_t numel) const;
 
-  /// 1-D float32 CPU tensor -> uint8 tensor of packed_bytes(numel) bytes. The same (values, seed) always
-  /// gives the same bytes.
+  /// 1-D float32 tensor -> uint8 tensor of packed_bytes(numel) bytes. The same (values, seed) always gives
+  /// the same bytes. CUDA values with the CUDA kernels switched on are packed on the device and the message
+  /// stays there; any other values are packed on the CPU, into a CPU message.
   at::Tensor encode(const at::Tensor& values, uint64_t seed) const;
-  /// Packed bytes of `numel` values -> float32 tensor of numel values.
+  /// Packed bytes of `numel` values -> float32 CPU tensor of numel values.
   at::Tensor decode(const at::Tensor& packed, int64_t numel) const;
-  /// out += decode(packed, out.numel()); `out` is a contiguous 1-D float32 tensor.
+  /// out += decode(packed, out.numel()); `out` is a contiguous 1-D float32 tensor, on the CPU, or on the
+  /// message's CUDA device with the kernels switched on (unpacked there).
   void decode_add(const at::Tensor& packed, at::Tensor& out) const;
+  /// Whether encode() keeps messages of values on `device` there (and decode_add unpacks them there).
+  static bool packs_on(const at::Device& device);
 
  private:
   at::Tensor encode_on_device(const at::Tensor& values, uint64_t seed) const;
@@ -59,6 +63,7 @@ class QsgdMessageCodec : public MessageCodec {
   bool length_table() const override { return false; }
   EncodedMessage encode(const at::Tensor& values, int64_t slot, uint64_t seed) override;
   void decode_add(const at::Tensor& packed, at::Tensor& out) const override;
+  bool keeps_messages_on(const at::Device& device) const override { return QsgdCodec::packs_on(device); }
   const QsgdCodec& codec() const { return codec_; }
 
  private:

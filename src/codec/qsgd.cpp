@@ -42,13 +42,16 @@ int64_t QsgdCodec::packed_bytes(int64_t numel) const {
   return 4 * ceil_div(numel, options_.bucket_size) + ceil_div(numel * bits_, 8);
 }
 
-// CUDA values with the kernels on: quantised and packed on the device, so only the packed message (1/8 of the
-// float32 bytes at 4 bits) crosses to the host, where the gather pipeline expects it.
+bool QsgdCodec::packs_on(const at::Device& device) {
+  return device.is_cuda() && detail::cuda_kernels_enabled();
+}
+
+// CUDA values with the kernels on: quantised and packed on the device, where the message stays (the gather
+// pipeline all-gathers and unpacks it there: no host copy on the step's path).
 at::Tensor QsgdCodec::encode_on_device(const at::Tensor& values, uint64_t seed) const {
 #ifdef GRADIVEQ_WITH_CUDA_KERNELS
   return detail::cuda_qsgd_encode(values.contiguous(), options_.levels, options_.bucket_size,
-                                  options_.norm == QsgdNorm::kL2, seed)
-      .to(at::kCPU);
+                                  options_.norm == QsgdNorm::kL2, seed);
 #else
   return encode(values.to(at::kCPU), seed);
 #endif
@@ -58,7 +61,7 @@ at::Tensor QsgdCodec::encode(const at::Tensor& values, uint64_t seed) const {
   constexpr const char* kWhere = "QsgdCodec.encode";
   GVQ_CHECK_ARG(values.defined() && values.scalar_type() == at::kFloat && values.dim() == 1, kWhere, "values",
                 "must be a 1-D float32 tensor");
-  if (values.is_cuda() && detail::cuda_kernels_enabled()) return encode_on_device(values, seed);
+  if (packs_on(values.device())) return encode_on_device(values, seed);
   at::Tensor v = values.to(at::kCPU).contiguous();
   const int64_t n = v.numel(), bucket = options_.bucket_size, s = options_.levels;
   const int64_t num_buckets = ceil_div(n, bucket);
@@ -103,7 +106,14 @@ at::Tensor QsgdCodec::encode(const at::Tensor& values, uint64_t seed) const {
 
 void QsgdCodec::decode_add(const at::Tensor& packed, at::Tensor& out) const {
   constexpr const char* kWhere = "QsgdCodec.decode";
+#ifdef GRADIVEQ_WITH_CUDA_KERNELS
+  if (out.defined() && packs_on(out.device())) {
+    detail::cuda_qsgd_decode_add(packed, options_.levels, options_.bucket_size, out);
+    return;
+  }
+#endif
   check_decode_out(out, kWhere);
+  if (packed.defined() && !packed.device().is_cpu()) return decode_add(packed.to(at::kCPU), out);
   const int64_t n = out.numel(), bucket = options_.bucket_size;
   check_packed(packed, packed_bytes(n), kWhere);
   const int64_t num_buckets = ceil_div(n, bucket);

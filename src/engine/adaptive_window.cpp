@@ -9,9 +9,9 @@ bool AdaptiveWindow::first_compressed_at(const Schedule& schedule, int64_t iter)
 }
 
 void AdaptiveWindow::begin_step(const Schedule& schedule, int64_t iteration) {
-  if (vote_.defined()) {
-    const bool restart = vote_.item<float>() > 0.5f;
-    vote_ = at::Tensor();
+  if (vote_) {
+    const bool restart = vote_->wait().item<float>() > 0.5f;
+    vote_.reset();
     if (restart && phase_at(schedule, iteration) == Phase::kCompressed) {
       shift_ = iteration - schedule.options().warmup_iters;  // iteration starts a sampling window
       ++restarts_;
@@ -46,15 +46,17 @@ void AdaptiveWindow::write_vote(at::Tensor slot, bool first_compressed) {
       slot.copy_((error > baseline_ * threshold).to(at::kFloat).view({1}));
     }
   }
-  vote_ = slot;
 }
 
-bool AdaptiveWindow::pending_vote() const { return vote_.defined() && vote_.item<float>() > 0.5f; }
+void AdaptiveWindow::receive_vote(const at::Tensor& summed_slot) { vote_.emplace(summed_slot); }
+
+bool AdaptiveWindow::pending_vote() const { return vote_ && vote_->wait().item<float>() > 0.5f; }
 
 void AdaptiveWindow::restore(int64_t shift, int64_t restarts, bool pending_vote) {
   shift_ = shift;
   restarts_ = restarts;
-  vote_ = pending_vote ? at::ones({1}, at::kFloat) : at::Tensor();
+  vote_.reset();
+  if (pending_vote) vote_.emplace(at::ones({1}, at::kFloat));
   baseline_ = at::Tensor();
   baseline_steps_ = 0;
 }

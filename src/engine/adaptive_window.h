@@ -1,13 +1,17 @@
 // Private: the paper's adaptive window (eq. 7; GradiVeQOptions::restart_error_growth). Each rank sums its
 // local loss terms over the layers it compresses in a step; the step's last all-reduce carries one float,
 // this rank's vote to restart; the summed vote, read at the start of the next step, is identical on every
-// rank, so every rank shifts the schedule at the same iteration.
+// rank, so every rank shifts the schedule at the same iteration. The summed vote travels to the host while
+// the next step runs (HostReadback): the host waits for it only if it reaches the next step before the
+// device.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <optional>
 
+#include "engine/host_readback.h"
 #include "gradiveq/schedule.h"
 
 namespace gradiveq::detail {
@@ -27,9 +31,10 @@ class AdaptiveWindow {
   void begin_step(const Schedule& schedule, int64_t iteration);
   /// One compressed layer's local loss terms (0-dim tensors), in bucket order.
   void add_terms(const at::Tensor& residual_sq, const at::Tensor& signal_sq);
-  /// Writes this rank's vote into `slot` (a 1-element view of the step's last all-reduce) and remembers the
-  /// slot to read the summed vote from at the next step.
+  /// Writes this rank's vote into `slot` (a 1-element view of the step's last all-reduce).
   void write_vote(at::Tensor slot, bool first_compressed);
+  /// Once that all-reduce has completed: starts reading the summed vote, which the next step applies.
+  void receive_vote(const at::Tensor& summed_slot);
 
   int64_t shift() const { return shift_; }
   int64_t restarts() const { return restarts_; }
@@ -48,7 +53,7 @@ class AdaptiveWindow {
   at::Tensor residual_sq_, signal_sq_;  // this step's summed loss terms
   at::Tensor baseline_;  // sum of E over the window's first compressed steps (up to kBaselineSteps)
   int64_t baseline_steps_ = 0;
-  at::Tensor vote_;  // the all-reduced vote of the last step
+  std::optional<HostReadback> vote_;  // the all-reduced vote of the last step, on its way to the host
 };
 
 }  // namespace gradiveq::detail

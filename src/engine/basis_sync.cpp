@@ -205,7 +205,7 @@ int64_t fit_and_broadcast(c10d::ProcessGroup& pg, const std::vector<std::unique_
     auto [sizes, payload] = image_table(all, images, kept);
     std::lock_guard<std::mutex> lock(mutex);
     install_bases(fittable, all, sizes, payload, /*own=*/true, failures, options.basis_dtype);
-    for (const auto& l : layers) l->samples.clear();
+    for (const auto& l : layers) l->clear_samples();
     return 0;
   }
   fit_layers(fittable, options, rank, images, failures, kept);
@@ -221,7 +221,7 @@ int64_t fit_and_broadcast(c10d::ProcessGroup& pg, const std::vector<std::unique_
     install_bases(fittable, owned, sizes, payload, r == rank, failures, options.basis_dtype);
   }
   std::lock_guard<std::mutex> lock(mutex);
-  for (const auto& l : layers) l->samples.clear();
+  for (const auto& l : layers) l->clear_samples();
   return sent;
 }
 
@@ -288,15 +288,15 @@ uint64_t VerificationCode::of_state(int64_t iteration, const GradiVeQOptions& op
 }
 
 void VerificationCode::write(at::Tensor slot) const {
-  std::vector<float> values(static_cast<size_t>(length()));
-  for (int64_t j = 0; j < length(); ++j) values[static_cast<size_t>(j)] = float(chunk(j));
-  slot.copy_(at::tensor(values, at::kFloat));  // exact in the carrier: each chunk is a small integer
+  // One fill per chunk rather than a copy from a host tensor: a copy from pageable memory into a device
+  // tensor makes the host wait for the device. Exact in the carrier: each chunk is a small integer.
+  for (int64_t j = 0; j < length(); ++j) slot.narrow(0, j, 1).fill_(double(chunk(j)));
 }
 
 void VerificationCode::check(const at::Tensor& summed, int64_t iteration, int64_t rank) const {
-  at::Tensor sums = summed.to(at::kCPU);
+  const at::Tensor sums = summed.to(at::kCPU, at::kDouble).contiguous();
   for (int64_t j = 0; j < length(); ++j) {
-    if (sums[j].item<double>() == double(chunk(j)) * double(world_size_)) continue;
+    if (sums.data_ptr<double>()[j] == double(chunk(j)) * double(world_size_)) continue;
     std::ostringstream msg;
     msg << "gradiveq: ranks disagree on GradiVeQ state at iteration " << iteration
         << " (verify_bases): the iteration counter, the schedule, the layer policy (include, exclude, "

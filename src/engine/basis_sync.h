@@ -13,7 +13,7 @@
 // window's shift, the configuration (layer policy, wire dtypes: configuration_code) and all bases rides in
 // the first bucket's all-reduce of every step, cut into chunks small enough that N of them sum exactly in
 // float32 (< 2^24). After the all-reduce every rank checks that each summed chunk is N times its own: any
-// rank that differs makes every rank raise.
+// rank that differs makes every rank raise (on CUDA, at the latest at the start of the next step).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "engine/engine_layer.h"
+#include "engine/host_readback.h"
 #include "gradiveq/options.h"
 
 namespace gradiveq::detail {
@@ -74,6 +75,17 @@ class VerificationCode {
   uint64_t code_;
   int64_t world_size_;
   int64_t bits_;
+};
+
+/// A step's verification once its all-reduce has completed, the summed code on its way to the host. The
+/// engine checks it as soon as the sums are there without waiting (at once for CPU tensors), else at the
+/// start of the next step or when the state is saved: a CUDA step never waits for the device to check.
+struct PendingVerification {
+  VerificationCode code;
+  HostReadback sums;
+  int64_t iteration = 0;
+
+  void check(int64_t rank) const { code.check(sums.wait(), iteration, rank); }
 };
 
 }  // namespace gradiveq::detail

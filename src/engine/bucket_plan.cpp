@@ -12,18 +12,13 @@ namespace gradiveq::detail {
 namespace {
 
 // A window's sample: `sum`, an aggregated gradient in paper order (or N times a local one); a non-finite one
-// never enters a fit.
+// never enters a fit (EngineLayer::settle_samples).
 void keep_sample(EngineLayer& l, const at::Tensor& sum, const PlanContext& ctx) {
-  const bool finite = at::isfinite(sum).all().item<bool>();
+  const at::Tensor slices = l.layout.slices(sum.to(at::kFloat));  // half-precision buckets: fit in float32
+  const at::Tensor sample = ctx.fit_on == FitSamples::kFirstSlice ? slices.narrow(0, 0, 1) : slices;
+  HostReadback values(sample), finite(at::isfinite(sum).all());
   std::lock_guard<std::mutex> lock(*ctx.samples_mutex);
-  if (!finite) {
-    l.stats.skipped_samples += 1;
-    return;
-  }
-  at::Tensor slices =
-      l.layout.slices(sum.to(at::kCPU, at::kFloat));  // half-precision buckets: fit in float32
-  at::Tensor sample = ctx.fit_on == FitSamples::kFirstSlice ? slices.narrow(0, 0, 1) : slices;
-  l.samples.push_back(sample.clone());
+  l.arriving_samples.emplace_back(std::move(values), std::move(finite));
 }
 
 // Error feedback, uncompressed or QSGD routes: the memory goes out with this step's values (paper-ordered
@@ -128,9 +123,9 @@ const Route kCompressedRoute{
     [](const Entry& e, const PlanContext& ctx, LayerStats& st, StepRecorder& steps) {
       st.bytes_out =
           e.coeff_len * int64_t(c10::elementSize(ctx.coeff_dtype)) + e.raw_len * ctx.raw_element_size;
-      const double signal = e.signal_sq.item<double>(), residual = e.residual_sq.item<double>();
-      st.relative_error = signal > 0 ? std::sqrt(std::max(0.0, residual) / signal) : 0.0;
-      steps.add_error_terms(residual, signal);
+      // Read on the host only when the stats are (GradiVeQAggregator::layer_stats, StepRecorder::last).
+      e.layer->last_error_terms = {e.residual_sq, e.signal_sq};
+      steps.add_error_terms(e.residual_sq, e.signal_sq);
     },
 };
 
@@ -158,7 +153,8 @@ const Route kSampledQsgdRoute{
     [](Entry&, Segments&) {},  // its message goes to the pipeline, not to the all-reduce
     [](Entry& e, BucketPlan& plan, const PlanContext& ctx) {
       EngineLayer& l = *e.layer;
-      at::Tensor flat = l.layout.to_paper_order(e.grad.to(at::kFloat)).to(at::kCPU);
+      at::Tensor flat = l.layout.to_paper_order(e.grad.to(at::kFloat));
+      if (!plan.sampling->stays_on(flat.device())) flat = flat.to(at::kCPU);
       flush_error(l, flat, ctx);
       const uint64_t seed =
           mix(mix(mix(ctx.seed, uint64_t(plan.iter)), uint64_t(ctx.rank)), hash_string(l.name));

@@ -7,8 +7,10 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
+#include "engine/host_readback.h"
 #include "gradiveq/conv_layout.h"
 #include "gradiveq/options.h"
 #include "gradiveq/pca_compressor.h"
@@ -31,10 +33,33 @@ struct EngineLayer {
   at::Device device{at::kCPU};
   PcaCompressor pca;
   uint64_t checksum = 0;            ///< of pca's serialized image
-  std::vector<at::Tensor> samples;  ///< the current window's slices, (rows, K) float32 CPU each
+  std::vector<at::Tensor> samples;  ///< the current window's finite slices, (rows, K) float32 CPU each
+  /// Samples on their way to the host (HostReadback), with whether they are finite: settle_samples() moves
+  /// them into `samples` before anything reads those, so that keeping a sample never waits for the device.
+  std::vector<std::pair<HostReadback, HostReadback>> arriving_samples;
   at::Tensor error;  ///< error-feedback memory: (S, K) float32 on the layer's device, undefined until used
   LayerStats stats;
+  /// The last compressed step's eq. 7 terms (squared residual, squared gradient; 0-dim, on the layer's
+  /// device), which stats.relative_error is computed from when the stats are read.
+  std::pair<at::Tensor, at::Tensor> last_error_terms;
 
+  /// Moves the arriving samples that are finite into `samples` and counts the others as skipped.
+  void settle_samples() {
+    for (const auto& [slices, finite] : arriving_samples) {
+      if (finite.wait().item<bool>()) {
+        samples.push_back(slices.wait());
+      } else {
+        stats.skipped_samples += 1;
+      }
+    }
+    arriving_samples.clear();
+  }
+  void clear_samples() {
+    samples.clear();
+    arriving_samples.clear();
+  }
+
+  /// Rows of the settled samples.
   int64_t sample_rows() const {
     int64_t rows = 0;
     for (const auto& s : samples) rows += s.size(0);

@@ -26,6 +26,13 @@ const EncodedMessage& GatherPipeline::add(const at::Tensor& values, int64_t slot
 }
 
 at::Tensor GatherPipeline::frame() const {
+  if (!messages_.empty() && !messages_.front().packed.device().is_cpu()) {
+    GVQ_ASSERT(!codec_->length_table(), "codec ", codec_->name(),
+               " kept its messages on the device with a length table");
+    std::vector<at::Tensor> packed;
+    for (const auto& m : messages_) packed.push_back(m.packed);
+    return at::cat(packed);
+  }
   int64_t total = table_bytes();
   for (const auto& m : messages_) total += m.packed.numel();
   at::Tensor payload = at::empty({total}, at::kByte);
@@ -85,8 +92,16 @@ int64_t GatherPipeline::message_bytes(const uint8_t* payload, int64_t k) const {
 }
 
 std::vector<at::Tensor> GatherPipeline::decoded_sums() const {
+  const bool on_device = !gathered_.empty() && stays_on(gathered_[0].device());
   std::vector<at::Tensor> sums;
-  for (int64_t numel : numels_) sums.push_back(at::zeros({numel}, at::kFloat));
+  for (int64_t numel : numels_) {
+    sums.push_back(at::zeros(
+        {numel}, at::TensorOptions(at::kFloat).device(on_device ? gathered_[0].device() : at::kCPU)));
+  }
+  if (on_device) {
+    decode_on_device(sums);
+    return sums;
+  }
   for (int64_t r = 0; r < int64_t(gathered_.size()); ++r) {
     at::Tensor host = gathered_[r].to(at::kCPU).contiguous();
     const uint8_t* bytes = host.data_ptr<uint8_t>();
@@ -102,6 +117,18 @@ std::vector<at::Tensor> GatherPipeline::decoded_sums() const {
     GVQ_ASSERT(at_byte == size, "rank ", r, "'s payload holds ", size - at_byte, " unread bytes");
   }
   return sums;
+}
+
+// Device messages have fixed sizes and no length table: each one's place follows from the shapes.
+void GatherPipeline::decode_on_device(std::vector<at::Tensor>& sums) const {
+  for (const auto& payload : gathered_) {
+    int64_t at_byte = 0;
+    for (int64_t k = 0; k < num_messages(); ++k) {
+      const int64_t len = codec_->fixed_message_bytes(numels_[k]);
+      codec_->decode_add(payload.narrow(0, at_byte, len), sums[k]);
+      at_byte += len;
+    }
+  }
 }
 
 }  // namespace detail

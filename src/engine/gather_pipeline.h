@@ -27,21 +27,25 @@ class GatherPipeline {
   /// `codec` must outlive the pipeline (its owner keeps both alive until the callback has run).
   explicit GatherPipeline(MessageCodec& codec) : codec_(&codec) {}
 
-  /// Encodes `values` (contiguous 1-D float32 CPU) as this rank's next message.
+  /// Encodes `values` (contiguous 1-D float32, on the CPU or on a device the codec keeps messages on) as this
+  /// rank's next message.
   const EncodedMessage& add(const at::Tensor& values, int64_t slot, uint64_t seed);
   int64_t num_messages() const { return int64_t(numels_.size()); }
+  /// Whether values on `device` are encoded, gathered and decoded there (else they go to the CPU first).
+  bool stays_on(const at::Device& device) const { return codec_->keeps_messages_on(device); }
 
   /// Frames the messages and all-gathers every rank's payload on `device`; returns that collective's future,
   /// or none when there is no message. Adds what it sent to `bytes`.
   c10::intrusive_ptr<c10::ivalue::Future> issue(c10d::ProcessGroup& pg, const at::Device& device,
                                                 CollectiveBytes& bytes);
 
-  /// Once issue()'s future has completed: for each message, the sum over ranks of its decoded values (float32
-  /// CPU, the message's size), ranks added in rank order.
+  /// Once issue()'s future has completed: for each message, the sum over ranks of its decoded values
+  /// (float32, the message's size, on the messages' device), ranks added in rank order.
   std::vector<at::Tensor> decoded_sums() const;
 
  private:
   at::Tensor frame() const;
+  void decode_on_device(std::vector<at::Tensor>& sums) const;
   /// Bytes of the length table at the start of every rank's payload (0 for codecs without one).
   int64_t table_bytes() const { return codec_->length_table() ? 8 * num_messages() : 0; }
   int64_t message_bytes(const uint8_t* payload, int64_t k) const;

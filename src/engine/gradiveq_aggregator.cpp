@@ -170,7 +170,17 @@ detail::PlanContext GradiVeQAggregator::plan_context(const BucketPlan& plan) {
 
 // --- one step ----------------------------------------------------------------------------------------------
 
+void GradiVeQAggregator::check_pending_verification() const {
+  std::lock_guard<std::mutex> lock(stats_mutex_);
+  if (unchecked_) unchecked_->check(rank_);  // a failed check stays pending: every later step raises too
+}
+
 void GradiVeQAggregator::begin_iteration() {
+  check_pending_verification();
+  {
+    std::lock_guard<std::mutex> lock(stats_mutex_);
+    unchecked_.reset();
+  }
   window_->begin_step(schedule_, iteration_);
   steps_->begin(iteration_, phase_name(phase_at(iteration_)),
                 detail::samples_as_qsgd(options_.sample_quantizer, options_.sample_source)
@@ -184,12 +194,13 @@ void GradiVeQAggregator::begin_iteration() {
     refit_and_broadcast();
   } else {
     std::lock_guard<std::mutex> lock(stats_mutex_);
-    for (auto& l : layers_) l->samples.clear();
+    for (auto& l : layers_) l->clear_samples();
   }
 }
 
 void GradiVeQAggregator::refit_and_broadcast() {
   const auto start = Clock::now();
+  settle_samples();
   const int64_t broadcast = detail::fit_and_broadcast(*pg_, layers_, options_, stats_mutex_);
   steps_->add_fit(ms_since(start), broadcast);
   update_bases_checksum();
@@ -385,8 +396,18 @@ void GradiVeQAggregator::finish_plan(BucketPlan& plan) {
     plan.buffer.mul_(1.0 / double(world_size_));
   } else {
     if (plan.verify) {
-      plan.verify->check(plan.control.narrow(0, plan.verify_offset, plan.verify->length()), plan.iter, rank_);
+      auto pending = std::make_unique<detail::PendingVerification>(detail::PendingVerification{
+          *plan.verify,
+          detail::HostReadback(plan.control.narrow(0, plan.verify_offset, plan.verify->length())),
+          plan.iter});
+      if (pending->sums.ready()) {
+        pending->check(rank_);
+      } else {
+        std::lock_guard<std::mutex> lock(stats_mutex_);
+        unchecked_ = std::move(pending);
+      }
     }
+    if (plan.vote) window_->receive_vote(plan.control.narrow(0, plan.vote_offset, 1));
     if (plan.sampling) plan.sampled_sums = plan.sampling->decoded_sums();
     const bool grouped = detail::groups_on_cuda(plan);
     if (grouped) detail::unpack_compressed_grouped(plan, ctx);
@@ -408,11 +429,21 @@ void GradiVeQAggregator::finish_plan(BucketPlan& plan) {
 
 // --- introspection and state -------------------------------------------------------------------------------
 
+void GradiVeQAggregator::settle_samples() const {
+  std::lock_guard<std::mutex> lock(stats_mutex_);
+  for (const auto& l : layers_) l->settle_samples();
+}
+
 std::vector<LayerStats> GradiVeQAggregator::layer_stats() const {
+  settle_samples();
   std::lock_guard<std::mutex> lock(stats_mutex_);
   std::vector<LayerStats> out;
   for (const auto& l : layers_) {
     LayerStats st = l->stats;
+    const auto& [residual_sq, signal_sq] = l->last_error_terms;
+    if (residual_sq.defined()) {
+      st.relative_error = detail::relative_error_of(residual_sq.item<double>(), signal_sq.item<double>());
+    }
     st.window_samples = l->sample_rows();
     if (l->pca.is_fitted()) {
       st.num_components = l->pca.num_components();
@@ -429,6 +460,8 @@ std::vector<LayerStats> GradiVeQAggregator::layer_stats() const {
 StepStats GradiVeQAggregator::step_stats() const { return steps_->last(); }
 
 at::Tensor GradiVeQAggregator::save_state() const {
+  check_pending_verification();  // a state the ranks disagree on is not saved
+  settle_samples();
   std::lock_guard<std::mutex> lock(stats_mutex_);
   // The last step's restart vote has completed by the time a step boundary is saved.
   const detail::EngineCounters counters{world_size_,      iteration_,          pending_fit_,
@@ -450,6 +483,7 @@ void GradiVeQAggregator::load_state(const at::Tensor& image) {
     detail::LoadedLayer& in = loaded.layers[i];
     l.pca = in.pca.is_fitted() ? in.pca.to(l.device) : PcaCompressor();
     l.checksum = in.checksum;
+    l.clear_samples();
     l.samples = std::move(in.samples);
     l.error = in.error.defined() ? in.error.to(l.device) : at::Tensor();
     l.stats.fits = in.fits;

@@ -3,6 +3,8 @@
 // issued bucket has finished.
 #pragma once
 
+#include <ATen/ATen.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -14,6 +16,12 @@
 namespace gradiveq::detail {
 
 using Clock = std::chrono::steady_clock;
+
+/// Eq. 7's relative error from its summed terms: sqrt(||residual||^2 / ||gradient||^2), 0 for a zero
+/// gradient.
+inline double relative_error_of(double residual_sq, double signal_sq) {
+  return signal_sq > 0 ? std::sqrt(std::max(0.0, residual_sq) / signal_sq) : 0.0;
+}
 
 inline double ms_since(Clock::time_point t) {
   return std::chrono::duration<double, std::milli>(Clock::now() - t).count();
@@ -29,8 +37,7 @@ class StepRecorder {
     current_.sampling_aggregation = sampling_aggregation;
     finished_ = 0;
     last_issued_ = false;
-    residual_sq_ = signal_sq_ = 0.0;
-    has_error_ = false;
+    terms_ = ErrorTerms{};
   }
   void add_fit(double ms, int64_t bytes_broadcast) {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -60,9 +67,20 @@ class StepRecorder {
   /// Adds one compressed layer's eq. 7 loss terms (squared residual and squared gradient norms).
   void add_error_terms(double residual_sq, double signal_sq) {
     std::lock_guard<std::mutex> lock(mutex_);
-    residual_sq_ += residual_sq;
-    signal_sq_ += signal_sq;
-    has_error_ = true;
+    terms_.host_residual_sq += residual_sq;
+    terms_.host_signal_sq += signal_sq;
+    terms_.any = true;
+  }
+  /// The same as 0-dim tensors on the layer's device: summed there, and read on the host only when the step's
+  /// stats are (last()), so that recording a CUDA step never waits for the device.
+  void add_error_terms(const at::Tensor& residual_sq, const at::Tensor& signal_sq) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto add = [](at::Tensor& sum, const at::Tensor& term) {
+      sum = sum.defined() ? sum + term : term.to(at::kDouble);  // double, as the host sums
+    };
+    add(terms_.residual_sq, residual_sq);
+    add(terms_.signal_sq, signal_sq);
+    terms_.any = true;
   }
   /// A message of `bytes` bytes carrying `values` values went out.
   void add_encoded(int64_t values, int64_t bytes) {
@@ -76,25 +94,40 @@ class StepRecorder {
     std::lock_guard<std::mutex> lock(mutex_);
     current_.decompress_ms += decompress_ms;
     if (!bucket_done) return;
-    if (has_error_) {
-      current_.relative_error = signal_sq_ > 0 ? std::sqrt(std::max(0.0, residual_sq_) / signal_sq_) : 0.0;
-    }
     current_.aggregation_ms += ms_since(bucket_start);
     ++finished_;
-    if (last_issued_ && finished_ == current_.buckets) last_ = current_;
+    if (last_issued_ && finished_ == current_.buckets) {
+      last_ = current_;
+      last_terms_ = terms_;
+    }
   }
+  /// The last completed step (its relative_error read from the device here).
   StepStats last() const {
     std::lock_guard<std::mutex> lock(mutex_);
-    return last_;
+    StepStats out = last_;
+    if (last_terms_.any) out.relative_error = last_terms_.relative_error();
+    return out;
   }
 
  private:
+  // A step's eq. 7 loss terms: host sums (codecs that run on the CPU) plus device sums.
+  struct ErrorTerms {
+    double host_residual_sq = 0.0, host_signal_sq = 0.0;
+    at::Tensor residual_sq, signal_sq;  // undefined until a device term arrives
+    bool any = false;
+
+    double relative_error() const {
+      const double residual = host_residual_sq + (residual_sq.defined() ? residual_sq.item<double>() : 0.0);
+      const double signal = host_signal_sq + (signal_sq.defined() ? signal_sq.item<double>() : 0.0);
+      return relative_error_of(residual, signal);
+    }
+  };
+
   mutable std::mutex mutex_;
   StepStats current_, last_;
+  ErrorTerms terms_, last_terms_;
   int64_t finished_ = 0;
   bool last_issued_ = false;
-  double residual_sq_ = 0.0, signal_sq_ = 0.0;
-  bool has_error_ = false;
 };
 
 }  // namespace gradiveq::detail

@@ -5,9 +5,13 @@
 #include <gtest/gtest.h>
 
 #include <string>
+#ifdef GRADIVEQ_WITH_CUDA_KERNELS
+#include <c10/cuda/CUDAFunctions.h>
+#endif
 
 #include "gradiveq/gradient_synchronizer.h"
 #include "gradiveq/process_group.h"
+#include "gradiveq/schedule.h"
 #include "kernel_switch_guard.h"
 #include "kernels/kernels_cuda.h"
 #include "rank_threads.h"
@@ -85,6 +89,74 @@ void for_each_kernel_setting(const Body& body) {
     body(kernels);
   }
 }
+
+#ifdef GRADIVEQ_WITH_CUDA_KERNELS
+// While it lives, every operation that makes the host wait for the device raises (torch's
+// set_sync_debug_mode("error")): .item(), copies into pageable host memory, stream synchronisation.
+class HostSyncsRaise {
+ public:
+  explicit HostSyncsRaise(bool on) : before_(c10::cuda::warning_state().get_sync_debug_mode()) {
+    if (on) c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_ERROR);
+  }
+  ~HostSyncsRaise() { c10::cuda::warning_state().set_sync_debug_mode(before_); }
+
+ private:
+  c10::cuda::SyncDebugMode before_;
+};
+
+// Steps 1 .. 13 through `o`'s warm-up, sampling, compressed steps with error feedback, the verification code
+// and the adaptive window's vote on one NCCL rank: only step 0 (setting up) and the steps that open with a
+// fit (it runs on the host) may wait for the device.
+void expect_no_host_waits(SynchronizerOptions o, const std::string& context) {
+  o.gradiveq.error_feedback = true;
+  o.gradiveq.verify_bases = true;
+  o.gradiveq.restart_error_growth = 1e6;  // votes in every compressed step, never restarts
+  const Schedule schedule(o.gradiveq.schedule);
+  auto store = connect_store({"", 0, fresh_store_path()}, 0, 1);
+  TinyNet net(7);
+  to_gpu(net);
+  GradientSynchronizer sync(make_nccl_process_group(store, 0, 1), net.params, o);
+  int64_t fits = 0;
+  for (int step = 0; step < 14; ++step) {
+    auto [x, y] = batch(0, step);
+    x = x.to(gpu());
+    y = y.to(gpu());
+    net.zero_grad();
+    const bool may_wait = step == 0 || schedule.fits_after(step - 1);
+    fits += step > 0 && schedule.fits_after(step - 1);
+    try {
+      const HostSyncsRaise guard(!may_wait);
+      net.loss(x, y).backward();
+      sync.synchronize();
+    } catch (const c10::Error& e) {
+      ADD_FAILURE() << context << ", step " << step
+                    << " waited for the device: " << e.what_without_backtrace();
+      return;
+    }
+  }
+  const auto stats = sync.aggregator().layer_stats();
+  EXPECT_EQ(stats[1].fits, fits) << context;
+  EXPECT_GE(stats[1].relative_error, 0.0) << context;  // read from the device here, after the steps
+}
+
+TEST(CudaSynchronizer, StepsWithoutAFitNeverWaitForTheDevice) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  for_each_kernel_setting(
+      [](bool kernels) { expect_no_host_waits(lossless_options(), kernels ? "kernels" : "aten"); });
+}
+
+// The default sampling windows (4-bit QSGD, aggregated samples) stay on the device only with the kernels:
+// through ATen the QSGD codec runs on the CPU.
+TEST(CudaSynchronizer, QsgdSamplingWindowsNeverWaitForTheDeviceWithTheKernels) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  KernelSwitchGuard guard;
+  detail::set_cuda_kernels_enabled(true);
+  SynchronizerOptions o = lossless_options();
+  o.gradiveq.sample_quantizer = SampleQuantizer::kQsgd4;
+  o.gradiveq.sample_source = SampleSource::kAggregated;
+  expect_no_host_waits(o, "kernels, qsgd sampling");
+}
+#endif
 
 TEST(CudaSynchronizer, NcclIsRefusedWithoutNcclOrAGpu) {
   if (detail::cuda_kernels_built() && at::hasCUDA()) GTEST_SKIP() << "this machine has a GPU";

@@ -250,15 +250,20 @@ TEST(CudaCasq, RoundsAndPacksBitForBitLikeTheCpuCodecGivenItsCodebooks) {
   }
 }
 
-TEST(CudaQsgd, TheCodecQuantisesCudaValuesOnTheDeviceWhenSwitchedOn) {
+TEST(CudaQsgd, TheCodecPacksAndUnpacksCudaValuesOnTheDeviceWhenSwitchedOn) {
   SKIP_WITHOUT_GPU();
   KernelSwitchGuard guard;
   const QsgdCodec codec(QsgdOptions{});
   const at::Tensor v = quantizer_input(512);
   detail::set_cuda_kernels_enabled(true);
   const at::Tensor got = codec.encode(v.to(gpu()), 77);
-  EXPECT_TRUE(got.device().is_cpu());
-  EXPECT_TRUE(at::equal(got, codec.encode(v, 77)));
+  EXPECT_TRUE(got.is_cuda());  // the message stays on the device for the gather pipeline
+  const at::Tensor want = codec.encode(v, 77);
+  EXPECT_TRUE(at::equal(got.cpu(), want));
+  at::Tensor got_sum = at::ones({v.numel()}, gpu()), want_sum = at::ones({v.numel()});
+  codec.decode_add(got, got_sum);
+  codec.decode_add(want, want_sum);
+  EXPECT_TRUE(at::allclose(got_sum.cpu(), want_sum, 0, 0, /*equal_nan=*/true));
 }
 
 TEST(CudaQsgd, RejectsAMessageOfTheWrongLength) {
