@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -43,16 +44,21 @@ struct EngineLayer {
   /// device), which stats.relative_error is computed from when the stats are read.
   std::pair<at::Tensor, at::Tensor> last_error_terms;
 
-  /// Moves the arriving samples that are finite into `samples` and counts the others as skipped.
-  void settle_samples() {
-    for (const auto& [slices, finite] : arriving_samples) {
+  /// Moves the arriving samples that are finite into `samples` (pageable copies: the pinned blocks go back to
+  /// the allocator) and counts the others as skipped. `wait` false: only those already on the host, in order.
+  void settle_samples(bool wait = true) {
+    size_t settled = 0;
+    for (; settled < arriving_samples.size(); ++settled) {
+      const auto& [slices, finite] = arriving_samples[settled];
+      if (!wait && !(slices.ready() && finite.ready())) break;
       if (finite.wait().item<bool>()) {
-        samples.push_back(slices.wait());
+        const at::Tensor& host = slices.wait();
+        samples.push_back(host.is_pinned() ? host.clone() : host);
       } else {
         stats.skipped_samples += 1;
       }
     }
-    arriving_samples.clear();
+    arriving_samples.erase(arriving_samples.begin(), arriving_samples.begin() + std::ptrdiff_t(settled));
   }
   void clear_samples() {
     samples.clear();

@@ -53,6 +53,7 @@ c10::intrusive_ptr<c10::ivalue::Future> GatherPipeline::issue(c10d::ProcessGroup
   if (messages_.empty()) return {};
   const int64_t n = pg.getSize();
   const at::Tensor payload = frame();
+  device_messages_ = !payload.device().is_cpu();
   messages_.clear();
   const int64_t payload_len = payload.numel();
   sizes_.assign(size_t(n), payload_len);
@@ -92,7 +93,7 @@ int64_t GatherPipeline::message_bytes(const uint8_t* payload, int64_t k) const {
 }
 
 std::vector<at::Tensor> GatherPipeline::decoded_sums() const {
-  const bool on_device = !gathered_.empty() && stays_on(gathered_[0].device());
+  const bool on_device = device_messages_ && !gathered_.empty();
   std::vector<at::Tensor> sums;
   for (int64_t numel : numels_) {
     sums.push_back(at::zeros(

@@ -56,6 +56,7 @@ class GatherPipeline {
   bool fixed_sizes_ = true;
   std::vector<int64_t> sizes_;        // every rank's payload bytes (without padding)
   std::vector<at::Tensor> gathered_;  // every rank's padded payload, after the all-gather
+  bool device_messages_ = false;      // the payloads were framed on the device (stays_on): decoded there
 };
 
 }  // namespace gradiveq::detail

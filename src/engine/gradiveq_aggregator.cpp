@@ -180,6 +180,7 @@ void GradiVeQAggregator::begin_iteration() {
   {
     std::lock_guard<std::mutex> lock(stats_mutex_);
     unchecked_.reset();
+    for (auto& l : layers_) l->settle_samples(/*wait=*/false);  // keeps few samples in pinned memory
   }
   window_->begin_step(schedule_, iteration_);
   steps_->begin(iteration_, phase_name(phase_at(iteration_)),
@@ -194,7 +195,10 @@ void GradiVeQAggregator::begin_iteration() {
     refit_and_broadcast();
   } else {
     std::lock_guard<std::mutex> lock(stats_mutex_);
-    for (auto& l : layers_) l->clear_samples();
+    for (auto& l : layers_) {
+      l->settle_samples();  // counts the window's non-finite samples
+      l->clear_samples();
+    }
   }
 }
 
@@ -400,7 +404,9 @@ void GradiVeQAggregator::finish_plan(BucketPlan& plan) {
           *plan.verify,
           detail::HostReadback(plan.control.narrow(0, plan.verify_offset, plan.verify->length())),
           plan.iter});
-      if (pending->sums.ready()) {
+      // CPU sums are checked here, in the step that disagreed; device sums always at the next step's start
+      // (or save_state), whether or not they have arrived yet, so that every rank raises at the same point.
+      if (plan.control.is_cpu()) {
         pending->check(rank_);
       } else {
         std::lock_guard<std::mutex> lock(stats_mutex_);
@@ -477,12 +483,14 @@ void GradiVeQAggregator::load_state(const at::Tensor& image) {
   iteration_ = c.iteration;
   pending_fit_ = c.pending_fit;
   window_->restore(c.schedule_shift, c.window_restarts, c.pending_vote);
+  unchecked_.reset();  // the loaded state is checked from the next step on
   for (size_t i = 0; i < layers_.size(); ++i) {
     EngineLayer& l = *layers_[i];
     if (!l.compressible) continue;
     detail::LoadedLayer& in = loaded.layers[i];
     l.pca = in.pca.is_fitted() ? in.pca.to(l.device) : PcaCompressor();
     l.checksum = in.checksum;
+    l.settle_samples();  // counts the replaced window's non-finite samples
     l.clear_samples();
     l.samples = std::move(in.samples);
     l.error = in.error.defined() ? in.error.to(l.device) : at::Tensor();

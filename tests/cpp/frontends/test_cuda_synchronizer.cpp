@@ -103,29 +103,41 @@ class HostSyncsRaise {
  private:
   c10::cuda::SyncDebugMode before_;
 };
+#endif
 
-// Steps 1 .. 13 through `o`'s warm-up, sampling, compressed steps with error feedback, the verification code
-// and the adaptive window's vote on one NCCL rank: only step 0 (setting up) and the steps that open with a
-// fit (it runs on the host) may wait for the device.
-void expect_no_host_waits(SynchronizerOptions o, const std::string& context) {
+// Everything a step can do: warm-up, sampling (QSGD-coded or not), compressed steps with error feedback (a
+// lossy basis: energy 0.9), the verification code and the adaptive window's vote.
+SynchronizerOptions every_step_feature(SampleQuantizer sampling) {
+  SynchronizerOptions o = lossless_options();
+  o.gradiveq.fit.energy = 0.9;
   o.gradiveq.error_feedback = true;
   o.gradiveq.verify_bases = true;
   o.gradiveq.restart_error_growth = 1e6;  // votes in every compressed step, never restarts
+  o.gradiveq.sample_quantizer = sampling;
+  o.gradiveq.sample_source = SampleSource::kAggregated;
+  return o;
+}
+
+// 14 steps of `o` through `pg` on `device`. With raise_on_waits (CUDA builds), every step but step 0 (setting
+// up) and those that open with a fit (it runs on the host) runs under HostSyncsRaise.
+void run_steps_without_waits(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, const at::Device& device,
+                             const SynchronizerOptions& o, bool raise_on_waits, const std::string& context) {
   const Schedule schedule(o.gradiveq.schedule);
-  auto store = connect_store({"", 0, fresh_store_path()}, 0, 1);
   TinyNet net(7);
-  to_gpu(net);
-  GradientSynchronizer sync(make_nccl_process_group(store, 0, 1), net.params, o);
+  for (auto& np : net.params) np.tensor = np.tensor.detach().to(device).set_requires_grad(true);
+  GradientSynchronizer sync(pg, net.params, o);
   int64_t fits = 0;
   for (int step = 0; step < 14; ++step) {
     auto [x, y] = batch(0, step);
-    x = x.to(gpu());
-    y = y.to(gpu());
+    x = x.to(device);
+    y = y.to(device);
     net.zero_grad();
-    const bool may_wait = step == 0 || schedule.fits_after(step - 1);
-    fits += step > 0 && schedule.fits_after(step - 1);
+    const bool opens_with_fit = step > 0 && schedule.fits_after(step - 1);
+    fits += opens_with_fit;
     try {
-      const HostSyncsRaise guard(!may_wait);
+#ifdef GRADIVEQ_WITH_CUDA_KERNELS
+      const HostSyncsRaise guard(raise_on_waits && step > 0 && !opens_with_fit);
+#endif
       net.loss(x, y).backward();
       sync.synchronize();
     } catch (const c10::Error& e) {
@@ -136,27 +148,40 @@ void expect_no_host_waits(SynchronizerOptions o, const std::string& context) {
   }
   const auto stats = sync.aggregator().layer_stats();
   EXPECT_EQ(stats[1].fits, fits) << context;
+  EXPECT_GT(stats[1].num_components, 0) << context;
   EXPECT_GE(stats[1].relative_error, 0.0) << context;  // read from the device here, after the steps
+}
+
+// The same steps on the CPU, where nothing can wait for a device: the scenario itself runs (valid options, a
+// fit per window, compressed steps).
+TEST(CudaSynchronizer, TheNoWaitScenarioRunsOnTheCpu) {
+  for (const auto sampling : {SampleQuantizer::kNone, SampleQuantizer::kQsgd4}) {
+    run_ranks(1, [&](int, c10::intrusive_ptr<c10d::ProcessGroup> pg) {
+      run_steps_without_waits(pg, at::kCPU, every_step_feature(sampling), false, "cpu");
+    });
+  }
 }
 
 TEST(CudaSynchronizer, StepsWithoutAFitNeverWaitForTheDevice) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
-  for_each_kernel_setting(
-      [](bool kernels) { expect_no_host_waits(lossless_options(), kernels ? "kernels" : "aten"); });
+  for_each_kernel_setting([](bool kernels) {
+    auto store = connect_store({"", 0, fresh_store_path()}, 0, 1);
+    run_steps_without_waits(make_nccl_process_group(store, 0, 1), gpu(),
+                            every_step_feature(SampleQuantizer::kNone), true, kernels ? "kernels" : "aten");
+  });
 }
 
 // The default sampling windows (4-bit QSGD, aggregated samples) stay on the device only with the kernels:
 // through ATen the QSGD codec runs on the CPU.
 TEST(CudaSynchronizer, QsgdSamplingWindowsNeverWaitForTheDeviceWithTheKernels) {
   if (!at::hasCUDA()) GTEST_SKIP() << "no CUDA device";
+  if (!detail::cuda_kernels_built()) GTEST_SKIP() << "built without the CUDA kernels";
   KernelSwitchGuard guard;
   detail::set_cuda_kernels_enabled(true);
-  SynchronizerOptions o = lossless_options();
-  o.gradiveq.sample_quantizer = SampleQuantizer::kQsgd4;
-  o.gradiveq.sample_source = SampleSource::kAggregated;
-  expect_no_host_waits(o, "kernels, qsgd sampling");
+  auto store = connect_store({"", 0, fresh_store_path()}, 0, 1);
+  run_steps_without_waits(make_nccl_process_group(store, 0, 1), gpu(),
+                          every_step_feature(SampleQuantizer::kQsgd4), true, "kernels, qsgd sampling");
 }
-#endif
 
 TEST(CudaSynchronizer, NcclIsRefusedWithoutNcclOrAGpu) {
   if (detail::cuda_kernels_built() && at::hasCUDA()) GTEST_SKIP() << "this machine has a GPU";
