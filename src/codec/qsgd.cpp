@@ -113,6 +113,7 @@ void QsgdCodec::decode_add(const at::Tensor& packed, at::Tensor& out) const {
   }
 #endif
   check_decode_out(out, kWhere);
+  // A device message (encode() of CUDA values) into a CPU sum, as decode() does: unpacked on the CPU.
   if (packed.defined() && !packed.device().is_cpu()) return decode_add(packed.to(at::kCPU), out);
   const int64_t n = out.numel(), bucket = options_.bucket_size;
   check_packed(packed, packed_bytes(n), kWhere);

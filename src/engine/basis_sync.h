@@ -13,7 +13,8 @@
 // window's shift, the configuration (layer policy, wire dtypes: configuration_code) and all bases rides in
 // the first bucket's all-reduce of every step, cut into chunks small enough that N of them sum exactly in
 // float32 (< 2^24). After the all-reduce every rank checks that each summed chunk is N times its own: any
-// rank that differs makes every rank raise (on CUDA, at the latest at the start of the next step).
+// rank that differs makes every rank raise (CPU sums in that step; device sums at the start of the next step
+// or at save_state).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -77,9 +78,10 @@ class VerificationCode {
   int64_t bits_;
 };
 
-/// A step's verification once its all-reduce has completed, the summed code on its way to the host. The
-/// engine checks it as soon as the sums are there without waiting (at once for CPU tensors), else at the
-/// start of the next step or when the state is saved: a CUDA step never waits for the device to check.
+/// A step's verification on device sums, on their way to the host, which the engine checks at the start of
+/// the next step or when the state is saved: a CUDA step never waits for the device to check (a disagreement
+/// in the very last step of a run that neither steps nor saves again goes unreported). CPU sums are checked
+/// in their own step.
 struct PendingVerification {
   VerificationCode code;
   HostReadback sums;

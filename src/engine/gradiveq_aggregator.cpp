@@ -400,17 +400,15 @@ void GradiVeQAggregator::finish_plan(BucketPlan& plan) {
     plan.buffer.mul_(1.0 / double(world_size_));
   } else {
     if (plan.verify) {
-      auto pending = std::make_unique<detail::PendingVerification>(detail::PendingVerification{
-          *plan.verify,
-          detail::HostReadback(plan.control.narrow(0, plan.verify_offset, plan.verify->length())),
-          plan.iter});
+      const at::Tensor sums = plan.control.narrow(0, plan.verify_offset, plan.verify->length());
       // CPU sums are checked here, in the step that disagreed; device sums always at the next step's start
       // (or save_state), whether or not they have arrived yet, so that every rank raises at the same point.
-      if (plan.control.is_cpu()) {
-        pending->check(rank_);
+      if (sums.is_cpu()) {
+        plan.verify->check(sums, plan.iter, rank_);
       } else {
         std::lock_guard<std::mutex> lock(stats_mutex_);
-        unchecked_ = std::move(pending);
+        unchecked_ = std::make_unique<detail::PendingVerification>(
+            detail::PendingVerification{*plan.verify, detail::HostReadback(sums), plan.iter});
       }
     }
     if (plan.vote) window_->receive_vote(plan.control.narrow(0, plan.vote_offset, 1));
