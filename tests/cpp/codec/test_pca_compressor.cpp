@@ -41,6 +41,38 @@ TEST(PcaCompressor, BasisIsOrthonormalAndEigenvaluesDecrease) {
   }
 }
 
+// The Gram path keeps its directions unorthogonalised while the kept eigenvalues stay within 1e-4 of the top
+// one, and orthogonalises them below that: both must give an orthonormal basis that spans the kept
+// directions.
+TEST(PcaCompressor, GramDirectionsStayOrthonormalWhateverTheConditioning) {
+  const int64_t n = 300, k = 1024, rank = 120;
+  auto gen = seeded(7);
+  // Standard deviations falling geometrically from 1 to 1e-4 (variances over 8 decades).
+  at::Tensor scales = at::pow(10.0, at::linspace(0.0, -4.0, rank, at::kDouble)).view({rank, 1});
+  at::Tensor directions = std::get<0>(at::linalg_qr(at::randn({k, rank}, gen).to(at::kDouble))).t();
+  at::Tensor samples = (at::randn({n, rank}, gen).to(at::kDouble).matmul(directions * scales)).to(at::kFloat);
+  for (double energy : {0.9, 1.0 - 1e-12}) {  // d well inside the first decades; d = every direction
+    const auto pca = PcaCompressor::fit(samples, {energy});
+    const int64_t d = pca.num_components();
+    const at::Tensor variances = pca.eigenvalues();
+    const double ratio = variances[d - 1].item<double>() / variances[0].item<double>();
+    at::Tensor u = pca.basis().to(at::kDouble);
+    EXPECT_LT((u.t().matmul(u) - at::eye(d, at::kDouble)).abs().max().item<double>(), 1e-5)
+        << "energy " << energy << ", d " << d << ", last/first variance " << ratio;
+    // The basis spans the window's d strongest directions: the samples' residual off it is the energy the
+    // eigenvalues leave out.
+    at::Tensor xc = samples.to(at::kDouble) - samples.to(at::kDouble).mean(0);
+    const double residual =
+        (xc - xc.matmul(u).matmul(u.t())).pow(2).sum().item<double>() / xc.pow(2).sum().item<double>();
+    EXPECT_NEAR(residual, 1.0 - pca.explained_variance(), 1e-5) << energy;
+    if (energy < 0.95) {
+      EXPECT_GT(ratio, 1e-4) << "the first case should skip the orthogonalisation";
+    } else {
+      EXPECT_LT(ratio, 1e-4) << "the second case should orthogonalise";
+    }
+  }
+}
+
 TEST(PcaCompressor, EigenvaluesMatchTheSampleCovariance) {
   at::Tensor x = low_rank_samples(50, 64, 5, 0.1, seeded(2));
   auto pca = PcaCompressor::fit(x, {1.0});
