@@ -74,13 +74,21 @@ constexpr double kRankTolerance = 1e-10;
 using MatD = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 using MatF = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
-// Symmetric eigen-decomposition of `sym` (m x m): eigenvalues decreasing, vectors in matching columns.
+// Symmetric eigen-decomposition of `sym` (m x m; only its lower triangle is read): eigenvalues decreasing,
+// vectors in matching columns.
 void symmetric_eigen(const MatD& sym, Eigen::VectorXd& values, MatD& vectors) {
   Eigen::SelfAdjointEigenSolver<MatD> solver(sym);
   GVQ_ASSERT(solver.info() == Eigen::Success, "eigen-solver did not converge");
   // Eigen returns increasing order; reverse into decreasing.
   values = solver.eigenvalues().reverse();
   vectors = solver.eigenvectors().rowwise().reverse();
+}
+
+// a a^T, lower triangle only: a symmetric rank update does half the multiply-adds of the full product.
+MatD lower_gram(const MatD& a) {
+  MatD out = MatD::Zero(a.rows(), a.rows());
+  out.selfadjointView<Eigen::Lower>().rankUpdate(a);
+  return out;
 }
 
 // Orthonormalises the columns of `u` (K x r) with a Householder QR, keeping each column's direction.
@@ -216,11 +224,11 @@ Spectrum spectrum_of(const MatD& xc) {
   Spectrum out;
   if (n <= k) {
     // xc xc^T = V L V^T  =>  principal directions xc^T V L^-1/2, variances L / (n - 1).
-    symmetric_eigen(xc * xc.transpose(), out.values, out.vectors);
+    symmetric_eigen(lower_gram(xc), out.values, out.vectors);
     out.variances = out.values.head(numerical_rank(out.values)) / double(n - 1);
   } else {
     Eigen::VectorXd cov_vals;
-    symmetric_eigen((xc.transpose() * xc) / double(n - 1), cov_vals, out.vectors);
+    symmetric_eigen(lower_gram(xc.transpose()) / double(n - 1), cov_vals, out.vectors);
     out.variances = cov_vals.head(numerical_rank(cov_vals));
   }
   return out;
