@@ -175,7 +175,8 @@ void bind_options(py::module_& m) {
       .def_readwrite("error_feedback", &GradiVeQOptions::error_feedback)
       .def_readwrite("error_budget", &GradiVeQOptions::error_budget)
       .def_readwrite("refit_threshold", &GradiVeQOptions::refit_threshold)
-      .def_readwrite("basis_sync", &GradiVeQOptions::basis_sync);
+      .def_readwrite("basis_sync", &GradiVeQOptions::basis_sync)
+      .def_readwrite("fit_delay_iters", &GradiVeQOptions::fit_delay_iters);
 
   // The gather engine's and its codecs' options, for the quantizer states' defaults.
   py::class_<GatherAggregatorOptions>(m, "GatherAggregatorOptions")
@@ -237,12 +238,12 @@ void bind_stats(py::module_& m) {
       .def_readonly("window_restarts", &StepStats::window_restarts)
       .def_readonly("decompress_ms", &StepStats::decompress_ms)
       .def_readonly("fit_ms", &StepStats::fit_ms)
+      .def_readonly("fit_background_ms", &StepStats::fit_background_ms)
       .def_readonly("bytes_bases", &StepStats::bytes_bases)
       .def_readonly("sampling_aggregation", &StepStats::sampling_aggregation)
       .def_readonly("values_encoded", &StepStats::values_encoded)
       .def_readonly("bytes_encoded", &StepStats::bytes_encoded)
       .def_readonly("warning", &StepStats::warning);
-
 }
 
 void bind_engines(py::module_& m) {

@@ -198,7 +198,7 @@ class Method:
             # A new basis counts where it is sent: the fitting rank's broadcasts of that step.
             row = dict(agg=st["aggregation_ms"] / 1e3, bytes=st["bytes_payload"] + st.get("bytes_bases", 0),
                        wire=st["bytes_wire"], uncompressed=st["bytes_uncompressed"], phase=st["phase"],
-                       fit=st["fit_ms"] / 1e3, codec=(st["compress_ms"] + st["decompress_ms"]) / 1e3,
+                       fit=st["fit_ms"] / 1e3, fit_background=st.get("fit_background_ms", 0.0) / 1e3, codec=(st["compress_ms"] + st["decompress_ms"]) / 1e3,
                        compress=st["compress_ms"] / 1e3, decompress=st["decompress_ms"] / 1e3, buckets=st["buckets"],
                        collectives=st["collectives"])
             if st["values_encoded"]:  # CO3 / CASQ: bits per encoded value and this rank's quantization error

@@ -44,6 +44,7 @@ namespace detail {
 class StepRecorder;
 struct PendingVerification;
 class AdaptiveWindow;
+class DeferredFit;
 struct BucketPlan;
 struct EngineLayer;
 struct PlanContext;
@@ -102,6 +103,12 @@ class GradiVeQAggregator : public BucketAggregator, public std::enable_shared_fr
   void begin_iteration();
   Phase phase_at(int64_t iter) const;
   void refit_and_broadcast();
+  /// After a sampling window: its fits, at once or (fit_delay_iters) deferred.
+  void start_window_fits();
+  /// Starts the window's fits on a worker (DeferredFit), to be installed at the start of step `install_at`.
+  void start_deferred_fit(int64_t install_at);
+  /// Waits for the deferred fits, shares their bases (broadcast) and installs them.
+  void install_deferred_fit();
   std::vector<std::shared_ptr<detail::BucketPlan>> plan_bucket(const at::Tensor& buffer,
                                                                const std::vector<at::Tensor>& gradients,
                                                                const std::vector<at::Tensor>& parameters,
@@ -132,6 +139,8 @@ class GradiVeQAggregator : public BucketAggregator, public std::enable_shared_fr
 
   int64_t iteration_ = 0;
   bool pending_fit_ = false;
+  std::unique_ptr<detail::DeferredFit> deferred_fit_;  // the window's fits in flight (fit_delay_iters)
+  int64_t restored_install_at_ = -1;  // install step of a fit that was in flight when the state was saved
   std::unique_ptr<detail::AdaptiveWindow> window_;
   uint64_t bases_checksum_ = 0;      // combined over all layers, updated whenever a basis changes
   std::string warning_;              // what the configuration leaves undone (StepStats::warning)

@@ -206,6 +206,13 @@ struct GradiVeQOptions {
   /// on Fashion-MNIST trains bit for bit like the broadcast with fewer wire bytes: 16.0 -> 14.5 KB/step/rank
   /// on the small CNN, 497.1 -> 261.6 on ResNet-32 with the default d (docs/results.md 7f).
   BasisSync basis_sync = BasisSync::kAuto;
+  /// If > 0, a window's fits run on a worker thread of idle priority while this many compressed steps go
+  /// on with the current bases (a layer without one yet goes uncompressed), and every rank installs the
+  /// new bases at the start of the same step, so ranks stay bit-identical; the step waits only for what the
+  /// worker has not finished by then. A new sampling window (an adaptive-window restart) installs them at
+  /// once. 0: the fits run at the start of the window's first compressed step, which waits for all of them.
+  /// Must lie in [0, compress_iters).
+  int64_t fit_delay_iters = 0;
 
   /// Throws InvalidArgument naming the first bad option.
   void validate() const;

@@ -30,7 +30,12 @@ struct StepStats {
   double aggregation_ms = 0.0;  ///< sum over buckets of (bucket handed over -> its future completed)
   double compress_ms = 0.0;     ///< packing and compressing, in the hook call
   double decompress_ms = 0.0;   ///< unpacking and decompressing, in the callbacks
-  double fit_ms = 0.0;          ///< fitting and distributing bases (only on steps that fit)
+  /// Fitting and distributing bases, as the step waited for them (only on steps that fit or, with
+  /// fit_delay_iters, install deferred fits: then the wait for the worker and the install).
+  double fit_ms = 0.0;
+  /// With fit_delay_iters, on the step that installs them: how long the worker took to fit them (wall clock,
+  /// at idle priority, behind the steps in between); 0 otherwise.
+  double fit_background_ms = 0.0;
   /// Bytes of the basis images (and their size tables) this rank broadcast as a fitting rank, only on steps
   /// that fit; not part of bytes_payload. Each is received by the N - 1 other ranks.
   int64_t bytes_bases = 0;

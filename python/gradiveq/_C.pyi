@@ -153,6 +153,7 @@ class GradiVeQOptions:
     error_feedback: bool
     error_budget: float
     refit_threshold: float
+    fit_delay_iters: int
     def __init__(self) -> None: ...
     @staticmethod
     def paper() -> GradiVeQOptions: ...
@@ -217,6 +218,7 @@ class StepStats:
     compress_ms: float
     decompress_ms: float
     fit_ms: float
+    fit_background_ms: float
     bytes_bases: int
     sampling_aggregation: str
     relative_error: float

@@ -24,8 +24,9 @@ __all__ = ["GradiVeQState", "QsgdState", "CO3State", "CASQState", "hook", "co3_h
            "StepStats", "LayerStats", "Summary", "GradiVeQStats", "GatherStats",
            "STATE_DICT_VERSION", "GATHER_STATE_DICT_VERSION", "DEFAULT_OPTIONS", "PAPER_OPTIONS", "OPTION_NAMES"]
 
-# 3: the engine image ends with a checksum of its contents; 4: a stronger checksum; 5: error-feedback memory
-STATE_DICT_VERSION = 5
+# 3: the engine image ends with a checksum of its contents; 4: a stronger checksum; 5: error-feedback memory;
+# 6: the install step of a deferred fit (fit_delay_iters)
+STATE_DICT_VERSION = 6
 
 # The GradiVeQ options, in the order C++ binds them (one property each on _C.GradiVeQOptions).
 OPTION_NAMES = tuple(name for name, value in vars(_C.GradiVeQOptions).items() if isinstance(value, property))
@@ -90,7 +91,7 @@ def _step_dict(st) -> "StepStats":
     return dict(iteration=st.iteration, phase=st.phase, buckets=st.buckets, collectives=st.collectives,
                 bytes_uncompressed=st.bytes_uncompressed, bytes_payload=st.bytes_payload, bytes_wire=st.bytes_wire,
                 aggregation_ms=st.aggregation_ms, compress_ms=st.compress_ms, decompress_ms=st.decompress_ms,
-                fit_ms=st.fit_ms, bytes_bases=st.bytes_bases, sampling_aggregation=st.sampling_aggregation,
+                fit_ms=st.fit_ms, fit_background_ms=st.fit_background_ms, bytes_bases=st.bytes_bases, sampling_aggregation=st.sampling_aggregation,
                 relative_error=st.relative_error, window_restarts=st.window_restarts,
                 values_encoded=st.values_encoded, bytes_encoded=st.bytes_encoded, warning=st.warning)
 
@@ -123,7 +124,8 @@ class StepStats(TypedDict):
     aggregation_ms: float
     compress_ms: float
     decompress_ms: float
-    fit_ms: float
+    fit_ms: float            # fitting and distributing bases, as the step waited for them
+    fit_background_ms: float  # fit_delay_iters: the worker's time for the bases installed in this step
     bytes_bases: int         # basis images this rank broadcast as a fitting rank (steps that fit; not in payload)
     sampling_aggregation: str
     relative_error: float    # eq. 7 local loss of the compressed layers, or the codec's error; -1: none
@@ -543,6 +545,12 @@ class GradiVeQState(_HookState):
             deterministic fit: bit-identical bases and no basis bytes on the wire, for N times the fitting time
             per rank). Replicated needs sample_source="aggregated" and verify_bases, which raises on every rank
             should one rank's fit ever differ (ranks of different builds or CPU kinds).
+        fit_delay_iters: if > 0, a window's fits run on a worker thread of idle priority (in the time the rank
+            waits for its collectives) while this many compressed steps go on with the current bases (a layer
+            without one goes uncompressed), and every rank installs the new bases at the start of the same step,
+            so ranks stay bit-identical; a step waits only for what the worker has not finished by then. 0 (the
+            default): the window's first compressed step fits them all before it aggregates. Must be smaller
+            than compress_iters.
         linear_weights: also compress 2-D weights (nn.Linear), one output row per slice (K = in_features).
         verify_bases: carry a checksum of the iteration counter and all bases in the first bucket's all-reduce
             of every step, and raise on every rank when any rank differs.
@@ -565,7 +573,7 @@ class GradiVeQState(_HookState):
                  pipeline_chunks: int = _D["pipeline_chunks"],
                  sample_source: str = _D["sample_source"], error_budget: float = _D["error_budget"],
                  refit_threshold: float = _D["refit_threshold"], linear_weights: bool = _D["linear_weights"],
-                 basis_sync: str = _D["basis_sync"], model: Optional[torch.nn.Module] = None):
+                 basis_sync: str = _D["basis_sync"], fit_delay_iters: int = _D["fit_delay_iters"], model: Optional[torch.nn.Module] = None):
         for name, value in (("sample_quantizer", sample_quantizer), ("fit_on", fit_on),
                             ("slice_layout", slice_layout), ("sample_source", sample_source),
                             ("basis_sync", basis_sync)):
@@ -587,7 +595,7 @@ class GradiVeQState(_HookState):
         for name, value in (("warmup_iters", warmup_iters), ("sample_iters", sample_iters),
                             ("compress_iters", compress_iters), ("min_numel", min_numel),
                             ("max_components", max_components), ("seed", seed),
-                            ("pipeline_chunks", pipeline_chunks)):
+                            ("pipeline_chunks", pipeline_chunks), ("fit_delay_iters", fit_delay_iters)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"GradiVeQState: argument '{name}' must be an int, got {value!r}")
         if seed < 0:

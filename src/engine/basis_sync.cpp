@@ -2,12 +2,18 @@
 
 #include <Eigen/Dense>
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <numeric>
 #include <sstream>
 #include <stdexcept>
 #include <string>
+
+#ifdef __linux__
+#include <pthread.h>
+#include <sched.h>
+#endif
 
 #include "gradiveq/errors.h"
 #include "util/hash_mix.h"
@@ -85,35 +91,29 @@ double subspace_movement(const PcaCompressor& current, const PcaCompressor& fres
   return 1.0 - overlap.squaredNorm() / double(fresh.num_components());
 }
 
-constexpr int64_t kAllLayers = -1;  // fit_layers' rank that stands for every rank (replicated fits)
-
-// The fits of the layers `rank` fits (every layer when `rank` is kAllLayers): serialized images, why a fit
-// was skipped, or that the current basis stays (`kept`).
-void fit_layers(const std::vector<EngineLayer*>& fittable, const GradiVeQOptions& options, int64_t rank,
-                std::vector<at::Tensor>& images, std::vector<std::string>& failures,
-                std::vector<char>& kept) {
-  for (size_t j = 0; j < fittable.size(); ++j) {
-    EngineLayer* l = fittable[j];
-    if (rank != kAllLayers && l->fit_owner != rank) continue;
-    if (l->sample_rows() < 2) {
-      failures[j] = "skipped: fewer than 2 finite samples in the window";
-      continue;
+// The fit of one window's layer: its image, or why it was skipped, or that its current basis stays.
+void fit_layer(const FitWindow::Layer& l, const GradiVeQOptions& options, at::Tensor& image,
+               std::string& failure, char& kept) {
+  int64_t rows = 0;
+  for (const auto& s : l.samples) rows += s.size(0);
+  if (rows < 2) {
+    failure = "skipped: fewer than 2 finite samples in the window";
+    return;
+  }
+  try {
+    const at::Tensor samples = at::cat(l.samples);
+    // Rounded to basis_dtype before the broadcast: every rank then stores exactly the same basis.
+    PcaCompressor pca = (options.error_budget > 0 ? fit_within_budget(samples, options)
+                                                  : PcaCompressor::fit(samples, options.fit))
+                            .with_basis_dtype(options.basis_dtype);
+    if (options.refit_threshold > 0 && l.current.is_fitted() &&
+        subspace_movement(l.current, pca) <= options.refit_threshold) {
+      kept = 1;
+      return;
     }
-    try {
-      const at::Tensor samples = at::cat(l->samples);
-      // Rounded to basis_dtype before the broadcast: every rank then stores exactly the same basis.
-      PcaCompressor pca = (options.error_budget > 0 ? fit_within_budget(samples, options)
-                                                    : PcaCompressor::fit(samples, options.fit))
-                              .with_basis_dtype(options.basis_dtype);
-      if (options.refit_threshold > 0 && l->pca.is_fitted() &&
-          subspace_movement(l->pca, pca) <= options.refit_threshold) {
-        kept[j] = 1;
-        continue;
-      }
-      images[j] = pca.serialize();
-    } catch (const InvalidArgument& e) {
-      failures[j] = std::string("skipped: ") + e.what();
-    }
+    image = pca.serialize();
+  } catch (const InvalidArgument& e) {
+    failure = std::string("skipped: ") + e.what();
   }
 }
 
@@ -186,20 +186,37 @@ void install_bases(const std::vector<EngineLayer*>& fittable, const std::vector<
 
 }  // namespace
 
-int64_t fit_and_broadcast(c10d::ProcessGroup& pg, const std::vector<std::unique_ptr<EngineLayer>>& layers,
-                          const GradiVeQOptions& options, std::mutex& mutex) {
+FitWindow snapshot_window(const std::vector<std::unique_ptr<EngineLayer>>& layers) {
+  FitWindow window;
+  for (const auto& l : layers) {
+    if (l->compressible) window.layers.push_back({l->samples, l->pca, l->fit_owner});
+  }
+  return window;
+}
+
+FitResults fit_window(const FitWindow& window, const GradiVeQOptions& options, int64_t rank) {
+  const size_t n = window.layers.size();
+  FitResults out{std::vector<at::Tensor>(n), std::vector<std::string>(n), std::vector<char>(n, 0)};
+  const bool all = options.effective_basis_sync() == BasisSync::kReplicated;
+  for (size_t j = 0; j < n; ++j) {
+    if (!all && window.layers[j].owner != rank) continue;
+    fit_layer(window.layers[j], options, out.images[j], out.failures[j], out.kept[j]);
+  }
+  return out;
+}
+
+int64_t share_and_install(c10d::ProcessGroup& pg, const std::vector<std::unique_ptr<EngineLayer>>& layers,
+                          const FitResults& results, const GradiVeQOptions& options, std::mutex& mutex) {
   const int64_t rank = pg.getRank(), world_size = pg.getSize();
   std::vector<EngineLayer*> fittable;
   for (const auto& l : layers) {
     if (l->compressible) fittable.push_back(l.get());
   }
-  std::vector<at::Tensor> images(fittable.size());
-  std::vector<std::string> failures(fittable.size());
-  std::vector<char> kept(fittable.size(), 0);
+  GVQ_ASSERT(results.images.size() == fittable.size(), "fit results of another set of layers");
+  const auto& [images, failures, kept] = results;
   if (options.effective_basis_sync() == BasisSync::kReplicated) {
-    // Every rank fits every layer from the same samples: it installs its own images, exactly as it would
+    // Every rank fitted every layer from the same samples: it installs its own images, exactly as it would
     // have installed the broadcast ones, and nothing travels.
-    fit_layers(fittable, options, kAllLayers, images, failures, kept);
     std::vector<size_t> all(fittable.size());
     std::iota(all.begin(), all.end(), size_t(0));
     auto [sizes, payload] = image_table(all, images, kept);
@@ -208,7 +225,6 @@ int64_t fit_and_broadcast(c10d::ProcessGroup& pg, const std::vector<std::unique_
     for (const auto& l : layers) l->clear_samples();
     return 0;
   }
-  fit_layers(fittable, options, rank, images, failures, kept);
   const at::TensorOptions comm = at::TensorOptions().device(layers.front()->device);
   int64_t sent = 0;
   for (int64_t r = 0; r < world_size; ++r) {
@@ -223,6 +239,53 @@ int64_t fit_and_broadcast(c10d::ProcessGroup& pg, const std::vector<std::unique_
   std::lock_guard<std::mutex> lock(mutex);
   for (const auto& l : layers) l->clear_samples();
   return sent;
+}
+
+int64_t fit_and_broadcast(c10d::ProcessGroup& pg, const std::vector<std::unique_ptr<EngineLayer>>& layers,
+                          const GradiVeQOptions& options, std::mutex& mutex) {
+  FitWindow window;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    window = snapshot_window(layers);
+  }
+  return share_and_install(pg, layers, fit_window(window, options, pg.getRank()), options, mutex);
+}
+
+namespace {
+
+// Lowers the calling thread to SCHED_IDLE: it then runs only on a core nothing else wants, so a worker's fit
+// takes no time from the steps (the training thread, torch's intra-op threads, the other ranks). Best effort:
+// where the policy is refused the worker runs at normal priority.
+void lower_to_idle_priority() {
+#ifdef __linux__
+  sched_param param{};
+  param.sched_priority = 0;
+  pthread_setschedparam(pthread_self(), SCHED_IDLE, &param);
+#endif
+}
+
+}  // namespace
+
+DeferredFit::DeferredFit(FitWindow window, const GradiVeQOptions& options, int64_t rank, int64_t install_at)
+    : install_at_(install_at) {
+  results_ = std::async(std::launch::async, [window = std::move(window), options, rank] {
+    lower_to_idle_priority();
+    c10::NoGradGuard no_grad;
+    const auto start = std::chrono::steady_clock::now();
+    FitResults results = fit_window(window, options, rank);
+    const std::chrono::duration<double, std::milli> took = std::chrono::steady_clock::now() - start;
+    return std::make_pair(std::move(results), took.count());
+  });
+}
+
+DeferredFit::~DeferredFit() {
+  if (results_.valid()) results_.wait();
+}
+
+FitResults DeferredFit::wait() {
+  auto [results, ms] = results_.get();
+  worker_ms_ = ms;
+  return std::move(results);
 }
 
 uint64_t configuration_code(const std::vector<std::unique_ptr<EngineLayer>>& layers,
@@ -241,6 +304,7 @@ uint64_t configuration_code(const std::vector<std::unique_ptr<EngineLayer>>& lay
   h = mix(h, uint64_t(options.effective_basis_sync()));
   h = mix(mix(h, double_bits(options.error_budget)), double_bits(options.refit_threshold));
   h = mix(h, uint64_t(options.policy.linear_weights));
+  if (options.fit_delay_iters != 0) h = mix(h, uint64_t(options.fit_delay_iters));
   return mix(h, double_bits(options.restart_error_growth));
 }
 

@@ -9,6 +9,10 @@
 // run in Eigen, single-threaded, so they come out bit-identical, and the verification below checks that
 // they did.
 //
+// Deferred fits (fit_delay_iters): the window's samples and current bases are copied out (FitWindow) and
+// fitted on a worker thread while the steps go on; the results are shared and installed as above, at the
+// start of a step every rank reaches at the same iteration. The worker reads nothing the steps write.
+//
 // Verification (verify_bases): a 64-bit code of the iteration, the schedule, the energy, the adaptive
 // window's shift, the configuration (layer policy, wire dtypes: configuration_code) and all bases rides in
 // the first bucket's all-reduce of every step, cut into chunks small enough that N of them sum exactly in
@@ -20,9 +24,12 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <future>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#include <utility>
 #include <vector>
 
 #include "engine/engine_layer.h"
@@ -34,12 +41,65 @@ namespace gradiveq::detail {
 /// The rank that fits compressible layer number `fittable_index` (in registration order).
 inline int64_t fitting_rank(int64_t fittable_index, int64_t world_size) { return fittable_index % world_size; }
 
-/// Fits the layers this rank owns and broadcasts every fitted basis from its owner (replicated: fits every
-/// layer and broadcasts nothing); every layer's basis,
-/// checksum and fit stats are updated (under `mutex`) and the window's samples dropped. Returns the bytes
-/// this rank broadcast as a root (size tables and images).
+/// One window's samples and current bases, copied out of the compressible layers (tensor handles: a settled
+/// sample is never written again, and a basis is replaced, never changed in place), so that a fit can run
+/// on another thread while the steps go on with the layers.
+struct FitWindow {
+  struct Layer {
+    std::vector<at::Tensor> samples;  ///< (rows, K) float32 CPU blocks, finite
+    PcaCompressor current;            ///< the layer's basis when the window ended (refit_threshold compares)
+    int64_t owner = -1;               ///< its fitting rank
+  };
+  std::vector<Layer> layers;  ///< the compressible layers, in registration order
+};
+
+/// What a window's fits decided, per compressible layer: the serialized image of a new basis, why a fit was
+/// skipped, or that the current basis stays (`kept`).
+struct FitResults {
+  std::vector<at::Tensor> images;
+  std::vector<std::string> failures;
+  std::vector<char> kept;
+};
+
+/// The window of `layers` (samples settled; the caller holds the stats mutex).
+FitWindow snapshot_window(const std::vector<std::unique_ptr<EngineLayer>>& layers);
+
+/// Fits the layers `rank` owns (with basis_sync = replicated: every layer). Touches no layer, so it may run
+/// on any thread; the fits are Eigen, single-threaded, so the result does not depend on which.
+FitResults fit_window(const FitWindow& window, const GradiVeQOptions& options, int64_t rank);
+
+/// Broadcasts every fitted basis from its owner (replicated: nothing travels, each rank installs its own
+/// images), then installs them: every layer's basis, checksum and fit stats are updated (under `mutex`) and
+/// the window's samples dropped. Returns the bytes this rank broadcast as a root (size tables and images).
+int64_t share_and_install(c10d::ProcessGroup& pg, const std::vector<std::unique_ptr<EngineLayer>>& layers,
+                          const FitResults& results, const GradiVeQOptions& options, std::mutex& mutex);
+
+/// The window's fits at once, on this thread: fit_window, then share_and_install.
 int64_t fit_and_broadcast(c10d::ProcessGroup& pg, const std::vector<std::unique_ptr<EngineLayer>>& layers,
                           const GradiVeQOptions& options, std::mutex& mutex);
+
+/// A window's fits on a worker thread of idle priority (GradiVeQOptions::fit_delay_iters): the steps go on
+/// with the current bases while it runs, in the time the rank would otherwise idle (waiting for its
+/// collectives), and every rank installs the results at the start of the same iteration, install_at(), so
+/// the ranks stay bit-identical however long each took. wait() blocks only if the fits are not done by then.
+class DeferredFit {
+ public:
+  DeferredFit(FitWindow window, const GradiVeQOptions& options, int64_t rank, int64_t install_at);
+  ~DeferredFit();  // waits for the worker
+  DeferredFit(const DeferredFit&) = delete;
+  DeferredFit& operator=(const DeferredFit&) = delete;
+
+  int64_t install_at() const { return install_at_; }
+  /// The results (rethrows what the worker raised); call once.
+  FitResults wait();
+  /// Milliseconds the worker spent fitting (wall clock, at idle priority), once wait() returned.
+  double worker_ms() const { return worker_ms_; }
+
+ private:
+  int64_t install_at_;
+  double worker_ms_ = 0.0;
+  std::future<std::pair<FitResults, double>> results_;
+};
 
 /// A code of everything that decides the shape of a step's collectives and must match on every rank: each
 /// layer's name, shape, policy verdict and slice length, the wire and basis dtypes, the sampling quantizer,

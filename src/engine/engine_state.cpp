@@ -11,7 +11,7 @@ namespace {
 
 constexpr const char* kWhere = "Aggregator.load_state";
 constexpr char kStateMagic[4] = {'G', 'V', 'Q', 'S'};
-constexpr uint32_t kStateVersion = 5;
+constexpr uint32_t kStateVersion = 6;  // 6: fit_install_at
 constexpr size_t kStateChecksumBytes = 8;
 
 void write_layer(ByteWriter& w, const EngineLayer& l) {
@@ -64,6 +64,9 @@ EngineCounters read_counters(ByteReader& in, int64_t world_size, size_t num_laye
                 " but this process group has ", world_size, " ranks");
   c.iteration = in.get<int64_t>();
   c.pending_fit = in.get<uint8_t>() != 0;
+  c.fit_install_at = in.get<int64_t>();
+  GVQ_CHECK_ARG(c.fit_install_at >= -1 && (c.fit_install_at == -1 || c.pending_fit), kWhere, "state",
+                "is corrupted: a deferred fit's install step ", c.fit_install_at, " without a pending fit");
   GVQ_CHECK_ARG(c.iteration >= 0, kWhere, "state", "holds a negative iteration ", c.iteration);
   c.schedule_shift = in.get<int64_t>();
   c.window_restarts = in.get<int64_t>();
@@ -147,6 +150,7 @@ at::Tensor write_state_image(const EngineCounters& c,
   w.put<int64_t>(c.world_size);
   w.put<int64_t>(c.iteration);
   w.put<uint8_t>(c.pending_fit ? 1 : 0);
+  w.put<int64_t>(c.fit_install_at);
   w.put<int64_t>(c.schedule_shift);
   w.put<int64_t>(c.window_restarts);
   w.put<uint8_t>(c.pending_vote ? 1 : 0);

@@ -29,6 +29,8 @@ struct EngineCounters {
   int64_t schedule_shift = 0;
   int64_t window_restarts = 0;
   bool pending_vote = false;
+  /// A deferred fit (fit_delay_iters) in flight: the step that installs it, else -1.
+  int64_t fit_install_at = -1;
 };
 
 /// One layer's part of a read image.

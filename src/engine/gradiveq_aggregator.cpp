@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <unordered_set>
+#include <utility>
 
 #include "engine/adaptive_window.h"
 #include "engine/basis_sync.h"
@@ -48,6 +49,10 @@ void GradiVeQOptions::validate() const {
   GVQ_CHECK_ARG(!error_feedback || refit_threshold < 1.0, kWhere, "error_feedback",
                 "cannot work with refit_threshold = 1 (the first basis is kept for good, so the residual, "
                 "orthogonal to it, would never be sent); lower refit_threshold or turn error_feedback off");
+  GVQ_CHECK_ARG(fit_delay_iters >= 0, kWhere, "fit_delay_iters", "must be >= 0, got ", fit_delay_iters);
+  GVQ_CHECK_ARG(fit_delay_iters == 0 || fit_delay_iters < schedule.compress_iters, kWhere, "fit_delay_iters",
+                "must be smaller than compress_iters (", schedule.compress_iters, ") so that the bases are ",
+                "installed within the compressed window, got ", fit_delay_iters);
   GVQ_CHECK_ARG(!error_feedback || schedule.compress_iters > 0, kWhere, "error_feedback",
                 "does nothing with compress_iters = 0 (nothing is ever compressed, so nothing is lost)");
   // Replicated fits need the same samples on every rank, and the check that would catch a rank whose fit
@@ -189,9 +194,22 @@ void GradiVeQAggregator::begin_iteration() {
                     : "all-reduce (uncompressed)");
   steps_->set_window_restarts(window_->restarts());
   if (!warning_.empty()) steps_->set_warning(warning_);
-  if (!pending_fit_) return;
+  if (pending_fit_) start_window_fits();
+  // A deferred fit lands at its step, or before a new window samples (an adaptive-window restart), so that a
+  // window's samples never mix with the next one's.
+  if (deferred_fit_ &&
+      (iteration_ >= deferred_fit_->install_at() || phase_at(iteration_) != Phase::kCompressed)) {
+    install_deferred_fit();
+  }
+}
+
+void GradiVeQAggregator::start_window_fits() {
   pending_fit_ = false;
-  if (options_.schedule.compress_iters > 0) {
+  const int64_t restored_install_at = std::exchange(restored_install_at_, -1);
+  if (options_.schedule.compress_iters > 0 && options_.fit_delay_iters > 0) {
+    start_deferred_fit(restored_install_at >= 0 ? restored_install_at
+                                                : iteration_ + options_.fit_delay_iters);
+  } else if (options_.schedule.compress_iters > 0) {
     refit_and_broadcast();
   } else {
     std::lock_guard<std::mutex> lock(stats_mutex_);
@@ -207,6 +225,27 @@ void GradiVeQAggregator::refit_and_broadcast() {
   settle_samples();
   const int64_t broadcast = detail::fit_and_broadcast(*pg_, layers_, options_, stats_mutex_);
   steps_->add_fit(ms_since(start), broadcast);
+  update_bases_checksum();
+}
+
+void GradiVeQAggregator::start_deferred_fit(int64_t install_at) {
+  if (deferred_fit_) install_deferred_fit();  // not reached by the schedule; keeps windows apart regardless
+  settle_samples();
+  detail::FitWindow window;
+  {
+    std::lock_guard<std::mutex> lock(stats_mutex_);
+    window = detail::snapshot_window(layers_);  // the layers keep their samples until the install
+  }
+  deferred_fit_ = std::make_unique<detail::DeferredFit>(std::move(window), options_, rank_, install_at);
+}
+
+void GradiVeQAggregator::install_deferred_fit() {
+  const auto start = Clock::now();
+  std::unique_ptr<detail::DeferredFit> fit = std::move(deferred_fit_);
+  const detail::FitResults results = fit->wait();
+  const int64_t broadcast = detail::share_and_install(*pg_, layers_, results, options_, stats_mutex_);
+  steps_->add_fit(ms_since(start), broadcast);
+  steps_->add_background_fit(fit->worker_ms());
   update_bases_checksum();
 }
 
@@ -468,18 +507,23 @@ at::Tensor GradiVeQAggregator::save_state() const {
   settle_samples();
   std::lock_guard<std::mutex> lock(stats_mutex_);
   // The last step's restart vote has completed by the time a step boundary is saved.
-  const detail::EngineCounters counters{world_size_,      iteration_,          pending_fit_,
-                                        window_->shift(), window_->restarts(), window_->pending_vote()};
+  // A fit in flight is saved as its window (the layers keep their samples until the install) and its install
+  // step: a loaded state fits the same samples again and installs them at the same step.
+  detail::EngineCounters counters{world_size_,      iteration_,          pending_fit_ || deferred_fit_,
+                                  window_->shift(), window_->restarts(), window_->pending_vote()};
+  counters.fit_install_at = deferred_fit_ ? deferred_fit_->install_at() : restored_install_at_;
   return detail::write_state_image(counters, layers_);
 }
 
 void GradiVeQAggregator::load_state(const at::Tensor& image) {
   detail::LoadedState loaded = detail::read_state_image(image, world_size_, layers_, options_.basis_dtype);
-  // Everything parsed and checked: commit.
+  // Everything parsed and checked: commit (a fit in flight is dropped: the image has its own window, if any).
+  deferred_fit_.reset();
   std::lock_guard<std::mutex> lock(stats_mutex_);
   const auto& c = loaded.counters;
   iteration_ = c.iteration;
   pending_fit_ = c.pending_fit;
+  restored_install_at_ = c.fit_install_at;
   window_->restore(c.schedule_shift, c.window_restarts, c.pending_vote);
   unchecked_.reset();  // the loaded state is checked from the next step on
   for (size_t i = 0; i < layers_.size(); ++i) {

@@ -44,6 +44,10 @@ class StepRecorder {
     current_.fit_ms += ms;
     current_.bytes_bases += bytes_broadcast;
   }
+  void add_background_fit(double ms) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    current_.fit_background_ms += ms;
+  }
   /// A bucket's collectives (or one pipelining group's: new_bucket false for all groups but the first) went out.
   void issued(int64_t collectives, int64_t payload, int64_t wire, int64_t uncompressed, double compress_ms,
               bool is_last, bool new_bucket = true) {

@@ -92,7 +92,7 @@ def test_python_defaults_and_paper_options_are_read_from_the_cpp_structs():
     # Every C++ option is a keyword of GradiVeQState, and nothing else is an option.
     signature = inspect.signature(gradiveq.GradiVeQState).parameters
     assert set(st.OPTION_NAMES) == set(signature) - {"process_group", "model"}
-    assert "min_ratio" in st.OPTION_NAMES and "error_feedback" in st.OPTION_NAMES and len(st.OPTION_NAMES) == 26
+    assert "min_ratio" in st.OPTION_NAMES and "fit_delay_iters" in st.OPTION_NAMES and len(st.OPTION_NAMES) == 27
     for name in st.OPTION_NAMES:
         value = getattr(cpp_defaults, name)
         value = value.name if name in st._ENUM_OPTIONS else value

@@ -280,6 +280,23 @@ def test_replicated_fits_train_bit_for_bit_like_broadcast_ones_without_basis_byt
             assert torch.equal(replicated[r]["params"][n], p), (r, n)
 
 
+def test_deferred_fits_keep_ranks_identical_and_resume_bit_for_bit_on_real_ddp(tmp_path):
+    # fit_delay_iters=2: each window's fits run on a worker while 2 compressed steps go on with the old bases
+    # (the first window's with none: uncompressed), and land at steps 7 and 14 on both ranks alike.
+    state = dict(SHORT, energy=0.95, fit_delay_iters=2)
+    full = no_errors(run_ranks(train, 2, dict(hook="cpp", state=state, steps=16, keep_grads=False)))
+    steps = full[0]["step_stats"]
+    assert steps[5]["bytes_payload"] > steps[7]["bytes_payload"], (steps[5], steps[7])  # no basis at 5, 6
+    assert [i for i, s in enumerate(steps) if s["fit_background_ms"] > 0] == [7, 14]
+    for r in range(2):
+        assert full[r]["stats"]["options"]["fit_delay_iters"] == 2
+        assert full[r]["stats"]["layers"]["conv2.weight"]["fits"] == 2
+        for n, p in full[0]["params"].items():
+            assert torch.equal(full[r]["params"][n], p), (r, n)
+    for k in (5, 6):  # the window just ended (fit pending); the worker's fit in flight
+        expect_resume_matches(full, state, k, tmp_path)
+
+
 FOLLOW = dict(SHORT, energy=0.9, sample_source="local", error_feedback=True, linear_weights=True)
 
 
@@ -416,6 +433,9 @@ def test_non_finite_gradients_stay_non_finite_and_grad_scaler_skips():
     (dict(basis_dtype=torch.int8), ["basis_dtype"]),
     (dict(uncompressed_dtype=torch.float64), ["uncompressed_dtype"]),
     (dict(pipeline_chunks=0), ["pipeline_chunks", ">= 1"]),
+    (dict(fit_delay_iters=-1), ["fit_delay_iters", ">= 0"]),
+    (dict(compress_iters=4, fit_delay_iters=4), ["fit_delay_iters", "compress_iters"]),
+    (dict(fit_delay_iters=1.5), ["fit_delay_iters", "int"]),
     (dict(error_feedback=True, refit_threshold=1.0), ["error_feedback", "refit_threshold"]),
     (dict(error_feedback=True, compress_iters=0), ["error_feedback", "compress_iters"]),
     (dict(error_feedback=1), ["error_feedback", "True or False"]),
