@@ -7,6 +7,9 @@
 //
 // Rank 0 hosts the TCPStore; the others connect to it. A store that cannot be reached raises within the
 // timeout (never hangs). A FileStore (a fresh path shared by all ranks) works without any port.
+//
+// Both functions set SIGPIPE to "ignore" when it still has its default action (as Python does at start-up):
+// otherwise a peer's death kills this rank by SIGPIPE on its next write, where it should raise an error.
 #pragma once
 
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>

@@ -9,6 +9,7 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
+#include <csignal>
 #include <stdexcept>
 
 #include "gradiveq/errors.h"
@@ -20,6 +21,18 @@ void check_rank(int rank, int world_size, const char* where) {
   GVQ_CHECK_ARG(world_size >= 1, where, "world_size", "must be >= 1, got ", world_size);
   GVQ_CHECK_ARG(rank >= 0 && rank < world_size, where, "rank", "must lie in [0, ", world_size, "), got ", rank);
 }
+
+// Gloo's TCP pairs and the TCPStore client write to sockets without MSG_NOSIGNAL. When a peer dies, the next
+// write to it raises SIGPIPE, whose default action kills this rank silently instead of letting the write fail
+// and the collective raise "connection closed by peer". Python ignores SIGPIPE at start-up; a C++ program
+// usually has not, so a C++ rank would die where a Python one raises. A handler the program installed itself
+// is left alone.
+void ignore_sigpipe_unless_handled() {
+  struct sigaction current {};
+  if (sigaction(SIGPIPE, nullptr, &current) == 0 && current.sa_handler == SIG_DFL) {
+    std::signal(SIGPIPE, SIG_IGN);
+  }
+}
 }  // namespace
 
 c10::intrusive_ptr<c10d::Store> connect_store(const StoreAddress& address, int rank, int world_size,
@@ -27,6 +40,7 @@ c10::intrusive_ptr<c10d::Store> connect_store(const StoreAddress& address, int r
   constexpr const char* kWhere = "connect_store";
   check_rank(rank, world_size, kWhere);
   GVQ_CHECK_ARG(timeout.count() > 0, kWhere, "timeout", "must be positive, got ", timeout.count(), " ms");
+  ignore_sigpipe_unless_handled();
   if (!address.file.empty()) {
     return c10::make_intrusive<c10d::FileStore>(address.file, world_size);
   }
@@ -54,6 +68,7 @@ c10::intrusive_ptr<c10d::ProcessGroup> make_gloo_process_group(const c10::intrus
   constexpr const char* kWhere = "make_gloo_process_group";
   check_rank(rank, world_size, kWhere);
   GVQ_CHECK_ARG(store, kWhere, "store", "is null");
+  ignore_sigpipe_unless_handled();
   auto options = c10d::ProcessGroupGloo::Options::create(timeout);
   options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(interface_host));
   auto prefixed = c10::make_intrusive<c10d::PrefixStore>("gradiveq/gloo", store);

@@ -5,10 +5,14 @@
 #include <chrono>
 #include <cstdio>
 #include <functional>
+#include <csignal>
 #include <cstring>
 #include <mutex>
 #include <random>
 #include <thread>
+
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include "gradiveq/casq.h"
 #include "gradiveq/co3.h"
@@ -364,6 +368,47 @@ TEST(ProcessGroup, UnreachableStoreFailsWithinTheTimeout) {
     EXPECT_NE(msg.find("could not reach the TCPStore at 127.0.0.1:9"), std::string::npos) << msg;
   }
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(30));
+}
+
+// A rank whose peer died must raise, not die: gloo writes without MSG_NOSIGNAL, and the C++ example's 8-rank
+// kill drill once lost a second rank to SIGPIPE. The check runs in a re-executed child ("threadsafe" death
+// test), whose SIGPIPE starts at its default action as in a fresh C++ program.
+TEST(ProcessGroup, ConnectingIgnoresSigpipeSoAWriteToADeadPeerFails) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  const std::string store_file = ::testing::TempDir() + "gradiveq_sigpipe_store";
+  std::remove(store_file.c_str());
+  EXPECT_EXIT(
+      {
+        std::signal(SIGPIPE, SIG_DFL);
+        StoreAddress address;
+        address.file = store_file;
+        auto store = connect_store(address, 0, 1);
+        int fds[2];
+        if (socketpair(AF_UNIX, SOCK_STREAM, 0, fds) != 0) std::_Exit(2);
+        close(fds[1]);  // the "peer" is gone
+        const char byte = 0;
+        const bool failed_with_epipe = write(fds[0], &byte, 1) < 0 && errno == EPIPE;
+        std::_Exit(failed_with_epipe ? 0 : 3);
+      },
+      ::testing::ExitedWithCode(0), "");
+  std::remove(store_file.c_str());
+}
+
+TEST(ProcessGroup, ConnectingKeepsAHandlerTheProgramInstalled) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  const std::string store_file = ::testing::TempDir() + "gradiveq_sigpipe_handler_store";
+  std::remove(store_file.c_str());
+  EXPECT_EXIT(
+      {
+        std::signal(SIGPIPE, [](int) { std::_Exit(7); });
+        StoreAddress address;
+        address.file = store_file;
+        auto store = connect_store(address, 0, 1);
+        std::raise(SIGPIPE);
+        std::_Exit(0);
+      },
+      ::testing::ExitedWithCode(7), "");
+  std::remove(store_file.c_str());
 }
 
 }  // namespace
