@@ -41,6 +41,12 @@ class AdaptiveWindow {
   /// Whether the last completed step voted to restart (read at a step boundary: its collective has
   /// completed).
   bool pending_vote() const;
+  /// New bases took over mid-window (a deferred fit's install): the error baseline, measured on the old
+  /// bases, no longer says what the new ones should reach, so the next compressed steps set it again.
+  void reset_baseline() {
+    baseline_ = at::Tensor();
+    baseline_steps_ = 0;
+  }
   /// Restores the checkpointed fields; the error baseline is per rank and set again by the next steps.
   void restore(int64_t shift, int64_t restarts, bool pending_vote);
 

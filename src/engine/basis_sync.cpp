@@ -251,27 +251,55 @@ int64_t fit_and_broadcast(c10d::ProcessGroup& pg, const std::vector<std::unique_
   return share_and_install(pg, layers, fit_window(window, options, pg.getRank()), options, mutex);
 }
 
-namespace {
-
-// Lowers the calling thread to SCHED_IDLE: it then runs only on a core nothing else wants, so a worker's fit
-// takes no time from the steps (the training thread, torch's intra-op threads, the other ranks). Best effort:
-// where the policy is refused the worker runs at normal priority.
-void lower_to_idle_priority() {
+// Idle priority (SCHED_IDLE): the worker then runs only on a core nothing else wants, so a fit takes no time
+// from the steps (the training thread, torch's intra-op threads, the other ranks). Best effort: where the
+// policy is refused the worker runs at normal priority.
+struct DeferredFit::Priority {
+  std::mutex mutex;
+  bool urgent = false;   // a step waits for the fit: normal priority from now on
+  bool running = false;  // the worker thread exists and `worker` names it
 #ifdef __linux__
-  sched_param param{};
-  param.sched_priority = 0;
-  pthread_setschedparam(pthread_self(), SCHED_IDLE, &param);
+  pthread_t worker{};
 #endif
-}
 
-}  // namespace
+  void worker_started() {
+    std::lock_guard<std::mutex> lock(mutex);
+#ifdef __linux__
+    worker = pthread_self();
+    if (!urgent) set(SCHED_IDLE);
+#endif
+    running = true;
+  }
+  void worker_finished() {
+    std::lock_guard<std::mutex> lock(mutex);
+    running = false;
+  }
+  void raise() {
+    std::lock_guard<std::mutex> lock(mutex);
+    urgent = true;
+    if (running) set(SCHED_OTHER);
+  }
+
+ private:
+  void set([[maybe_unused]] int policy) {
+#ifdef __linux__
+    sched_param param{};
+    param.sched_priority = 0;
+    pthread_setschedparam(worker, policy, &param);
+#endif
+  }
+};
 
 DeferredFit::DeferredFit(FitWindow window, const GradiVeQOptions& options, int64_t rank, int64_t install_at)
-    : install_at_(install_at) {
-  results_ = std::async(std::launch::async, [window = std::move(window), options, rank] {
-    lower_to_idle_priority();
+    : install_at_(install_at), priority_(std::make_shared<Priority>()) {
+  results_ = std::async(std::launch::async, [window = std::move(window), options, rank, p = priority_] {
+    p->worker_started();
     c10::NoGradGuard no_grad;
     const auto start = std::chrono::steady_clock::now();
+    struct Finished {
+      Priority& p;
+      ~Finished() { p.worker_finished(); }
+    } finished{*p};
     FitResults results = fit_window(window, options, rank);
     const std::chrono::duration<double, std::milli> took = std::chrono::steady_clock::now() - start;
     return std::make_pair(std::move(results), took.count());
@@ -279,10 +307,14 @@ DeferredFit::DeferredFit(FitWindow window, const GradiVeQOptions& options, int64
 }
 
 DeferredFit::~DeferredFit() {
-  if (results_.valid()) results_.wait();
+  if (results_.valid()) {
+    priority_->raise();
+    results_.wait();
+  }
 }
 
 FitResults DeferredFit::wait() {
+  priority_->raise();
   auto [results, ms] = results_.get();
   worker_ms_ = ms;
   return std::move(results);

@@ -96,8 +96,14 @@ class DeferredFit {
   double worker_ms() const { return worker_ms_; }
 
  private:
+  // The worker's priority, shared with it: once a step waits for the fit (wait(), the destructor), the worker
+  // must not stay at idle priority, or busy cores (other ranks, spinning threads) could starve it and stall
+  // that step for longer than a synchronous fit would.
+  struct Priority;
+
   int64_t install_at_;
   double worker_ms_ = 0.0;
+  std::shared_ptr<Priority> priority_;
   std::future<std::pair<FitResults, double>> results_;
 };
 

@@ -246,6 +246,7 @@ void GradiVeQAggregator::install_deferred_fit() {
   const int64_t broadcast = detail::share_and_install(*pg_, layers_, results, options_, stats_mutex_);
   steps_->add_fit(ms_since(start), broadcast);
   steps_->add_background_fit(fit->worker_ms());
+  window_->reset_baseline();
   update_bases_checksum();
 }
 

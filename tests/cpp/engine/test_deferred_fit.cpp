@@ -5,6 +5,7 @@
 
 #include "gradiveq/gradient_synchronizer.h"
 #include "gradiveq/gradiveq_aggregator.h"
+#include "engine/adaptive_window.h"
 #include "rank_threads.h"
 #include "resume_check.h"
 #include "test_helpers.h"
@@ -191,5 +192,27 @@ TEST(DeferredFit, RejectsADelayOutsideTheCompressedWindow) {
   o.validate();
 }
 
+
+// Installing deferred bases restarts the adaptive window's error baseline (GradiVeQAggregator::
+// install_deferred_fit calls reset_baseline): a baseline taken on the old bases would judge the new ones
+// against a stale scale. Here the old bases' error was 0.1; after the reset, 0.3 becomes the new scale and
+// votes no restart, where against the old baseline it would.
+TEST(DeferredFit, NewBasesStartANewErrorBaseline) {
+  const auto vote_after = [](bool reset) {
+    detail::AdaptiveWindow window(1.5);
+    at::Tensor slot = at::zeros({1});
+    const auto step = [&](double error, bool first) {
+      window.add_terms(at::scalar_tensor(error * error, at::kDouble), at::scalar_tensor(1.0, at::kDouble));
+      window.write_vote(slot, first);
+      window.begin_step(Schedule(), 0);  // clears the step's terms (no vote received: no restart)
+    };
+    for (int i = 0; i < 4; ++i) step(0.1, i == 0);
+    if (reset) window.reset_baseline();
+    step(0.3, false);
+    return slot.item<float>();
+  };
+  EXPECT_EQ(vote_after(false), 1.0f);
+  EXPECT_EQ(vote_after(true), 0.0f);
+}
 }  // namespace
 }  // namespace gradiveq
