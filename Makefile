@@ -2,6 +2,8 @@
 #   make test   set everything up (idempotent), build, run every C++ and Python test suite, and the C++ suite
 #               again under AddressSanitizer + UndefinedBehaviorSanitizer
 #   make demo   set everything up, build, run the demo
+#   make test-fast  the unit layer only (GoogleTest cases; no package/example runs, benchmark smoke, pytest or
+#               sanitizer pass): a few minutes once built
 # Other targets: make setup | build | build-sanitize | test-sanitize | bench | format | clean
 
 VENV      ?= .venv
@@ -14,7 +16,7 @@ CMAKE_ARGS ?=
 export CCACHE_BASEDIR := $(CURDIR)
 export CCACHE_NOHASHDIR := true
 
-.PHONY: all setup configure build build-sanitize install-python test test-sanitize demo bench format clean
+.PHONY: all setup configure build build-sanitize install-python test test-fast test-sanitize demo bench format clean
 
 all: build
 
@@ -37,6 +39,9 @@ install-python: build
 
 test: build build-sanitize install-python
 	@bash scripts/run_tests.sh $(BUILD_DIR) $(PYTHON) $(SANITIZE_DIR)
+
+test-fast: build
+	@GRADIVEQ_TEST_FAST=1 bash scripts/run_tests.sh $(BUILD_DIR) $(PYTHON)
 
 # A short run of the ResNet-32 benchmark: 2 ranks, synthetic data, every method, 50 Mbit/s when it can shape.
 demo: build

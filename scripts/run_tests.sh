@@ -2,6 +2,10 @@
 # Runs every suite (CTest: GoogleTest cases, the find_package consumer, benchmark smoke; pytest; and, given a
 # sanitizer build dir, the GoogleTest suite again under ASan + UBSan) and prints one closing line
 # "N passed, N failed" summed over all of them, from their JUnit XML reports.
+#
+# With GRADIVEQ_TEST_FAST=1 (make test-fast) only the unit layer runs: the GoogleTest cases under CTest. Left
+# out: the CTest cases labelled "package" (find_package consumer, the LibTorch example's training runs and
+# fault drills) and "bench" (benchmark smoke runs), every pytest suite, and the sanitizer pass.
 set -uo pipefail
 BUILD_DIR=${1:-build}
 PYTHON=${2:-.venv/bin/python}
@@ -10,10 +14,21 @@ cd "$(dirname "$0")/.."
 REPORTS=$BUILD_DIR/test-reports
 rm -rf "$REPORTS" && mkdir -p "$REPORTS"
 
-echo "=== C++ (ctest) ==="
-ctest --test-dir "$BUILD_DIR" --output-on-failure -j "$(nproc)" --timeout 900 \
+FAST=${GRADIVEQ_TEST_FAST:-0}
+ctest_filter=()
+[[ $FAST == 1 ]] && ctest_filter=(-LE 'package|bench')
+
+echo "=== C++ (ctest${ctest_filter[*]:+ ${ctest_filter[*]}}) ==="
+ctest --test-dir "$BUILD_DIR" --output-on-failure -j "$(nproc)" --timeout 900 "${ctest_filter[@]}" \
       --output-junit "$(pwd)/$REPORTS/ctest.xml"
 ctest_rc=$?
+
+if [[ $FAST == 1 ]]; then
+  "$PYTHON" scripts/summarize_junit.py "$REPORTS"/ctest.xml
+  summary_rc=$?
+  [[ $ctest_rc -eq 0 && $summary_rc -eq 0 ]] || exit 1
+  exit 0
+fi
 
 echo "=== Python (pytest) ==="
 # The installed package (make install-python), not the source tree: no PYTHONPATH.
