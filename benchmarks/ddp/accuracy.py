@@ -84,6 +84,14 @@ def evaluate(model, images, labels, batch=1000):
     return correct / len(labels)
 
 
+def evaluates_at(step, total, args) -> bool:
+    """Every --eval-every steps, every --fine-eval-every steps from --fine-eval-from on (where the target's
+    crossing is expected: finer evaluations there read it closely without paying for them all run long), and
+    after the last step."""
+    fine = args.fine_eval_every > 0 and step >= args.fine_eval_from and step % args.fine_eval_every == 0
+    return step % args.eval_every == 0 or fine or step == total
+
+
 def train_rank(rank, world, args, method, seed, out_path):
     torch.set_num_threads(args.threads)
     for spec in args.config:  # a spawned process starts from the module's own configurations
@@ -137,11 +145,14 @@ def train_rank(rank, world, args, method, seed, out_path):
                 for n, e in errs.items():
                     layer_errors.setdefault(n, []).append(e)
                 compressed_ratio = m.state.stats()["summary"].get("conv_ratio", compressed_ratio)
-            if rank == 0 and (step % args.eval_every == 0 or step == total):
+            if evaluates_at(step, total, args):
+                # Every rank evaluates (rank 0's result is kept), so no core idles meanwhile: an idle core would
+                # hand a deferred fit's idle-priority worker (fit_delay_iters) free time no training step gives.
                 eval_start = time.perf_counter()
                 acc = evaluate(model, test_x, test_y)
                 t0 += time.perf_counter() - eval_start  # evaluation time does not count as training time
-                evals.append(dict(step=step, wall=time.perf_counter() - t0, acc=acc))
+                if rank == 0:
+                    evals.append(dict(step=step, wall=time.perf_counter() - t0, acc=acc))
     wire_bytes = None
     if count_wire:
         dist.barrier()  # both ranks past the last step
@@ -312,7 +323,8 @@ def summarize(by, args, target):
             payload_kb_step_rank=statistics.mean(payload_kb(r) for r in rs),
             conv_ratio=statistics.median(ratio) if ratio else None,
             rel_error=statistics.mean(errs) if errs else None,
-            time_to_target_s=tta, steps=rs[0].get("steps") or len(rs[0]["rows"]))
+            time_to_target_s=tta, steps=rs[0].get("steps") or len(rs[0]["rows"]),
+            evals={r["seed"]: [[e["step"], e["acc"]] for e in r["evals"]] for r in rs})
     return out
 
 
@@ -379,12 +391,42 @@ def report(results, args):
               "Conv ratio: the conv layers' uncompressed bytes over the bytes they sent in the last compressed step "
               "(rank 0). Time to accuracy: training wall-clock seconds (evaluation excluded) per seed, '-' = not "
               "reached."]
+    lines += time_table(by, args, target)
     lines += layer_tables(by, args)
     meta = dict(model=args.model, epochs=args.epochs, batch=args.batch, seeds=args.seeds, schedule=list(args.schedule),
                 powersgd_start_iter=psgd, bandwidth_mbit=args.bandwidth_mbit, quick=args.quick, target=target,
                 target_source=target_source, wire_measured=measured, wire_note=args.wire_note, command=args.command,
                 torch=torch.__version__)
     return "\n".join(lines) + "\n", by, dict(meta=meta, methods=summary)
+
+
+def time_table(by, args, target):
+    """Where each method's training time went (rank 0, means over seeds): the step that first evaluated at or
+    above the target, the training wall clock, the step times, and the aggregation as the hooks measured it."""
+    fine = (f"; every {args.fine_eval_every} from step {args.fine_eval_from}" if args.fine_eval_every else "")
+    out = ["", f"#### Where the time went (rank 0, mean over seeds; evaluations every {args.eval_every} steps{fine} "
+               f"and after the last)", "",
+           "| method | first step at target | training s | median step s (p10-p90) | aggregating s | "
+           "codec s | fits waited s | fit worker s |", "|---|---|---|---|---|---|---|---|"]
+    for method in args.methods:
+        rs = by.get(method, [])
+        if not rs:
+            continue
+        crossing = ["-" if c is None else str(c) for c in
+                    (next((e["step"] for e in r["evals"] if e["acc"] >= target), None) for r in rs)]
+        steps = [b["wall"] - a["wall"] for r in rs for a, b in zip(r["rows"], r["rows"][1:])]
+        deciles = statistics.quantiles(steps, n=10) if len(steps) >= 10 else [float("nan")] * 9
+
+        def total(key):
+            return statistics.mean(sum(row.get(key, 0.0) for row in r["rows"]) for r in rs)
+        out.append(f"| {method} | {'/'.join(crossing)} | {statistics.mean(r['rows'][-1]['wall'] for r in rs):.0f} | "
+                   f"{statistics.median(steps):.3f} ({deciles[0]:.3f}-{deciles[-1]:.3f}) | {total('agg'):.1f} | "
+                   f"{total('codec'):.1f} | {total('fit'):.1f} | {total('fit_background'):.1f} |")
+    out += ["", "Aggregating: the hooks' time from a bucket's hand-over to its future's completion, summed over "
+                "steps (it overlaps the backward pass). Codec: GradiVeQ's compress + decompress time (torch's hooks: "
+                "'-' as 0). Fits waited: what steps waited for bases (a synchronous fit, or the rest of a deferred "
+                "one at its install). Fit worker: the deferred fits' worker time (idle priority, behind the steps)."]
+    return out
 
 
 def describe_config(options: dict) -> str:
@@ -487,6 +529,9 @@ def parse_args(argv):
                     help="GradiVeQ warm-up,sampling,compressed iterations (the library's 2500/100/200 scaled to the "
                          "run)")
     ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--fine-eval-every", type=int, default=0,
+                    help="also evaluate every this many steps from --fine-eval-from on (0: off)")
+    ap.add_argument("--fine-eval-from", type=int, default=0, help="first step of the finer evaluations")
     ap.add_argument("--target", type=float, default=None,
                     help="test accuracy for the time-to-accuracy column (default: plain's mean final accuracy minus "
                          "1 point when plain runs, else 0.80)")
@@ -520,6 +565,12 @@ def parse_args(argv):
     for m in args.methods + ([args.run_one[0]] if args.run_one else []):
         if not is_known(m):
             ap.error(f"argument --methods: unknown method {m!r}; choose from {known_methods()} or powersgdR")
+    if args.eval_every < 1:
+        ap.error(f"argument --eval-every must be >= 1, got {args.eval_every}")
+    if args.fine_eval_every < 0 or args.fine_eval_from < 0:
+        ap.error("arguments --fine-eval-every and --fine-eval-from must be >= 0")
+    if args.fine_eval_from and not args.fine_eval_every:
+        ap.error("argument --fine-eval-from needs --fine-eval-every > 0 (it does nothing alone)")
     if args.run_one and not args.run_out:
         ap.error("--run-one needs --run-out")
     try:

@@ -15,7 +15,8 @@ AS_ROOT = os.geteuid() == 0 and shutil.which("ip") is not None
 
 def test_accuracy_quick_run_reports_every_method(tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks/ddp/accuracy.py"), "--quick",
-           "--methods", ",".join(METHODS), "--out", str(tmp_path), "--tag", "quick"]
+           "--methods", ",".join(METHODS), "--out", str(tmp_path), "--tag", "quick",
+           "--fine-eval-every", "8", "--fine-eval-from", "100"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     md = (tmp_path / "quick.md").read_text()
@@ -57,3 +58,13 @@ def test_accuracy_quick_run_reports_every_method(tmp_path):
         assert all(c[5] == "-" for c in rows.values())
         assert "wire bytes NOT measured" in out.stdout and "wire bytes NOT measured" in md
     assert "QUICK" in md and (tmp_path / "quick.png").stat().st_size > 1000
+    # 128 steps: evaluations every 16 (--quick), every 8 from step 100, and after the last.
+    for method in METHODS:
+        assert [step for step, _ in data["methods"][method]["evals"]["0"]] == \
+            [16, 32, 48, 64, 80, 96, 104, 112, 120, 128], method
+    section = md.split("#### Where the time went")[1].split("####")[0]
+    time_rows = [line.split("|") for line in section.splitlines() if line.startswith("| ")][1:]  # after the header
+    assert {cells[1].strip() for cells in time_rows} == set(METHODS)
+    assert all(float(cells[3]) > 0 for cells in time_rows)  # training seconds
+    assert "every 8 from step 100" in md
+
