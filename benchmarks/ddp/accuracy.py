@@ -299,6 +299,11 @@ def time_target(by, args):
     return 0.80, "default; no plain run"
 
 
+def first_eval_at_target(run, target):
+    """The run's first evaluation at or above `target` (its step, wall clock and accuracy), or None."""
+    return next((e for e in run["evals"] if e["acc"] >= target), None)
+
+
 def summarize(by, args, target):
     """Per method: the numbers of the table and the JSON file."""
     plain = {r["seed"]: r["final_acc"] for r in by.get("plain", [])}
@@ -312,7 +317,7 @@ def summarize(by, args, target):
         wires = [w for w in (wire_kb(r) for r in rs) if w is not None]
         ratio = [r["conv_ratio"] for r in rs if r.get("conv_ratio")]
         errs = [r["rel_error"] for r in rs if r.get("rel_error") is not None]
-        tta = {r["seed"]: next((e["wall"] for e in r["evals"] if e["acc"] >= target), None) for r in rs}
+        tta = {r["seed"]: (first_eval_at_target(r, target) or {}).get("wall") for r in rs}
         out[method] = dict(
             mean_acc=statistics.mean(accs), min_acc=min(accs), max_acc=max(accs),
             seed_accs={r["seed"]: r["final_acc"] for r in rs},
@@ -412,8 +417,7 @@ def time_table(by, args, target):
         rs = by.get(method, [])
         if not rs:
             continue
-        crossing = ["-" if c is None else str(c) for c in
-                    (next((e["step"] for e in r["evals"] if e["acc"] >= target), None) for r in rs)]
+        crossing = [str(e["step"]) if e else "-" for e in (first_eval_at_target(r, target) for r in rs)]
         steps = [b["wall"] - a["wall"] for r in rs for a, b in zip(r["rows"], r["rows"][1:])]
         deciles = statistics.quantiles(steps, n=10) if len(steps) >= 10 else [float("nan")] * 9
 
