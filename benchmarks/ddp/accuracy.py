@@ -17,6 +17,10 @@ first training step and after the last one: every byte both ranks put on the lin
 every method alike. --bandwidth-mbit shapes that loopback with tc tbf. Without root or ip the runs use no namespace
 and the wire column is '-'.
 
+Evaluation: every rank takes rank 0's BatchNorm statistics (one small broadcast, left out of the wire count) and
+classifies its share of the test set; rank 0 adds the counts (written to files, not sent). Evaluation time is not
+training time.
+
     python benchmarks/ddp/accuracy.py --model cnn --methods plain,qsgd4,gradiveq,gradiveq-pooled --seeds 0,1,2
     python benchmarks/ddp/accuracy.py --quick          # tiny subset, what CI runs
 """
@@ -73,15 +77,58 @@ def prepare(images, model_name):
 
 
 @torch.no_grad()
-def evaluate(model, images, labels, batch=1000):
-    """Test accuracy of the bare module: never the DDP wrapper, so evaluation runs no collective and puts nothing
-    on the wire (its traffic would otherwise land in the wire bytes)."""
+def count_correct(model, images, labels, batch=1000) -> int:
+    """How many of `images` the bare module classifies right: never the DDP wrapper, so evaluation runs no
+    collective and puts nothing on the wire (its traffic would otherwise land in the wire bytes)."""
     assert not isinstance(model, torch.nn.parallel.DistributedDataParallel)
     model.eval()
     correct = sum((model(images[i:i + batch]).argmax(1) == labels[i:i + batch]).sum().item()
                   for i in range(0, len(labels), batch))
     model.train()
-    return correct / len(labels)
+    return int(correct)
+
+
+def test_shard(images, labels, rank, world):
+    """Rank `rank`'s contiguous share of the test set. The replicas are identical, so each rank evaluating one
+    share and the counts being added gives the whole set's accuracy in 1/world of the time."""
+    return images.chunk(world)[rank], labels.chunk(world)[rank]
+
+
+def take_rank0_buffers(model, count_wire) -> int:
+    """Gives every rank rank 0's buffers (BatchNorm's running statistics) before an evaluation: DDP broadcasts
+    them only at the start of a forward, and each rank's last training forward moved its own, so without this
+    the shares would be evaluated on slightly different models. Returns the bytes this put on the loopback
+    (rank 0, counting runs), which the wire count leaves out: the same few KB for every method."""
+    floats = [b for b in model.buffers() if b.is_floating_point()]
+    if dist.get_world_size() == 1 or not floats:
+        return 0
+    before = lo_tx_bytes() if count_wire and dist.get_rank() == 0 else 0
+    flat = torch._utils._flatten_dense_tensors(floats)
+    dist.broadcast(flat, 0)
+    for b, v in zip(floats, torch._utils._unflatten_dense_tensors(flat, floats)):
+        b.copy_(v)
+    dist.barrier()  # rank 0 reads the counter after every rank's share of the broadcast was sent
+    return lo_tx_bytes() - before if count_wire and dist.get_rank() == 0 else 0
+
+
+def shard_counts_path(out_path, rank) -> str:
+    return f"{out_path}.correct{rank}.json"
+
+
+def merge_shard_counts(evals, out_path, world, test_size):
+    """Adds the other ranks' correct counts (written to files: no collective, nothing on the wire) to rank 0's
+    and turns each evaluation's count into the test accuracy."""
+    for r in range(1, world):
+        path = shard_counts_path(out_path, r)
+        with open(path) as f:
+            counts = json.load(f)
+        os.remove(path)
+        if [c[0] for c in counts] != [e["step"] for e in evals]:
+            raise RuntimeError(f"rank {r} evaluated at other steps than rank 0: {path}")
+        for e, (_, correct) in zip(evals, counts):
+            e["correct"] += correct
+    for e in evals:
+        e["acc"] = e.pop("correct") / test_size
 
 
 def evaluates_at(step, total, args) -> bool:
@@ -118,6 +165,7 @@ def train_rank(rank, world, args, method, seed, out_path):
     if count_wire:
         dist.barrier()  # both ranks at the first step: what the set-up sent (DDP's broadcast) is not counted
         tx_start = lo_tx_bytes() if rank == 0 else 0
+    eval_wire_bytes = 0
     t0 = time.perf_counter()
     step = 0
     for epoch in range(args.epochs):
@@ -149,17 +197,22 @@ def train_rank(rank, world, args, method, seed, out_path):
                 # Every rank evaluates (rank 0's result is kept), so no core idles meanwhile: an idle core would
                 # hand a deferred fit's idle-priority worker (fit_delay_iters) free time no training step gives.
                 eval_start = time.perf_counter()
-                acc = evaluate(model, test_x, test_y)
+                eval_wire_bytes += take_rank0_buffers(model, count_wire)
+                correct = count_correct(model, *test_shard(test_x, test_y, rank, world))
                 t0 += time.perf_counter() - eval_start  # evaluation time does not count as training time
-                if rank == 0:
-                    evals.append(dict(step=step, wall=time.perf_counter() - t0, acc=acc))
+                evals.append(dict(step=step, wall=time.perf_counter() - t0, correct=correct))
+    if rank > 0:
+        with open(shard_counts_path(out_path, rank), "w") as f:
+            json.dump([[e["step"], e["correct"]] for e in evals], f)
     wire_bytes = None
     if count_wire:
         dist.barrier()  # both ranks past the last step
         if rank == 0:
-            wire_bytes = lo_tx_bytes() - tx_start
+            wire_bytes = lo_tx_bytes() - tx_start - eval_wire_bytes
+    dist.barrier()  # every rank's counts written
     m.close()
     if rank == 0:
+        merge_shard_counts(evals, out_path, world, len(test_y))
         result = dict(method=method, seed=seed, rows=rows, evals=evals, final_acc=evals[-1]["acc"],
                       rel_error=statistics.mean(rel_errors) if rel_errors else None,
                       steps=step, world=world, wire_bytes=wire_bytes, netns=args.netns,
