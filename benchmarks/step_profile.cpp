@@ -14,7 +14,8 @@
 // basis_sync does).
 //
 //   build/benchmarks/gradiveq_step_profile [--repeats 7] [--fit-repeats 3] [--basis-dtype float32|bfloat16]
-//                                          [--out FILE.md]
+//                                          [--max-components D] [--out FILE.md]
+// --max-components caps every layer's d (and the fit's) at D, as the option of that name does.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -115,6 +116,7 @@ struct Args {
   int repeats = 7, fit_repeats = 3;
   at::ScalarType basis_dtype = at::kFloat;
   int64_t window_iters = 50;
+  int64_t max_components = 0;  // 0: the measured run's d
   std::string out;
 };
 
@@ -142,6 +144,8 @@ Args parse(int argc, char** argv) {
         std::exit(2);
       }
       a.basis_dtype = v == "float32" ? at::kFloat : at::kBFloat16;
+    } else if (k == "--max-components") {
+      a.max_components = std::stoll(value());
     } else if (k == "--out") {
       a.out = value();
     } else {
@@ -149,8 +153,9 @@ Args parse(int argc, char** argv) {
       std::exit(2);
     }
   }
-  if (a.repeats < 1 || a.fit_repeats < 0 || a.window_iters < 1) {
-    std::cerr << "step_profile: --repeats and --window-iters must be >= 1, --fit-repeats >= 0\n";
+  if (a.repeats < 1 || a.fit_repeats < 0 || a.window_iters < 1 || a.max_components < 0) {
+    std::cerr << "step_profile: --repeats and --window-iters must be >= 1, --fit-repeats and "
+                 "--max-components >= 0\n";
     std::exit(2);
   }
   return a;
@@ -163,7 +168,8 @@ int main(int argc, char** argv) {
   at::set_num_threads(1);
   at::manual_seed(0);
   std::vector<Layer> layers;
-  for (const auto& spec : resnet32_layers()) {
+  for (auto spec : resnet32_layers()) {
+    if (args.max_components > 0) spec.d = std::min(spec.d, args.max_components);
     Layer l;
     l.spec = spec;
     l.layout = ConvSliceLayout::kernel_position({spec.f, spec.d_in, 3, 3});
@@ -199,6 +205,7 @@ int main(int argc, char** argv) {
   }
   std::vector<double> fit_ms(layers.size(), 0.0);
   gradiveq::FitOptions defaults = gradiveq::GradiVeQOptions().fit;
+  if (args.max_components > 0) defaults.max_components = args.max_components;
   for (size_t i = 0; i < layers.size() && args.fit_repeats > 0; ++i) {
     std::vector<double> v;
     for (int r = 0; r < args.fit_repeats; ++r) {

@@ -441,7 +441,8 @@ def report(results, args):
     lines += [""] + ([f"Configurations: {configs}"] if configs else []) + [
               "Wire KB/step/rank: bytes the run's loopback transmitted (both ranks, TCP/IP headers included) from "
               "the first training step to the last, / steps / 2 ranks, mean over seeds; warm-up and sampling steps "
-              "included, evaluation excluded (it runs no collective). Payload KB/step/rank: the bytes each method "
+              "included, evaluation excluded (its broadcast of BatchNorm statistics is subtracted). "
+              "Payload KB/step/rank: the bytes each method "
               "hands to its collectives per step by its own accounting (rank 0, mean over all steps and seeds; "
               "GradiVeQ's include the bases rank 0 broadcast). "
               "Vs plain: accuracy difference to plain all-reduce with the same seed, in points; paired spread: "
