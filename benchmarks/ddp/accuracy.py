@@ -78,8 +78,8 @@ def prepare(images, model_name):
 
 @torch.no_grad()
 def count_correct(model, images, labels, batch=1000) -> int:
-    """How many of `images` the bare module classifies right: never the DDP wrapper, so evaluation runs no
-    collective and puts nothing on the wire (its traffic would otherwise land in the wire bytes)."""
+    """How many of `images` the bare module classifies right: never the DDP wrapper, so the forward passes run no
+    collective and put nothing on the wire (their traffic would otherwise land in the wire bytes)."""
     assert not isinstance(model, torch.nn.parallel.DistributedDataParallel)
     model.eval()
     correct = sum((model(images[i:i + batch]).argmax(1) == labels[i:i + batch]).sum().item()
@@ -102,13 +102,14 @@ def take_rank0_buffers(model, count_wire) -> int:
     floats = [b for b in model.buffers() if b.is_floating_point()]
     if dist.get_world_size() == 1 or not floats:
         return 0
-    before = lo_tx_bytes() if count_wire and dist.get_rank() == 0 else 0
+    counting = count_wire and dist.get_rank() == 0
+    before = lo_tx_bytes() if counting else 0
     flat = torch._utils._flatten_dense_tensors(floats)
     dist.broadcast(flat, 0)
     for b, v in zip(floats, torch._utils._unflatten_dense_tensors(flat, floats)):
         b.copy_(v)
     dist.barrier()  # rank 0 reads the counter after every rank's share of the broadcast was sent
-    return lo_tx_bytes() - before if count_wire and dist.get_rank() == 0 else 0
+    return lo_tx_bytes() - before if counting else 0
 
 
 def shard_counts_path(out_path, rank) -> str:
@@ -194,7 +195,7 @@ def train_rank(rank, world, args, method, seed, out_path):
                     layer_errors.setdefault(n, []).append(e)
                 compressed_ratio = m.state.stats()["summary"].get("conv_ratio", compressed_ratio)
             if evaluates_at(step, total, args):
-                # Every rank evaluates (rank 0's result is kept), so no core idles meanwhile: an idle core would
+                # Every rank evaluates its share of the test set, so no core idles meanwhile: an idle core would
                 # hand a deferred fit's idle-priority worker (fit_delay_iters) free time no training step gives.
                 eval_start = time.perf_counter()
                 eval_wire_bytes += take_rank0_buffers(model, count_wire)
@@ -204,12 +205,10 @@ def train_rank(rank, world, args, method, seed, out_path):
     if rank > 0:
         with open(shard_counts_path(out_path, rank), "w") as f:
             json.dump([[e["step"], e["correct"]] for e in evals], f)
+    dist.barrier()  # every rank past the last step, its counts written
     wire_bytes = None
-    if count_wire:
-        dist.barrier()  # both ranks past the last step
-        if rank == 0:
-            wire_bytes = lo_tx_bytes() - tx_start - eval_wire_bytes
-    dist.barrier()  # every rank's counts written
+    if count_wire and rank == 0:
+        wire_bytes = lo_tx_bytes() - tx_start - eval_wire_bytes
     m.close()
     if rank == 0:
         merge_shard_counts(evals, out_path, world, len(test_y))
