@@ -131,12 +131,27 @@ Args parse(int argc, char** argv) {
       }
       return argv[++i];
     };
+    const auto integer = [&]() -> int64_t {
+      const std::string v = value();
+      size_t used = 0;
+      int64_t n = 0;
+      try {
+        n = std::stoll(v, &used);
+      } catch (const std::exception&) {
+        used = 0;
+      }
+      if (used == 0 || used != v.size()) {
+        std::cerr << "step_profile: " << k << " must be an integer, got " << v << "\n";
+        std::exit(2);
+      }
+      return n;
+    };
     if (k == "--repeats") {
-      a.repeats = std::stoi(value());
+      a.repeats = int(integer());
     } else if (k == "--fit-repeats") {
-      a.fit_repeats = std::stoi(value());
+      a.fit_repeats = int(integer());
     } else if (k == "--window-iters") {
-      a.window_iters = std::stoi(value());
+      a.window_iters = integer();
     } else if (k == "--basis-dtype") {
       const std::string v = value();
       if (v != "float32" && v != "bfloat16") {
@@ -145,7 +160,7 @@ Args parse(int argc, char** argv) {
       }
       a.basis_dtype = v == "float32" ? at::kFloat : at::kBFloat16;
     } else if (k == "--max-components") {
-      a.max_components = std::stoll(value());
+      a.max_components = integer();
     } else if (k == "--out") {
       a.out = value();
     } else {
