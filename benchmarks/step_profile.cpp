@@ -14,8 +14,9 @@
 // basis_sync does).
 //
 //   build/benchmarks/gradiveq_step_profile [--repeats 7] [--fit-repeats 3] [--basis-dtype float32|bfloat16]
-//                                          [--max-components D] [--out FILE.md]
-// --max-components caps every layer's d (and the fit's) at D, as the option of that name does.
+//                                          [--max-components D] [--isa portable|avx2|avx512] [--out FILE.md]
+// --max-components caps every layer's d (and the fit's) at D, as the option of that name does. --isa runs the
+// codec kernels' tiles of that instruction set (default: the best this CPU has); all give the same bits.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -32,6 +33,7 @@
 #include <vector>
 
 #include "gradiveq/gradiveq.h"
+#include "kernels/kernels.h"
 
 namespace {
 
@@ -117,6 +119,7 @@ struct Args {
   at::ScalarType basis_dtype = at::kFloat;
   int64_t window_iters = 50;
   int64_t max_components = 0;  // 0: the measured run's d
+  gradiveq::detail::CpuIsa isa = gradiveq::detail::best_cpu_isa();
   std::string out;
 };
 
@@ -161,6 +164,19 @@ Args parse(int argc, char** argv) {
       a.basis_dtype = v == "float32" ? at::kFloat : at::kBFloat16;
     } else if (k == "--max-components") {
       a.max_components = integer();
+    } else if (k == "--isa") {
+      const std::string v = value();
+      bool known = false;
+      for (auto isa : {gradiveq::detail::CpuIsa::kPortable, gradiveq::detail::CpuIsa::kAvx2,
+                       gradiveq::detail::CpuIsa::kAvx512}) {
+        if (v == gradiveq::detail::cpu_isa_name(isa)) a.isa = isa, known = true;
+      }
+      if (!known || !gradiveq::detail::cpu_supports(a.isa)) {
+        std::cerr << "step_profile: --isa must be portable, avx2 or avx512 and one this CPU has (best: "
+                  << gradiveq::detail::cpu_isa_name(gradiveq::detail::best_cpu_isa()) << "), got " << v
+                  << "\n";
+        std::exit(2);
+      }
     } else if (k == "--out") {
       a.out = value();
     } else {
@@ -182,6 +198,7 @@ int main(int argc, char** argv) {
   const Args args = parse(argc, argv);
   at::set_num_threads(1);
   at::manual_seed(0);
+  gradiveq::detail::set_cpu_kernel_isa(args.isa);
   std::vector<Layer> layers;
   for (auto spec : resnet32_layers()) {
     if (args.max_components > 0) spec.d = std::min(spec.d, args.max_components);
@@ -271,7 +288,8 @@ int main(int argc, char** argv) {
   std::sort(sorted.begin(), sorted.end());
   std::snprintf(buf, sizeof(buf), "%.2f (min %.2f, max %.2f)", median(step_totals), sorted.front(),
                 sorted.back());
-  md << "Whole compressed step, all layers, median of " << args.repeats << " repeats: " << buf << " ms.\n";
+  md << "Whole compressed step, all layers, median of " << args.repeats << " repeats: " << buf
+     << " ms (kernel tiles: " << gradiveq::detail::cpu_isa_name(args.isa) << ").\n";
   std::cout << md.str();
   if (!args.out.empty()) {
     std::ofstream f(args.out);

@@ -1,11 +1,14 @@
-// Unit tests for src/kernels/kernels.h: the register-tiled CPU kernels against plain loops that sum in the
-// order the header documents. The tiled kernels may only reorder which outputs are computed together, never
-// the additions inside one output, so the tolerance is zero: every output must match the reference's bits.
+// Unit tests for src/kernels/kernels.h: the register-tiled CPU kernels, in every build this CPU runs
+// (portable, AVX2, AVX-512), against plain loops of std::fma in the order pca_project_cpu_tiles.h documents.
+// The tiles may only reorder which outputs are computed together, never the operations inside one output, so
+// the tolerance is zero: every output must match the reference's bits.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "kernels/kernels.h"
@@ -18,47 +21,43 @@ float widened(B value) {
   return static_cast<float>(value);
 }
 
-// out[s][j] = (0 + g[s][0] b[0][j] + g[s][1] b[1][j] + ...) + offset[j]: one product and one sum at a time.
+// out[s][j] = fma(g[s][K-1], b[K-1][j], ... fma(g[s][0], b[0][j], 0)) + offset[j].
 template <typename B>
 std::vector<float> reference_compress(const std::vector<float>& g, const std::vector<B>& basis,
                                       const std::vector<float>& offset, int64_t S, int64_t K, int64_t d) {
   std::vector<float> out(size_t(S * d));
   for (int64_t s = 0; s < S; ++s) {
     for (int64_t j = 0; j < d; ++j) {
-      volatile float acc =
-          0.0f;  // volatile: one rounding per step, whatever the compiler's contraction rules
-      for (int64_t k = 0; k < K; ++k) {
-        volatile float product = g[s * K + k] * widened(basis[k * d + j]);
-        acc = acc + product;
-      }
-      out[s * d + j] = acc + offset[j];
+      float acc = 0.0f;
+      for (int64_t k = 0; k < K; ++k) acc = std::fma(g[s * K + k], widened(basis[k * d + j]), acc);
+      volatile float sum = acc + offset[j];  // volatile: rounded on its own, whatever the contraction rules
+      out[s * d + j] = sum;
     }
   }
   return out;
 }
 
-// out[s][k] = mean[k] + (tree over eight lanes + tail), lane l summing c[s][i] b[k][i] for i = l mod 8.
+// out[s][k] = mean[k] + tree over sixteen lanes, lane l the fma chain of c[s][i] b[k][i] over the i < d with
+// i = l mod 16.
 template <typename B>
 std::vector<float> reference_decompress(const std::vector<float>& c, const std::vector<B>& basis,
                                         const std::vector<float>& mean, int64_t S, int64_t K, int64_t d) {
   std::vector<float> out(size_t(S * K));
   for (int64_t s = 0; s < S; ++s) {
     for (int64_t k = 0; k < K; ++k) {
-      volatile float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      volatile float tail = 0.0f;
-      const int64_t full = d / 8 * 8;
-      for (int64_t i = 0; i < full; ++i) {
-        volatile float product = c[s * d + i] * widened(basis[k * d + i]);
-        lanes[i % 8] = lanes[i % 8] + product;
+      float lanes[16] = {};
+      for (int64_t i = 0; i < d; ++i) {
+        lanes[i % 16] = std::fma(c[s * d + i], widened(basis[k * d + i]), lanes[i % 16]);
       }
-      for (int64_t i = full; i < d; ++i) {
-        volatile float product = c[s * d + i] * widened(basis[k * d + i]);
-        tail = tail + product;
+      volatile float quarters[4];
+      for (int q = 0; q < 4; ++q) {
+        volatile float left = lanes[4 * q] + lanes[4 * q + 1];
+        volatile float right = lanes[4 * q + 2] + lanes[4 * q + 3];
+        quarters[q] = left + right;
       }
-      volatile float left = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
-      volatile float right = (lanes[4] + lanes[5]) + (lanes[6] + lanes[7]);
+      volatile float left = quarters[0] + quarters[1];
+      volatile float right = quarters[2] + quarters[3];
       volatile float dot = left + right;
-      dot = dot + tail;
       out[s * K + k] = mean[k] + dot;
     }
   }
@@ -83,14 +82,15 @@ int64_t count_mismatches(const std::vector<float>& got, const std::vector<float>
   return bad;
 }
 
-// Slice counts that hit every slice-group size, K below, at and above a 64-row block and a two-row step, and
-// widths around every vector chunk (8, 16, 32 columns) with every tail.
+// Slice counts that hit every slice-group size, K below, at and above a 64-row block, and widths around every
+// vector chunk (16, 32, 64 columns) with every tail.
 struct Shape {
   int64_t S, K, d;
 };
-const Shape kShapes[] = {{1, 1, 1},     {1, 7, 3},    {2, 64, 8},   {3, 65, 16},  {4, 129, 31},
-                         {5, 63, 33},   {6, 200, 47}, {7, 97, 64},  {8, 256, 26}, {9, 300, 41},
-                         {9, 130, 100}, {10, 33, 7},  {11, 77, 57}, {13, 50, 129}};
+const Shape kShapes[] = {{1, 1, 1},     {1, 7, 3},    {2, 64, 8},   {3, 65, 16},   {4, 129, 31},
+                         {5, 63, 33},   {6, 200, 47}, {7, 97, 64},  {8, 256, 26},  {9, 300, 41},
+                         {9, 130, 100}, {10, 33, 7},  {11, 77, 57}, {13, 50, 129}, {3, 70, 64},
+                         {9, 64, 80},   {2, 40, 112}, {4, 20, 193}};
 
 template <typename B>
 void expect_kernels_match_reference(uint64_t seed) {
@@ -109,19 +109,51 @@ void expect_kernels_match_reference(uint64_t seed) {
   }
 }
 
-TEST(CpuKernels, Float32MatchesThePlainLoopsBitForBit) { expect_kernels_match_reference<float>(100); }
-TEST(CpuKernels, BFloat16MatchesThePlainLoopsBitForBit) {
-  expect_kernels_match_reference<c10::BFloat16>(200);
+// Runs `body` once under every build of the tiles this CPU has, then restores the one that was in use.
+template <typename Body>
+void for_every_isa(Body body) {
+  const detail::CpuIsa before = detail::cpu_kernel_isa();
+  for (detail::CpuIsa isa : {detail::CpuIsa::kPortable, detail::CpuIsa::kAvx2, detail::CpuIsa::kAvx512}) {
+    if (!detail::cpu_supports(isa)) continue;
+    SCOPED_TRACE(detail::cpu_isa_name(isa));
+    detail::set_cpu_kernel_isa(isa);
+    body();
+  }
+  detail::set_cpu_kernel_isa(before);
 }
-TEST(CpuKernels, Float16MatchesThePlainLoopsBitForBit) { expect_kernels_match_reference<c10::Half>(300); }
+
+TEST(CpuKernels, Float32MatchesThePlainLoopsBitForBit) {
+  for_every_isa([] { expect_kernels_match_reference<float>(100); });
+}
+TEST(CpuKernels, BFloat16MatchesThePlainLoopsBitForBit) {
+  for_every_isa([] { expect_kernels_match_reference<c10::BFloat16>(200); });
+}
+TEST(CpuKernels, Float16MatchesThePlainLoopsBitForBit) {
+  for_every_isa([] { expect_kernels_match_reference<c10::Half>(300); });
+}
 
 TEST(CpuKernels, ThreadsSplittingTheWorkChangeNoBit) {
   const int threads_before = at::get_num_threads();
   for (int threads : {2, 3}) {
     at::set_num_threads(threads);
-    expect_kernels_match_reference<float>(400);
+    for_every_isa([] { expect_kernels_match_reference<float>(400); });
   }
   at::set_num_threads(threads_before);
+}
+
+TEST(CpuKernels, TheBestBuildIsInUseAndUnsupportedOnesAreRefused) {
+  EXPECT_EQ(detail::cpu_kernel_isa(), detail::best_cpu_isa());
+  EXPECT_TRUE(detail::cpu_supports(detail::CpuIsa::kPortable));
+  for (detail::CpuIsa isa : {detail::CpuIsa::kAvx2, detail::CpuIsa::kAvx512}) {
+    if (detail::cpu_supports(isa)) continue;
+    try {
+      detail::set_cpu_kernel_isa(isa);
+      ADD_FAILURE() << "set_cpu_kernel_isa accepted " << detail::cpu_isa_name(isa)
+                    << ", which this CPU lacks";
+    } catch (const std::exception& e) {
+      EXPECT_NE(std::string(e.what()).find("isa"), std::string::npos) << e.what();
+    }
+  }
 }
 
 }  // namespace
