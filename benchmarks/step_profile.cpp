@@ -16,7 +16,8 @@
 //   build/benchmarks/gradiveq_step_profile [--repeats 7] [--fit-repeats 3] [--basis-dtype float32|bfloat16]
 //                                          [--max-components D] [--isa portable|avx2|avx512] [--out FILE.md]
 // --max-components caps every layer's d (and the fit's) at D, as the option of that name does. --isa runs the
-// codec kernels' tiles of that instruction set (default: the best this CPU has); all give the same bits.
+// codec kernels' tiles of that instruction set (default: default_cpu_isa(), AVX2 where the CPU has it); all
+// give the same bits.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -119,7 +120,7 @@ struct Args {
   at::ScalarType basis_dtype = at::kFloat;
   int64_t window_iters = 50;
   int64_t max_components = 0;  // 0: the measured run's d
-  gradiveq::detail::CpuIsa isa = gradiveq::detail::best_cpu_isa();
+  gradiveq::detail::CpuIsa isa = gradiveq::detail::default_cpu_isa();
   std::string out;
 };
 
@@ -172,8 +173,8 @@ Args parse(int argc, char** argv) {
         if (v == gradiveq::detail::cpu_isa_name(isa)) a.isa = isa, known = true;
       }
       if (!known || !gradiveq::detail::cpu_supports(a.isa)) {
-        std::cerr << "step_profile: --isa must be portable, avx2 or avx512 and one this CPU has (best: "
-                  << gradiveq::detail::cpu_isa_name(gradiveq::detail::best_cpu_isa()) << "), got " << v
+        std::cerr << "step_profile: --isa must be portable, avx2 or avx512 and one this CPU has (default: "
+                  << gradiveq::detail::cpu_isa_name(gradiveq::detail::default_cpu_isa()) << "), got " << v
                   << "\n";
         std::exit(2);
       }

@@ -99,7 +99,7 @@ Tiles tiles_for(CpuIsa isa) {
 }
 
 std::atomic<CpuIsa>& selected_isa() {
-  static std::atomic<CpuIsa> isa{best_cpu_isa()};
+  static std::atomic<CpuIsa> isa{default_cpu_isa()};
   return isa;
 }
 
@@ -130,8 +130,11 @@ bool cpu_supports(CpuIsa isa) {
 #endif
 }
 
-CpuIsa best_cpu_isa() {
-  for (CpuIsa isa : {CpuIsa::kAvx512, CpuIsa::kAvx2}) {
+// AVX2 first: on ResNet-32's shapes it was the faster of the two on an AVX-512 Xeon (interleaved A/B, one
+// thread: the defaults' compressed step 0.74-0.78 of the old kernels' time with AVX2, 0.85-0.87 with AVX-512;
+// docs/results.md 7k), which runs its one 512-bit FMA unit no faster than two 256-bit ones and clocks lower.
+CpuIsa default_cpu_isa() {
+  for (CpuIsa isa : {CpuIsa::kAvx2, CpuIsa::kAvx512}) {
     if (cpu_supports(isa)) return isa;
   }
   return CpuIsa::kPortable;
@@ -141,7 +144,7 @@ CpuIsa cpu_kernel_isa() { return selected_isa().load(std::memory_order_relaxed);
 
 void set_cpu_kernel_isa(CpuIsa isa) {
   GVQ_CHECK_ARG(cpu_supports(isa), "set_cpu_kernel_isa", "isa", "cannot be ", cpu_isa_name(isa),
-                ": this CPU (or this build) lacks it; the best it has is ", cpu_isa_name(best_cpu_isa()));
+                ": this CPU (or this build) lacks it; its default is ", cpu_isa_name(default_cpu_isa()));
   selected_isa().store(isa, std::memory_order_relaxed);
 }
 

@@ -141,8 +141,8 @@ TEST(CpuKernels, ThreadsSplittingTheWorkChangeNoBit) {
   at::set_num_threads(threads_before);
 }
 
-TEST(CpuKernels, TheBestBuildIsInUseAndUnsupportedOnesAreRefused) {
-  EXPECT_EQ(detail::cpu_kernel_isa(), detail::best_cpu_isa());
+TEST(CpuKernels, TheDefaultBuildIsInUseAndUnsupportedOnesAreRefused) {
+  EXPECT_EQ(detail::cpu_kernel_isa(), detail::default_cpu_isa());
   EXPECT_TRUE(detail::cpu_supports(detail::CpuIsa::kPortable));
   for (detail::CpuIsa isa : {detail::CpuIsa::kAvx2, detail::CpuIsa::kAvx512}) {
     if (detail::cpu_supports(isa)) continue;
