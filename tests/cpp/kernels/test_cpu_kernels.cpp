@@ -132,6 +132,24 @@ TEST(CpuKernels, Float16MatchesThePlainLoopsBitForBit) {
   for_every_isa([] { expect_kernels_match_reference<c10::Half>(300); });
 }
 
+// A K = 4096 layer of ResNet-32 (9 slices, d = 409: 6 full 64-column tiles, a 16-column one and a 9-column
+// partial one; 64 basis blocks, each prefetching the next): every build gives the reference's bits.
+TEST(CpuKernels, AResNet32LayerMatchesThePlainLoopsInEveryBuild) {
+  constexpr int64_t S = 9, K = 4096, d = 409;
+  const std::vector<float> basis = random_floats(K * d, 501), g = random_floats(S * K, 502);
+  const std::vector<float> offset = random_floats(d, 503), c = random_floats(S * d, 504);
+  const std::vector<float> mean = random_floats(K, 505);
+  const std::vector<float> want_c = reference_compress(g, basis, offset, S, K, d);
+  const std::vector<float> want_x = reference_decompress(c, basis, mean, S, K, d);
+  for_every_isa([&] {
+    std::vector<float> got_c(size_t(S * d)), got_x(size_t(S * K));
+    detail::cpu_compress(g.data(), basis.data(), offset.data(), got_c.data(), S, K, d);
+    detail::cpu_decompress(c.data(), basis.data(), mean.data(), got_x.data(), K, S, K, d);
+    EXPECT_EQ(count_mismatches(got_c, want_c), 0);
+    EXPECT_EQ(count_mismatches(got_x, want_x), 0);
+  });
+}
+
 TEST(CpuKernels, ThreadsSplittingTheWorkChangeNoBit) {
   const int threads_before = at::get_num_threads();
   for (int threads : {2, 3}) {
