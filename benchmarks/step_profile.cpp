@@ -168,8 +168,7 @@ Args parse(int argc, char** argv) {
     } else if (k == "--isa") {
       const std::string v = value();
       bool known = false;
-      for (auto isa : {gradiveq::detail::CpuIsa::kPortable, gradiveq::detail::CpuIsa::kAvx2,
-                       gradiveq::detail::CpuIsa::kAvx512}) {
+      for (auto isa : gradiveq::detail::kAllCpuIsas) {
         if (v == gradiveq::detail::cpu_isa_name(isa)) a.isa = isa, known = true;
       }
       if (!known || !gradiveq::detail::cpu_supports(a.isa)) {

@@ -26,6 +26,9 @@ namespace gradiveq::detail {
 /// The builds of the kernels' inner tiles. All give the same bits; they differ only in speed.
 enum class CpuIsa { kPortable, kAvx2, kAvx512 };
 
+/// Every build, for code that tries or names each in turn (tests, benchmarks).
+inline constexpr CpuIsa kAllCpuIsas[] = {CpuIsa::kPortable, CpuIsa::kAvx2, CpuIsa::kAvx512};
+
 /// "portable", "avx2", "avx512".
 const char* cpu_isa_name(CpuIsa isa);
 /// Whether this CPU (and this build: the x86 tiles exist only on x86-64) can run `isa`.

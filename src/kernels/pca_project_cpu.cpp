@@ -26,8 +26,7 @@
 
 namespace gradiveq::detail {
 
-// ---- the portable tiles: 16 scalar lanes and the C library's fmaf, which rounds once like the FMA units
-// ----
+// ---- the portable tiles: 16 scalar lanes and fmaf, which rounds once like the FMA units ----
 
 namespace portable_isa {
 namespace {

@@ -113,7 +113,7 @@ void expect_kernels_match_reference(uint64_t seed) {
 template <typename Body>
 void for_every_isa(Body body) {
   const detail::CpuIsa before = detail::cpu_kernel_isa();
-  for (detail::CpuIsa isa : {detail::CpuIsa::kPortable, detail::CpuIsa::kAvx2, detail::CpuIsa::kAvx512}) {
+  for (detail::CpuIsa isa : detail::kAllCpuIsas) {
     if (!detail::cpu_supports(isa)) continue;
     SCOPED_TRACE(detail::cpu_isa_name(isa));
     detail::set_cpu_kernel_isa(isa);
