@@ -137,6 +137,10 @@ void bind_schedule(py::module_& m) {
       .value("auto", BasisSync::kAuto)
       .value("broadcast", BasisSync::kBroadcast)
       .value("replicated", BasisSync::kReplicated);
+  py::enum_<ErrorFeedback>(m, "ErrorFeedback")
+      .value("auto", ErrorFeedback::kAuto)
+      .value("on", ErrorFeedback::kOn)
+      .value("off", ErrorFeedback::kOff);
   py::enum_<SliceLayoutKind>(m, "SliceLayout")
       .value("kernel_row", SliceLayoutKind::kKernelRow)
       .value("kernel_position", SliceLayoutKind::kKernelPosition)
@@ -149,7 +153,9 @@ void bind_options(py::module_& m) {
   py::class_<GradiVeQOptions> options(m, "GradiVeQOptions");
   options.def(py::init<>())
       .def_static("paper", &GradiVeQOptions::paper)
-      .def("validate", &GradiVeQOptions::validate);
+      .def("validate", &GradiVeQOptions::validate)
+      .def("effective_error_feedback", &GradiVeQOptions::effective_error_feedback)
+      .def("state_is_per_rank", &GradiVeQOptions::state_is_per_rank);
   def_nested(options, "energy", &GradiVeQOptions::fit, &FitOptions::energy);
   def_nested(options, "max_components", &GradiVeQOptions::fit, &FitOptions::max_components);
   def_nested(options, "target_ratio", &GradiVeQOptions::fit, &FitOptions::target_ratio);

@@ -40,8 +40,8 @@ struct FitOptions {
 // --- Schedule (schedule.h) -----------------------------------------------------------------------------
 
 struct ScheduleOptions {
-  int64_t warmup_iters = 2500;   ///< >= 0
-  int64_t sample_iters = 100;    ///< >= 1
+  int64_t warmup_iters = 2500;  ///< >= 0
+  int64_t sample_iters = 100;   ///< >= 1
   /// >= 0 (0: never compress, only sample). 200 (paper: 400): bases refitted twice as often, since a
   /// replicated refit costs no bytes (docs/results.md 7f).
   int64_t compress_iters = 200;
@@ -115,6 +115,21 @@ enum class BasisSync {
   /// wire; each rank spends N times the fitting time. It needs sample_source = kAggregated, and verify_bases,
   /// which makes every rank raise should a rank's fit ever differ (ranks of different builds or CPUs).
   kReplicated,
+};
+
+/// Whether each rank keeps what compression lost and sends it in a later step
+/// (GradiVeQOptions::error_feedback).
+enum class ErrorFeedback {
+  /// kOn wherever compression can lose something (compress_iters > 0, energy below 1 or a cap on d, and a
+  /// basis that can move: refit_threshold < 1) and the paper's adaptive window is off (its error, eq. 7,
+  /// would
+  /// count the memory as drift and restart for it), else kOff. On ResNet-32 and the small CNN on
+  /// Fashion-MNIST it wins on every seed (docs/results.md 7k), which is why it is the default.
+  kAuto,
+  /// Always; raises where it can do nothing (see kAuto).
+  kOn,
+  /// Never: what compression loses is dropped, as in the paper.
+  kOff,
 };
 
 /// How a layer is cut into slices.
@@ -192,15 +207,16 @@ struct GradiVeQOptions {
   /// Error feedback: each rank keeps what its compressed layers lost, e = x - U U^T x (as sent, after
   /// rounding to coeff_dtype), and adds it to the next step's gradient, x = g + e. With local samples the
   /// next basis is fitted on those error-corrected gradients, so the directions one basis missed enter the
-  /// next; an uncompressed (or QSGD) step sends x and empties e. The memory is part of save_state().
-  bool error_feedback = false;
+  /// next; an uncompressed (or QSGD) step sends x and empties e. The memory is per rank, so with it on each
+  /// rank saves and loads its own save_state(). Auto (the default): on wherever something can be lost.
+  ErrorFeedback error_feedback = ErrorFeedback::kAuto;
   /// If > 0 (it must lie in (0, 1)), each layer's d is the smallest whose held-out relative error
   /// ||h - mu - U U^T (h - mu)|| / ||h|| over every 4th sample of the window (fitted on the others) is at
   /// most this budget, capped as the fit options cap d; energy and target_ratio are then ignored. 0: off.
   double error_budget = 0.0;
   /// A refitted basis replaces the layer's current one only when the subspace moved by more than this:
   /// 1 - ||U_old^T U_new||_F^2 / d_new, in [0, 1]. A kept basis is not broadcast (only a marker is). 0: every
-  /// refit replaces; 1: the first basis is kept for good (which rules out error_feedback).
+  /// refit replaces; 1: the first basis is kept for good (error_feedback is then off).
   double refit_threshold = 0.0;
   /// How the fitted bases reach every rank (BasisSync above). Auto (the default) replicates the fits, which
   /// on Fashion-MNIST trains bit for bit like the broadcast with fewer wire bytes: 16.0 -> 14.5 KB/step/rank
@@ -218,6 +234,11 @@ struct GradiVeQOptions {
   void validate() const;
   /// basis_sync with kAuto resolved: kReplicated when the samples are aggregated and verify_bases is on.
   BasisSync effective_basis_sync() const;
+  /// error_feedback with kAuto resolved: on unless compression cannot lose anything or the basis never moves.
+  bool effective_error_feedback() const;
+  /// Whether save_state() holds this rank's own data (error-feedback memory, local samples): each rank then
+  /// saves and loads its own image.
+  bool state_is_per_rank() const;
 
   /// The paper's method exactly (Yu et al. 2018): first-slice fit, K = one kernel row, energy 0.99, 4-bit
   /// QSGD sampling, schedule 2500 / 100 / 400, no adaptive window, float32 coefficients and uncompressed

@@ -119,6 +119,20 @@ class SampleSource:
     name: str
     __members__: ClassVar[Dict[str, SampleSource]]
 
+class BasisSync:
+    auto: ClassVar[BasisSync]
+    broadcast: ClassVar[BasisSync]
+    replicated: ClassVar[BasisSync]
+    name: str
+    __members__: ClassVar[Dict[str, BasisSync]]
+
+class ErrorFeedback:
+    auto: ClassVar[ErrorFeedback]
+    on: ClassVar[ErrorFeedback]
+    off: ClassVar[ErrorFeedback]
+    name: str
+    __members__: ClassVar[Dict[str, ErrorFeedback]]
+
 class SliceLayout:
     kernel_row: ClassVar[SliceLayout]
     kernel_position: ClassVar[SliceLayout]
@@ -150,14 +164,17 @@ class GradiVeQOptions:
     restart_error_growth: float
     pipeline_chunks: int
     sample_source: SampleSource
-    error_feedback: bool
+    error_feedback: ErrorFeedback
     error_budget: float
     refit_threshold: float
+    basis_sync: BasisSync
     fit_delay_iters: int
     def __init__(self) -> None: ...
     @staticmethod
     def paper() -> GradiVeQOptions: ...
     def validate(self) -> None: ...
+    def effective_error_feedback(self) -> bool: ...
+    def state_is_per_rank(self) -> bool: ...
 
 class GatherAggregatorOptions:
     min_numel: int

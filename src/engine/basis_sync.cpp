@@ -332,7 +332,7 @@ uint64_t configuration_code(const std::vector<std::unique_ptr<EngineLayer>>& lay
   if (options.uncompressed_dtype != at::kFloat) h = mix(h, uint64_t(options.uncompressed_dtype));
   h = mix(mix(h, uint64_t(options.sample_quantizer)), uint64_t(options.fit_on));
   h = mix(mix(h, uint64_t(options.slice_layout)), uint64_t(options.pipeline_chunks));
-  h = mix(mix(h, uint64_t(options.sample_source)), uint64_t(options.error_feedback));
+  h = mix(mix(h, uint64_t(options.sample_source)), uint64_t(options.effective_error_feedback()));
   h = mix(h, uint64_t(options.effective_basis_sync()));
   h = mix(mix(h, double_bits(options.error_budget)), double_bits(options.refit_threshold));
   h = mix(h, uint64_t(options.policy.linear_weights));

@@ -34,7 +34,9 @@ void flush_error(EngineLayer& l, at::Tensor flat, const PlanContext& ctx) {
 void remember_error(EngineLayer& l, const at::Tensor& x, const at::Tensor& c, const PlanContext& ctx) {
   const at::Tensor sent = c.to(ctx.coeff_dtype).to(at::kFloat);
   const double mean_share = 1.0 - 1.0 / double(ctx.world_size);
-  l.error = x - (l.pca.decompress(sent) - l.pca.mean().mul(mean_share));
+  const at::Tensor error = x - (l.pca.decompress(sent) - l.pca.mean().mul(mean_share));
+  // A non-finite gradient (a step GradScaler skips) must not stay in the memory and poison every later step.
+  l.error = at::where(at::isfinite(error), error, 0.0);
 }
 
 // Compressed route, first half: this rank's gradient in paper order, float32, with the error-feedback memory

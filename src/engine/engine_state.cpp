@@ -11,7 +11,8 @@ namespace {
 
 constexpr const char* kWhere = "Aggregator.load_state";
 constexpr char kStateMagic[4] = {'G', 'V', 'Q', 'S'};
-constexpr uint32_t kStateVersion = 6;  // 6: fit_install_at
+constexpr uint32_t kStateVersion = 7;  // 6: fit_install_at; 7: rank, per rank
+constexpr uint32_t kOldestReadableVersion = 6;
 constexpr size_t kStateChecksumBytes = 8;
 
 void write_layer(ByteWriter& w, const EngineLayer& l) {
@@ -44,8 +45,9 @@ at::Tensor checked_body(const at::Tensor& image) {
                 "is not a GradiVeQ state image (bad magic)");
   uint32_t version = 0;
   std::memcpy(&version, data + 4, sizeof(version));
-  GVQ_CHECK_ARG(version == kStateVersion, kWhere, "state", "has format version ", version,
-                ", this build reads version ", kStateVersion);
+  GVQ_CHECK_ARG(version >= kOldestReadableVersion && version <= kStateVersion, kWhere, "state",
+                "has format version ", version, ", this build reads versions ", kOldestReadableVersion,
+                " to ", kStateVersion);
   GVQ_CHECK_ARG(total >= 8 + kStateChecksumBytes, kWhere, "state", "is truncated (", total, " bytes)");
   at::Tensor body = bytes.narrow(0, 0, int64_t(total - kStateChecksumBytes));
   uint64_t stored = 0;
@@ -56,12 +58,21 @@ at::Tensor checked_body(const at::Tensor& image) {
   return body;
 }
 
-EngineCounters read_counters(ByteReader& in, int64_t world_size, size_t num_layers) {
-  in.take(8);  // magic and version, checked already
+EngineCounters read_counters(ByteReader& in, int64_t rank, int64_t world_size, size_t num_layers) {
+  in.take(4);  // magic, checked already
+  const auto version = in.get<uint32_t>();
   EngineCounters c;
   c.world_size = in.get<int64_t>();
   GVQ_CHECK_ARG(c.world_size == world_size, kWhere, "state", "was saved with world size ", c.world_size,
                 " but this process group has ", world_size, " ranks");
+  if (version >= 7) {
+    c.rank = in.get<int64_t>();
+    c.per_rank = in.get<uint8_t>() != 0;
+  }
+  GVQ_CHECK_ARG(!c.per_rank || c.rank == rank, kWhere, "state", "was saved on rank ", c.rank,
+                ", this is rank ", rank,
+                ": it holds that rank's own error-feedback memory or local samples, so each rank loads ",
+                "the image it saved");
   c.iteration = in.get<int64_t>();
   c.pending_fit = in.get<uint8_t>() != 0;
   c.fit_install_at = in.get<int64_t>();
@@ -148,6 +159,8 @@ at::Tensor write_state_image(const EngineCounters& c,
   w.put_raw(kStateMagic, 4);
   w.put(kStateVersion);
   w.put<int64_t>(c.world_size);
+  w.put<int64_t>(c.rank);
+  w.put<uint8_t>(c.per_rank ? 1 : 0);
   w.put<int64_t>(c.iteration);
   w.put<uint8_t>(c.pending_fit ? 1 : 0);
   w.put<int64_t>(c.fit_install_at);
@@ -163,13 +176,13 @@ at::Tensor write_state_image(const EngineCounters& c,
   return at::cat({body, trailer});
 }
 
-LoadedState read_state_image(const at::Tensor& image, int64_t world_size,
+LoadedState read_state_image(const at::Tensor& image, int64_t rank, int64_t world_size,
                              const std::vector<std::unique_ptr<EngineLayer>>& layers,
                              at::ScalarType basis_dtype) {
   at::Tensor body = checked_body(image);
   ByteReader in(body.data_ptr<uint8_t>(), size_t(body.numel()), kWhere, "state");
   LoadedState state;
-  state.counters = read_counters(in, world_size, layers.size());
+  state.counters = read_counters(in, rank, world_size, layers.size());
   state.layers.resize(layers.size());
   for (size_t i = 0; i < layers.size(); ++i) {
     read_layer_header(in, i, *layers[i]);

@@ -1,14 +1,15 @@
 // Private: the GradiVeQ engine's checkpoint image (GradiVeQAggregator::save_state / load_state).
 //
-// Layout, little-endian (version 4):
-//   "GVQS" [uint32 version] [int64 world size] [int64 iteration] [uint8 pending fit] [int64 schedule shift]
+// Layout, little-endian (version 7):
+//   "GVQS" [uint32 version] [int64 world size] [int64 rank] [uint8 per rank] [int64 iteration]
+//   [uint8 pending fit] [int64 fit install step] [int64 schedule shift]
 //   [int64 restarts] [uint8 pending restart vote] [int64 layers], then per layer:
 //   [string name] [int64 ndim] [int64 shape...] [uint8 compressible], and for a compressible layer:
 //   [int64 K] [int64 fits] [uint8 has basis] ([bytes basis image]) [int64 sample blocks] ([int64
 //   rows][bytes])... [uint8 has error memory] ([bytes (S, K) float32]), and last a checksum of everything
 //   before it (8 bytes), so a damaged file is refused.
 // Version 2 added the adaptive window's fields, version 3 the trailing checksum, version 4 a stronger one,
-// version 5 the error-feedback memory.
+// version 5 the error-feedback memory, 6 the install step of a deferred fit, 7 the rank (6 is still read).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -31,6 +32,10 @@ struct EngineCounters {
   bool pending_vote = false;
   /// A deferred fit (fit_delay_iters) in flight: the step that installs it, else -1.
   int64_t fit_install_at = -1;
+  /// The saving rank, and whether the image holds that rank's own data (error-feedback memory, local
+  /// samples), which only that rank may load. Version 6 images carry neither (rank -1, not checked).
+  int64_t rank = -1;
+  bool per_rank = false;
 };
 
 /// One layer's part of a read image.
@@ -50,9 +55,9 @@ struct LoadedState {
 at::Tensor write_state_image(const EngineCounters& counters,
                              const std::vector<std::unique_ptr<EngineLayer>>& layers);
 
-/// Parses and checks an image against this engine's world size and layers, changing nothing. Raises
+/// Parses and checks an image against this engine's rank, world size and layers, changing nothing. Raises
 /// InvalidArgument naming what does not match; a basis of another dtype is converted to `basis_dtype`.
-LoadedState read_state_image(const at::Tensor& image, int64_t world_size,
+LoadedState read_state_image(const at::Tensor& image, int64_t rank, int64_t world_size,
                              const std::vector<std::unique_ptr<EngineLayer>>& layers,
                              at::ScalarType basis_dtype);
 

@@ -27,6 +27,34 @@ using detail::route_of;
 
 // --- options -----------------------------------------------------------------------------------------------
 
+namespace {
+
+bool lossless_fit(const GradiVeQOptions& o) {
+  return o.fit.energy == 1.0 && o.fit.max_components == 0 && o.fit.target_ratio == 0.0 &&
+         o.fit.min_ratio == 0.0 && o.error_budget == 0.0;
+}
+
+// Where the error-feedback memory would stay empty or never be sent: what kAuto turns off and kOn refuses.
+bool error_feedback_does_nothing(const GradiVeQOptions& o) {
+  return o.schedule.compress_iters == 0 || o.refit_threshold >= 1.0 || lossless_fit(o);
+}
+
+void validate_error_feedback_on(const GradiVeQOptions& o, const char* where) {
+  GVQ_CHECK_ARG(o.schedule.compress_iters > 0, where, "error_feedback",
+                "= on does nothing with compress_iters = 0 (nothing is ever compressed, so nothing is lost); "
+                "use auto or off");
+  // The residual is orthogonal to a basis that never moves, so it would never be sent.
+  GVQ_CHECK_ARG(
+      o.refit_threshold < 1.0, where, "error_feedback",
+      "= on cannot work with refit_threshold = 1 (the first basis is kept for good, so the residual, "
+      "orthogonal to it, would never be sent); lower refit_threshold, or use auto or off");
+  GVQ_CHECK_ARG(!lossless_fit(o), where, "error_feedback",
+                "= on does nothing with energy = 1 and no cap on d (min_ratio, target_ratio, max_components "
+                "all 0): the basis keeps every direction, nothing is lost; use auto or off");
+}
+
+}  // namespace
+
 void GradiVeQOptions::validate() const {
   constexpr const char* kWhere = "AggregatorOptions";
   fit.validate(kWhere);
@@ -45,16 +73,10 @@ void GradiVeQOptions::validate() const {
                 "must lie in (0, 1), or be 0 (off), got ", error_budget);
   GVQ_CHECK_ARG(refit_threshold >= 0.0 && refit_threshold <= 1.0, kWhere, "refit_threshold",
                 "must lie in [0, 1], got ", refit_threshold);
-  // Error feedback needs a basis that moves: the residual is orthogonal to a fixed basis and is never sent.
-  GVQ_CHECK_ARG(!error_feedback || refit_threshold < 1.0, kWhere, "error_feedback",
-                "cannot work with refit_threshold = 1 (the first basis is kept for good, so the residual, "
-                "orthogonal to it, would never be sent); lower refit_threshold or turn error_feedback off");
   GVQ_CHECK_ARG(fit_delay_iters >= 0, kWhere, "fit_delay_iters", "must be >= 0, got ", fit_delay_iters);
   GVQ_CHECK_ARG(fit_delay_iters == 0 || fit_delay_iters < schedule.compress_iters, kWhere, "fit_delay_iters",
                 "must be smaller than compress_iters (", schedule.compress_iters, ") so that the bases are ",
                 "installed within the compressed window, got ", fit_delay_iters);
-  GVQ_CHECK_ARG(!error_feedback || schedule.compress_iters > 0, kWhere, "error_feedback",
-                "does nothing with compress_iters = 0 (nothing is ever compressed, so nothing is lost)");
   // Replicated fits need the same samples on every rank, and the check that would catch a rank whose fit
   // differs.
   GVQ_CHECK_ARG(basis_sync != BasisSync::kReplicated || sample_source == SampleSource::kAggregated, kWhere,
@@ -65,12 +87,17 @@ void GradiVeQOptions::validate() const {
       basis_sync != BasisSync::kReplicated || verify_bases, kWhere, "basis_sync",
       "= replicated needs verify_bases: it is what makes every rank raise should one rank's fit ever "
       "differ (use basis_sync = broadcast to turn verification off)");
-  const bool lossless = fit.energy == 1.0 && fit.max_components == 0 && fit.target_ratio == 0.0 &&
-                        fit.min_ratio == 0.0 && error_budget == 0.0;
-  GVQ_CHECK_ARG(
-      !error_feedback || !lossless, kWhere, "error_feedback",
-      "does nothing with energy = 1 and no cap on d (min_ratio, target_ratio, max_components all 0): "
-      "the basis keeps every direction, nothing is lost");
+  if (error_feedback == ErrorFeedback::kOn) validate_error_feedback_on(*this, kWhere);
+}
+
+bool GradiVeQOptions::effective_error_feedback() const {
+  if (error_feedback != ErrorFeedback::kAuto) return error_feedback == ErrorFeedback::kOn;
+  // The adaptive window's error (eq. 7) would measure the growing memory as drift and restart for it.
+  return !error_feedback_does_nothing(*this) && restart_error_growth == 0.0;
+}
+
+bool GradiVeQOptions::state_is_per_rank() const {
+  return effective_error_feedback() || sample_source == SampleSource::kLocal;
 }
 
 BasisSync GradiVeQOptions::effective_basis_sync() const {
@@ -91,6 +118,7 @@ GradiVeQOptions GradiVeQOptions::paper() {
   o.coeff_dtype = at::kFloat;
   o.uncompressed_dtype = at::kFloat;
   o.basis_sync = BasisSync::kBroadcast;  // one rank fits each layer and broadcasts it
+  o.error_feedback = ErrorFeedback::kOff;
   return o;
 }
 
@@ -169,7 +197,7 @@ detail::PlanContext GradiVeQAggregator::plan_context(const BucketPlan& plan) {
           options_.coeff_dtype,
           int64_t(c10::elementSize(detail::raw_dtype(plan.buffer, options_.uncompressed_dtype))),
           options_.fit_on,
-          options_.error_feedback,
+          options_.effective_error_feedback(),
           &stats_mutex_};
 }
 
@@ -513,11 +541,14 @@ at::Tensor GradiVeQAggregator::save_state() const {
   detail::EngineCounters counters{world_size_,      iteration_,          pending_fit_ || deferred_fit_,
                                   window_->shift(), window_->restarts(), window_->pending_vote()};
   counters.fit_install_at = deferred_fit_ ? deferred_fit_->install_at() : restored_install_at_;
+  counters.rank = rank_;
+  counters.per_rank = options_.state_is_per_rank();
   return detail::write_state_image(counters, layers_);
 }
 
 void GradiVeQAggregator::load_state(const at::Tensor& image) {
-  detail::LoadedState loaded = detail::read_state_image(image, world_size_, layers_, options_.basis_dtype);
+  detail::LoadedState loaded =
+      detail::read_state_image(image, rank_, world_size_, layers_, options_.basis_dtype);
   // Everything parsed and checked: commit (a fit in flight is dropped: the image has its own window, if any).
   deferred_fit_.reset();
   std::lock_guard<std::mutex> lock(stats_mutex_);

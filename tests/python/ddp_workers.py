@@ -185,7 +185,7 @@ def load_damaged_state_dicts(rank: int, world_size: int, cfg: dict) -> dict:
     flipped["engine_state"][len(flipped["engine_state"]) // 2] ^= 1  # one bit inside the bases or samples
     damaged["bit flip"] = flipped
     damaged["truncated"] = dict(good, engine_state=good["engine_state"][:-100].clone())
-    damaged["wrong version"] = dict(good, version=good["version"] - 1)
+    damaged["wrong version"] = dict(good, version=good["version"] + 1)
     damaged["other world size"] = dict(good, world_size=world_size + 1)
     messages = {}
     for what, sd in damaged.items():

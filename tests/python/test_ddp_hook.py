@@ -106,7 +106,8 @@ def test_half_precision_coefficients_halve_their_bytes_and_keep_ranks_identical(
     # lr 0: both runs see the same gradients, so they fit the same bases and differ only by the rounding.
     # Uncompressed values stay float32, so only the coefficients' dtype differs.
     cfg = dict(steps=13, lr=0.0, bucket_cap_mb=0.02, keep_grads=True)
-    base = dict(SHORT, energy=0.95, uncompressed_dtype=torch.float32)
+    # Error feedback off: it would carry each step's rounding into the next and compound the difference.
+    base = dict(SHORT, energy=0.95, uncompressed_dtype=torch.float32, error_feedback="off")
     full = no_errors(run_ranks(train, 2, dict(cfg, hook="cpp", state=dict(base, coeff_dtype=torch.float32))))
     state = base if coeff_dtype == torch.float16 else dict(base, coeff_dtype=coeff_dtype)
     half = no_errors(run_ranks(train, 2, dict(cfg, hook="cpp", state=state)))  # float16 is the default
@@ -326,6 +327,27 @@ def test_error_feedback_checkpoint_is_per_rank_and_resumes_bit_for_bit(tmp_path)
     swapped = str(tmp_path / "ckpt6_rank{rank}.pt").replace("{rank}", "0")
     res = run_ranks(train, 2, dict(hook="cpp", state=FOLLOW, steps=1, load_path=swapped, keep_grads=False))
     assert "error" in res[1] and "saved on rank 0" in res[1]["error"], res[1].get("error")
+
+
+def test_error_feedback_is_on_by_default_where_something_is_lost_and_its_checkpoint_is_per_rank(tmp_path):
+    assert gradiveq.GradiVeQState().options["error_feedback"] == "auto"
+    assert gradiveq.GradiVeQState(error_feedback=True).options["error_feedback"] == "on"
+    assert gradiveq.GradiVeQState(error_feedback=False).options["error_feedback"] == "off"
+    assert gradiveq.GradiVeQState.paper().options["error_feedback"] == "off"
+    lossy = dict(SHORT, energy=0.9)
+    assert no_errors(run_ranks(train, 2, dict(hook="cpp", state=EXACT, steps=1)))[0]["stats"]["summary"][
+        "error_feedback"] is False  # auto: a lossless basis loses nothing
+    for ef, per_rank in (("auto", True), ("off", False)):
+        state, path = dict(lossy, error_feedback=ef), str(tmp_path / f"{ef}_rank{{rank}}.pt")
+        saved = no_errors(run_ranks(train, 2, dict(hook="cpp", state=state, steps=7, save_at=7, save_path=path,
+                                                   keep_grads=False)))
+        assert saved[0]["stats"]["summary"]["error_feedback"] is per_rank
+        res = run_ranks(train, 2, dict(hook="cpp", state=state, steps=1, load_path=path.replace("{rank}", "0"),
+                                       keep_grads=False))
+        if per_rank:  # rank 1 would add rank 0's residual a second time
+            assert "saved on rank 0" in res[1].get("error", ""), res[1].get("error")
+        else:  # bases and samples are the same on every rank: one rank's state dict serves all
+            no_errors(res)
 
 
 def test_damaged_state_dicts_raise_and_leave_the_state_untouched():

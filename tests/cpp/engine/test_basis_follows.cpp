@@ -1,14 +1,16 @@
 // The options that let the basis follow the gradients (options.h: sample_source, error_feedback,
 // error_budget, refit_threshold, linear_weights) and the fit that needs no broadcast (basis_sync), on 2 real
 // Gloo ranks (threads of this process).
+#include <cstring>
+#include <functional>
 #include <map>
 #include <mutex>
 
 #include "gradiveq/gradient_synchronizer.h"
 #include "gradiveq/gradiveq_aggregator.h"
 #include "rank_threads.h"
-#include "test_helpers.h"
 #include "resume_check.h"
+#include "test_helpers.h"
 #include "tiny_net.h"
 
 namespace gradiveq {
@@ -20,11 +22,25 @@ using testing::rel_error;
 using testing::run_ranks;
 using testing::TinyNet;
 
+// `image` (version 7) rewritten as version 6 wrote it: no rank fields after the world size.
+at::Tensor as_version_6(const at::Tensor& image) {
+  constexpr int64_t kHeader = 4 + 4 + 8, kRankFields = 8 + 1, kChecksum = 8;
+  at::Tensor body =
+      at::cat({image.narrow(0, 0, kHeader),
+               image.narrow(0, kHeader + kRankFields, image.numel() - kHeader - kRankFields - kChecksum)});
+  const uint32_t version = 6;
+  std::memcpy(body.data_ptr<uint8_t>() + 4, &version, sizeof(version));
+  const uint64_t checksum = checksum_bytes(body);
+  at::Tensor trailer = at::empty({kChecksum}, at::kByte);
+  std::memcpy(trailer.data_ptr<uint8_t>(), &checksum, kChecksum);
+  return at::cat({body, trailer});
+}
+
 SynchronizerOptions following_options() {
   SynchronizerOptions o;
   o.gradiveq.schedule = {4, 3, 5};
   o.gradiveq.sample_source = SampleSource::kLocal;
-  o.gradiveq.error_feedback = true;
+  o.gradiveq.error_feedback = ErrorFeedback::kOn;
   o.gradiveq.policy.linear_weights = true;
   o.gradiveq.policy.min_numel = 100;
   o.gradiveq.fit.energy = 0.9;
@@ -141,6 +157,24 @@ TEST(BasisFollows, ErrorFeedbackMemoryRoundTripsThroughACheckpoint) {
         EXPECT_TRUE(at::equal(sync.aggregator().error_memory("conv2.weight"), saved_memory[rank]));
         EXPECT_GT(saved_memory[rank].norm().item<double>(), 0.0);
       });
+}
+
+// Error feedback's memory is per rank, so a rank refuses another rank's image rather than adding that rank's
+// residual a second time; a version 6 image (before images recorded their rank) still loads.
+TEST(BasisFollows, ErrorFeedbackImageLoadsOnlyOnTheRankThatSavedIt) {
+  const int world = 2;
+  const std::vector<at::Tensor> images =
+      testing::expect_resumed_run_matches(world, 12, 10, following_options(), 0.05);
+  run_ranks(world, [&](int rank, c10::intrusive_ptr<c10d::ProcessGroup> pg) {
+    TinyNet net(5);
+    GradientSynchronizer sync(pg, net.params, following_options());
+    const int other = 1 - rank;
+    expect_invalid([&] { sync.aggregator().load_state(images[other]); },
+                   {"saved on rank " + std::to_string(other), "this is rank " + std::to_string(rank)});
+    EXPECT_EQ(sync.aggregator().iteration(), 0);
+    sync.aggregator().load_state(as_version_6(images[rank]));
+    EXPECT_EQ(sync.aggregator().iteration(), 10);
+  });
 }
 
 // Planted gradients, straight into the engine: layer "low" gets slices in a fixed 2-D subspace (plus a little
@@ -268,7 +302,7 @@ TEST(BasisFollows, FullRankWithLocalSamplesEqualsPlainAllReduce) {
   run_ranks(2, [&](int rank, c10::intrusive_ptr<c10d::ProcessGroup> pg) {
     TinyNet net(6);
     SynchronizerOptions o = following_options();
-    o.gradiveq.error_feedback = false;
+    o.gradiveq.error_feedback = ErrorFeedback::kOff;
     o.gradiveq.fit.energy = 1.0;
     o.gradiveq.fit.min_ratio = 0.0;
     o.gradiveq.fit.max_components = 0;
@@ -285,23 +319,59 @@ TEST(BasisFollows, FullRankWithLocalSamplesEqualsPlainAllReduce) {
   });
 }
 
+// Auto (the default) turns error feedback on wherever compression can lose something and off where the memory
+// would stay empty or never be sent, without raising; on raises there (RejectsOptionsThatCannotWorkTogether).
+TEST(BasisFollows, ErrorFeedbackAutoIsOnWhereSomethingCanBeLost) {
+  GradiVeQOptions o;
+  EXPECT_EQ(o.error_feedback, ErrorFeedback::kAuto);
+  EXPECT_TRUE(o.effective_error_feedback());
+  EXPECT_TRUE(o.state_is_per_rank());
+  const std::vector<std::function<void(GradiVeQOptions&)>> nothing_lost = {
+      [](GradiVeQOptions& x) { x.schedule.compress_iters = 0; },
+      [](GradiVeQOptions& x) { x.refit_threshold = 1.0; },
+      [](GradiVeQOptions& x) {
+        x.fit.energy = 1.0;
+        x.fit.min_ratio = 0.0;
+      },
+  };
+  for (const auto& change : nothing_lost) {
+    o = GradiVeQOptions();
+    change(o);
+    o.validate();
+    EXPECT_FALSE(o.effective_error_feedback());
+    EXPECT_FALSE(o.state_is_per_rank());
+    o.sample_source = SampleSource::kLocal;
+    EXPECT_TRUE(o.state_is_per_rank());  // the fitting rank's own samples
+  }
+  o = GradiVeQOptions();
+  o.restart_error_growth = 2.0;  // the adaptive window would restart for the memory's growth
+  EXPECT_FALSE(o.effective_error_feedback());
+  o.error_feedback = ErrorFeedback::kOn;  // but one may ask for both
+  o.validate();
+  EXPECT_TRUE(o.effective_error_feedback());
+  o = GradiVeQOptions();
+  o.error_feedback = ErrorFeedback::kOff;
+  EXPECT_FALSE(o.effective_error_feedback());
+  EXPECT_FALSE(GradiVeQOptions::paper().effective_error_feedback());  // the paper drops what it loses
+}
+
 TEST(BasisFollows, RejectsOptionsThatCannotWorkTogether) {
   GradiVeQOptions o;
   o.error_budget = 1.5;
   expect_invalid([&] { o.validate(); }, {"error_budget", "(0, 1)"});
   o = GradiVeQOptions();
-  o.error_feedback = true;
+  o.error_feedback = ErrorFeedback::kOn;
   o.refit_threshold = 1.0;
   expect_invalid([&] { o.validate(); }, {"error_feedback", "refit_threshold"});
   o = GradiVeQOptions();
   o.refit_threshold = -0.5;
   expect_invalid([&] { o.validate(); }, {"refit_threshold"});
   o = GradiVeQOptions();
-  o.error_feedback = true;
+  o.error_feedback = ErrorFeedback::kOn;
   o.schedule.compress_iters = 0;
   expect_invalid([&] { o.validate(); }, {"error_feedback", "compress_iters"});
   o = GradiVeQOptions();
-  o.error_feedback = true;
+  o.error_feedback = ErrorFeedback::kOn;
   o.fit.energy = 1.0;
   o.fit.min_ratio = 0.0;
   o.fit.max_components = 0;

@@ -110,7 +110,7 @@ class HostSyncsRaise {
 SynchronizerOptions every_step_feature(SampleQuantizer sampling) {
   SynchronizerOptions o = lossless_options();
   o.gradiveq.fit.energy = 0.9;
-  o.gradiveq.error_feedback = true;
+  o.gradiveq.error_feedback = ErrorFeedback::kOn;
   o.gradiveq.verify_bases = true;
   o.gradiveq.restart_error_growth = 1e6;  // votes in every compressed step, never restarts
   o.gradiveq.sample_quantizer = sampling;
