@@ -582,8 +582,8 @@ def parse_args(argv):
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch", type=int, default=64, help="batch per rank")
-    ap.add_argument("--schedule", default="100,50,100",
-                    help="GradiVeQ warm-up,sampling,compressed iterations (the library's 2500/100/200 scaled to the "
+    ap.add_argument("--schedule", default="100,50,50",
+                    help="GradiVeQ warm-up,sampling,compressed iterations (the library's 2500/100/100 scaled to the "
                          "run)")
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--fine-eval-every", type=int, default=0,

@@ -494,7 +494,7 @@ class GradiVeQState(_HookState):
         max_components: cap on d (default 0: none). With basis_sync="broadcast" a basis is K x d and is broadcast
             after every window, so on wide layers (ResNet-32's K = 4096) a cap of 192 saves more broadcast bytes
             than the extra directions return (docs/results.md 7e); replicated fits pay only the coefficients.
-        warmup_iters, sample_iters, compress_iters: the schedule (default 2500 / 100 / 200; paper: 2500 / 100 /
+        warmup_iters, sample_iters, compress_iters: the schedule (default 2500 / 100 / 100; paper: 2500 / 100 /
             400). Iterations count synchronised steps (``no_sync`` steps are not counted).
         sample_quantizer: how sampling iterations are aggregated: "qsgd4" (the default and the paper's: 4-bit
             QSGD, 7 levels, bucket 512, via all-gather because QSGD codes cannot be summed) or "none"

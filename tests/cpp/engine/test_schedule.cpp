@@ -9,7 +9,7 @@ namespace {
 using testing::expect_invalid;
 
 TEST(Schedule, PaperDefaultsSwitchAtExactIterations) {
-  Schedule s({2500, 100, 400});  // the paper's schedule (the default compresses 200, not 400)
+  Schedule s({2500, 100, 400});  // the paper's schedule (the default compresses 100, not 400)
   EXPECT_EQ(s.phase(0), Phase::kWarmup);
   EXPECT_EQ(s.phase(2499), Phase::kWarmup);
   EXPECT_EQ(s.phase(2500), Phase::kSampling);
