@@ -81,12 +81,14 @@ class GradiVeQAggregator : public BucketAggregator, public std::enable_shared_fr
   const std::string& configuration_warning() const { return warning_; }
   StepStats step_stats() const override;
 
-  /// Versioned binary image of the state: iteration, pending fit, per-layer bases (identical on all ranks)
-  /// and the current window's samples, keyed by parameter name.
+  /// Versioned binary image of the state: iteration, pending fit, per-layer bases (identical on all ranks),
+  /// the current window's samples and the error-feedback memory, keyed by parameter name. With error feedback
+  /// on or local samples (options().state_is_per_rank()) the image is this rank's own, and only this rank
+  /// loads it; otherwise it is identical on all ranks.
   at::Tensor save_state() const;
   /// Restores save_state()'s image. Raises InvalidArgument, leaving this object untouched, when the image is
-  /// truncated, corrupted or of another version, was saved at another world size, or names other parameters,
-  /// shapes or slice lengths than this model has.
+  /// truncated, corrupted or of another version, was saved at another world size or (a per-rank image) on
+  /// another rank, or names other parameters, shapes or slice lengths than this model has.
   void load_state(const at::Tensor& image);
 
   /// Copy of the current basis of layer `name` (unfitted if none yet).

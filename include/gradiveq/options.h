@@ -123,8 +123,7 @@ enum class BasisSync {
 enum class ErrorFeedback {
   /// kOn wherever compression can lose something (compress_iters > 0, energy below 1 or a cap on d, and a
   /// basis that can move: refit_threshold < 1) and the paper's adaptive window is off (its error, eq. 7,
-  /// would
-  /// count the memory as drift and restart for it), else kOff. On ResNet-32 and the small CNN on
+  /// would count the memory as drift and restart for it), else kOff. On ResNet-32 and the small CNN on
   /// Fashion-MNIST it wins on every seed (docs/results.md 7k), which is why it is the default.
   kAuto,
   /// Always; raises where it can do nothing (see kAuto).
@@ -235,7 +234,8 @@ struct GradiVeQOptions {
   void validate() const;
   /// basis_sync with kAuto resolved: kReplicated when the samples are aggregated and verify_bases is on.
   BasisSync effective_basis_sync() const;
-  /// error_feedback with kAuto resolved: on unless compression cannot lose anything or the basis never moves.
+  /// error_feedback with kAuto resolved: on unless compression cannot lose anything, the basis never moves or
+  /// the adaptive window is on.
   bool effective_error_feedback() const;
   /// Whether save_state() holds this rank's own data (error-feedback memory, local samples): each rank then
   /// saves and loads its own image.
