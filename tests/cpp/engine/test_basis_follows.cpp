@@ -174,6 +174,10 @@ TEST(BasisFollows, ErrorFeedbackImageLoadsOnlyOnTheRankThatSavedIt) {
     EXPECT_EQ(sync.aggregator().iteration(), 0);
     sync.aggregator().load_state(as_version_6(images[rank]));
     EXPECT_EQ(sync.aggregator().iteration(), 10);
+    // Nothing above is collective: without this a fast rank could close its connections before a slow one
+    // (the sanitizer build) has finished connecting.
+    std::vector<at::Tensor> done{at::ones({1})};
+    pg->allreduce(done)->wait();
   });
 }
 
