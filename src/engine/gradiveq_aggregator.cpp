@@ -34,23 +34,21 @@ bool lossless_fit(const GradiVeQOptions& o) {
          o.fit.min_ratio == 0.0 && o.error_budget == 0.0;
 }
 
-// Where the error-feedback memory would stay empty or never be sent: what kAuto turns off and kOn refuses.
-bool error_feedback_does_nothing(const GradiVeQOptions& o) {
-  return o.schedule.compress_iters == 0 || o.refit_threshold >= 1.0 || lossless_fit(o);
-}
-
-void validate_error_feedback_on(const GradiVeQOptions& o, const char* where) {
-  GVQ_CHECK_ARG(o.schedule.compress_iters > 0, where, "error_feedback",
-                "= on does nothing with compress_iters = 0 (nothing is ever compressed, so nothing is lost); "
-                "use auto or off");
-  // The residual is orthogonal to a basis that never moves, so it would never be sent.
-  GVQ_CHECK_ARG(
-      o.refit_threshold < 1.0, where, "error_feedback",
-      "= on cannot work with refit_threshold = 1 (the first basis is kept for good, so the residual, "
-      "orthogonal to it, would never be sent); lower refit_threshold, or use auto or off");
-  GVQ_CHECK_ARG(!lossless_fit(o), where, "error_feedback",
-                "= on does nothing with energy = 1 and no cap on d (min_ratio, target_ratio, max_components "
-                "all 0): the basis keeps every direction, nothing is lost; use auto or off");
+// Why the error-feedback memory would stay empty or never be sent under `o`, or nullptr when it can work:
+// what kAuto turns off and kOn refuses.
+const char* why_error_feedback_does_nothing(const GradiVeQOptions& o) {
+  if (o.schedule.compress_iters == 0) {
+    return "does nothing with compress_iters = 0 (nothing is ever compressed, so nothing is lost)";
+  }
+  if (o.refit_threshold >= 1.0) {
+    return "cannot work with refit_threshold = 1 (the first basis is kept for good, so the residual, "
+           "orthogonal to it, would never be sent); lower refit_threshold";
+  }
+  if (lossless_fit(o)) {
+    return "does nothing with energy = 1 and no cap on d (min_ratio, target_ratio, max_components all 0): "
+           "the basis keeps every direction, nothing is lost";
+  }
+  return nullptr;
 }
 
 }  // namespace
@@ -87,13 +85,15 @@ void GradiVeQOptions::validate() const {
       basis_sync != BasisSync::kReplicated || verify_bases, kWhere, "basis_sync",
       "= replicated needs verify_bases: it is what makes every rank raise should one rank's fit ever "
       "differ (use basis_sync = broadcast to turn verification off)");
-  if (error_feedback == ErrorFeedback::kOn) validate_error_feedback_on(*this, kWhere);
+  const char* why_not = why_error_feedback_does_nothing(*this);
+  GVQ_CHECK_ARG(error_feedback != ErrorFeedback::kOn || why_not == nullptr, kWhere, "error_feedback", "= on ",
+                why_not, "; use auto or off");
 }
 
 bool GradiVeQOptions::effective_error_feedback() const {
   if (error_feedback != ErrorFeedback::kAuto) return error_feedback == ErrorFeedback::kOn;
   // The adaptive window's error (eq. 7) would measure the growing memory as drift and restart for it.
-  return !error_feedback_does_nothing(*this) && restart_error_growth == 0.0;
+  return why_error_feedback_does_nothing(*this) == nullptr && restart_error_growth == 0.0;
 }
 
 bool GradiVeQOptions::state_is_per_rank() const {
