@@ -111,8 +111,9 @@ struct Args {
       << gradiveq::GradiVeQOptions{}.fit.energy
       << " --schedule 20,10,40 --threads 1 --seed 0 --pg-timeout 120 --die-rank 1 --die-signal kill;\n"
       << "synthetic data without --data.\n"
-      << "--energy and --schedule are GradiVeQ's; --save/--load checkpoint GradiVeQ's state; --die-at N: rank\n"
-      << "--die-rank sends itself --die-signal mid-step N (a fault drill: the others must fail, not hang).\n";
+      << "--energy and --schedule are GradiVeQ's; --save/--load FILE: FILE.model and each rank's own\n"
+      << "FILE.rank<R>.gradiveq; --die-at N: rank --die-rank sends itself --die-signal mid-step N (a fault\n"
+      << "drill: the others must fail, not hang).\n";
   std::exit(error.empty() ? 0 : 2);
 }
 
@@ -264,18 +265,37 @@ std::shared_ptr<gradiveq::BucketAggregator> make_engine(const Args& a, c10::intr
   return gradiveq::GatherAggregator::create(std::move(pg), params, std::move(codec), o);
 }
 
-// --load: the model and the GradiVeQ engine's state; returns the iteration to go on from.
+// The GradiVeQ engine's state of this rank: with error feedback (the default) each rank holds its own memory,
+// so each rank saves and loads its own file.
+std::string engine_state_file(const std::string& prefix, int rank) {
+  return prefix + ".rank" + std::to_string(rank) + ".gradiveq";
+}
+
+// --load: the model and this rank's GradiVeQ engine state; returns the iteration to go on from.
 int resume(const Args& a, ResNet32& model, gradiveq::GradientSynchronizer& sync) {
   torch::load(model, a.load + ".model");
-  std::ifstream in(a.load + ".gradiveq", std::ios::binary | std::ios::ate);
-  if (!in) throw std::runtime_error("--load: cannot open '" + a.load + ".gradiveq'");
+  const std::string file = engine_state_file(a.load, a.rank);
+  std::ifstream in(file, std::ios::binary | std::ios::ate);
+  if (!in) throw std::runtime_error("--load: cannot open '" + file + "'");
   std::vector<char> bytes(static_cast<size_t>(in.tellg()));
   in.seekg(0).read(bytes.data(), bytes.size());
   sync.aggregator().load_state(at::from_blob(bytes.data(), {int64_t(bytes.size())}, at::kByte).clone());
   return int(sync.aggregator().iteration());
 }
 
-// After training, on rank 0: test accuracy (real data only), the checkpoint (--save) and one layer's basis.
+// --save, on every rank: the model (rank 0; identical on all ranks) and this rank's GradiVeQ engine state.
+void save_checkpoint(const Args& a, ResNet32& model, gradiveq::GradientSynchronizer& sync) {
+  if (a.rank == 0) torch::save(model, a.save + ".model");
+  const std::string file = engine_state_file(a.save, a.rank);
+  at::Tensor state = sync.aggregator().save_state();
+  std::ofstream(file, std::ios::binary).write(reinterpret_cast<const char*>(state.data_ptr()), state.numel());
+  if (a.rank == 0) {
+    std::printf("saved %s.model and %s.rank<R>.gradiveq at iteration %ld\n", a.save.c_str(), a.save.c_str(),
+                long(sync.aggregator().iteration()));
+  }
+}
+
+// After training, on rank 0: test accuracy (real data only) and one layer's basis.
 void finish(const Args& a, ResNet32& model, gradiveq::GradientSynchronizer& sync, const cifar100::Split* test) {
   if (a.rank != 0) return;
   if (test != nullptr) {
@@ -289,13 +309,6 @@ void finish(const Args& a, ResNet32& model, gradiveq::GradientSynchronizer& sync
       correct += logits.argmax(1).eq(test_split.fine.narrow(0, i, m)).sum().item<int64_t>();
     }
     std::printf("test accuracy %.4f\n", double(correct) / double(n));
-  }
-  if (!a.save.empty()) {
-    torch::save(model, a.save + ".model");
-    at::Tensor state = sync.aggregator().save_state();
-    std::ofstream(a.save + ".gradiveq", std::ios::binary).write(reinterpret_cast<const char*>(state.data_ptr()), state.numel());
-    std::printf("saved %s.model and %s.gradiveq at iteration %ld\n", a.save.c_str(), a.save.c_str(),
-                long(sync.aggregator().iteration()));
   }
   if (a.method == "gradiveq") {
     for (const auto& l : sync.aggregator().layer_stats()) {
@@ -377,6 +390,7 @@ int train(const Args& a) {
       step_ms_sum = agg_ms_sum = loss_sum = 0, bytes_sum = 0, window = 0;
     }
   }
+  if (!a.save.empty()) save_checkpoint(a, model, sync);
   finish(a, model, sync, synthetic ? nullptr : &test_split);
   return 0;
 }

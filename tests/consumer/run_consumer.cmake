@@ -1,6 +1,6 @@
 # Installs the build into a scratch prefix, configures and builds a separate CMake project (SOURCE_DIR) against
 # it with find_package(gradiveq), and runs the program it builds (PROGRAM, with the space-separated ARGS), which
-# must exit 0, or EXPECT_EXIT when that is given.
+# must exit 0, or EXPECT_EXIT when that is given; then, when THEN_ARGS is given, runs it again with those.
 file(REMOVE_RECURSE ${WORK_DIR})
 set(prefix ${WORK_DIR}/install)
 macro(run)
@@ -23,4 +23,9 @@ if(DEFINED EXPECT_EXIT)
   endif()
 else()
   run(${WORK_DIR}/build/${PROGRAM} ${args})
+endif()
+# A second run of the same program (THEN_ARGS), e.g. one that resumes from the first run's checkpoint.
+if(DEFINED THEN_ARGS)
+  separate_arguments(then_args UNIX_COMMAND "${THEN_ARGS}")
+  run(${WORK_DIR}/build/${PROGRAM} ${then_args})
 endif()
