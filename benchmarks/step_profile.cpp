@@ -9,12 +9,16 @@
 //   projection  PcaCompressor::compress                                pack
 //   sums        eq. 7's residual and signal terms                      pack
 //   copy        coefficients and tail into the all-reduce buffer       pack
+//   memory      error feedback's bookkeeping (the defaults have it on)  pack
 //   reconstruct PcaCompressor::decompress_into, tail, 1/N, scatter     unpack
+// --error-feedback picks the memory: "coefficients" (the engine's ErrorMemory, src/engine/error_memory.h),
+// "dense" (the memory formed after every step with a decompress, as the engine did before it), or "off".
 // and the fit is PcaCompressor::fit on the window's samples (plus with_basis_dtype and serialize, as
 // basis_sync does).
 //
 //   build/benchmarks/gradiveq_step_profile [--repeats 7] [--fit-repeats 3] [--basis-dtype float32|bfloat16]
-//                                          [--max-components D] [--isa portable|avx2|avx512] [--out FILE.md]
+//                                          [--max-components D] [--isa portable|avx2|avx512]
+//                                          [--error-feedback coefficients|dense|off] [--out FILE.md]
 // --max-components caps every layer's d (and the fit's) at D, as the option of that name does. --isa runs the
 // codec kernels' tiles of that instruction set (default: default_cpu_isa(), AVX2 where the CPU has it); all
 // give the same bits.
@@ -33,6 +37,7 @@
 #include <string>
 #include <vector>
 
+#include "engine/error_memory.h"
 #include "gradiveq/gradiveq.h"
 #include "kernels/kernels.h"
 
@@ -85,23 +90,43 @@ struct Layer {
   ConvSliceLayout layout;
   PcaCompressor pca;
   at::Tensor grad, samples, packed_coeffs, packed_tail;
+  gradiveq::detail::ErrorMemory memory;  // --error-feedback coefficients
+  at::Tensor dense_memory;               // --error-feedback dense
 };
 
-const char* kPhases[] = {"layout", "projection", "sums", "copy", "reconstruct"};
+enum class Memory { kCoefficients, kDense, kOff };
+
+const char* kPhases[] = {"layout", "projection", "sums", "copy", "memory", "reconstruct"};
+
+// The engine's memory before ErrorMemory: x = g + e in, e = x - (U c + mu/N) out, every step.
+void dense_memory_step(Layer& l, const at::Tensor& x, const at::Tensor& c, int64_t n) {
+  const at::Tensor sent = c.to(at::kHalf).to(at::kFloat);
+  const at::Tensor error = x - (l.pca.decompress(sent) - l.pca.mean().mul(1.0 - 1.0 / double(n)));
+  l.dense_memory = at::where(at::isfinite(error), error, 0.0);
+}
 
 // One compressed step of one layer, phase by phase, added into `ms` (world size 2, as the measured run).
-void compressed_step(Layer& l, std::map<std::string, double>& ms) {
+void compressed_step(Layer& l, Memory memory, std::map<std::string, double>& ms) {
   constexpr int64_t n = 2;
   at::Tensor flat, slices, c;
   ms["layout"] += time_ms([&] {
     flat = l.layout.to_paper_order(l.grad.to(at::kFloat));
     slices = l.layout.slices(flat);
+    if (memory == Memory::kDense && l.dense_memory.defined()) slices.add_(l.dense_memory);
   });
   ms["projection"] += time_ms([&] { c = l.pca.compress(slices, n); });
-  ms["sums"] += time_ms([&] {
-    at::Tensor residual = (slices - l.pca.mean() / double(n)).pow(2).sum() - c.pow(2).sum();
-    at::Tensor signal = slices.pow(2).sum();
-    (void)residual, (void)signal;
+  if (memory != Memory::kCoefficients) {
+    ms["sums"] += time_ms([&] {
+      at::Tensor residual = (slices - l.pca.mean() / double(n)).pow(2).sum() - c.pow(2).sum();
+      at::Tensor signal = slices.pow(2).sum();
+      (void)residual, (void)signal;
+    });
+  }
+  ms["memory"] += time_ms([&] {
+    if (memory == Memory::kDense) dense_memory_step(l, slices, c, n);
+    if (memory != Memory::kCoefficients) return;
+    c = l.memory.add_step(slices, c, l.pca, n);  // its eq. 7 terms included
+    l.memory.record_sent(c.to(at::kHalf).to(at::kFloat));
   });
   ms["copy"] += time_ms([&] {
     l.packed_coeffs.copy_(c);
@@ -121,6 +146,7 @@ struct Args {
   int64_t window_iters = 50;
   int64_t max_components = 0;  // 0: the measured run's d
   gradiveq::detail::CpuIsa isa = gradiveq::detail::default_cpu_isa();
+  Memory memory = Memory::kCoefficients;
   std::string out;
 };
 
@@ -177,6 +203,13 @@ Args parse(int argc, char** argv) {
                   << "\n";
         std::exit(2);
       }
+    } else if (k == "--error-feedback") {
+      const std::string v = value();
+      if (v != "coefficients" && v != "dense" && v != "off") {
+        std::cerr << "step_profile: --error-feedback must be coefficients, dense or off, got " << v << "\n";
+        std::exit(2);
+      }
+      a.memory = v == "coefficients" ? Memory::kCoefficients : v == "dense" ? Memory::kDense : Memory::kOff;
     } else if (k == "--out") {
       a.out = value();
     } else {
@@ -227,7 +260,7 @@ int main(int argc, char** argv) {
     double total = 0;
     for (size_t i = 0; i < layers.size(); ++i) {
       std::map<std::string, double> ms;
-      compressed_step(layers[i], ms);
+      compressed_step(layers[i], args.memory, ms);
       for (const auto& [phase, v] : ms) {
         if (r > 0) per_layer[i][phase].push_back(v);
         total += v;
@@ -289,7 +322,11 @@ int main(int argc, char** argv) {
   std::snprintf(buf, sizeof(buf), "%.2f (min %.2f, max %.2f)", median(step_totals), sorted.front(),
                 sorted.back());
   md << "Whole compressed step, all layers, median of " << args.repeats << " repeats: " << buf
-     << " ms (kernel tiles: " << gradiveq::detail::cpu_isa_name(args.isa) << ").\n";
+     << " ms (kernel tiles: " << gradiveq::detail::cpu_isa_name(args.isa) << "; error feedback: "
+     << (args.memory == Memory::kCoefficients ? "coefficients"
+         : args.memory == Memory::kDense      ? "dense"
+                                              : "off")
+     << ").\n";
   std::cout << md.str();
   if (!args.out.empty()) {
     std::ofstream f(args.out);

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
 
 #include "gradiveq/errors.h"
 #include "kernels/kernels_cuda.h"
@@ -23,46 +24,41 @@ void keep_sample(EngineLayer& l, const at::Tensor& sum, const PlanContext& ctx) 
 
 // Error feedback, uncompressed or QSGD routes: the memory goes out with this step's values (paper-ordered
 // `flat`, any float dtype) and is emptied.
-void flush_error(EngineLayer& l, at::Tensor flat, const PlanContext& ctx) {
-  if (!ctx.error_feedback || !l.error.defined()) return;
-  l.layout.slices(flat).add_(l.error.to(flat.device()));
-  l.error.zero_();
+void flush_error(EngineLayer& l, const at::Tensor& flat, const PlanContext& ctx) {
+  if (ctx.error_feedback) l.error.flush_into(l.layout.slices(flat));
 }
 
-// Error feedback, compressed route: what this rank's coefficients `c` (as they travel, rounded to
-// coeff_dtype) leave of its slices `x`: e = x - (U c + mu / N), since the sum decompresses to U sum(c) + mu.
-void remember_error(EngineLayer& l, const at::Tensor& x, const at::Tensor& c, const PlanContext& ctx) {
-  const at::Tensor sent = c.to(ctx.coeff_dtype).to(at::kFloat);
-  const double mean_share = 1.0 - 1.0 / double(ctx.world_size);
-  const at::Tensor error = x - (l.pca.decompress(sent) - l.pca.mean().mul(mean_share));
-  // A non-finite gradient (a step GradScaler skips) must not stay in the memory and poison every later step.
-  l.error = at::where(at::isfinite(error), error, 0.0);
-}
+// Compressed route, first half: this rank's gradient in paper order, float32.
+at::Tensor compressed_flat(Entry& e) { return e.layer->layout.to_paper_order(e.grad.to(at::kFloat)); }
 
-// Compressed route, first half: this rank's gradient in paper order, float32, with the error-feedback memory
-// added to its slices (x = g + e).
-at::Tensor compressed_flat(Entry& e, const PlanContext& ctx) {
-  EngineLayer& l = *e.layer;
-  at::Tensor flat = l.layout.to_paper_order(e.grad.to(at::kFloat));
-  if (ctx.error_feedback && l.error.defined()) l.layout.slices(flat).add_(l.error);
-  return flat;
-}
-
-// Compressed route, second half, once the slices of `flat` are compressed to `c` (S, d) float32.
+// Compressed route, second half, once the slices of `flat` are compressed to `projected` (S, d) float32,
+// U^T (g - mu/N). With error feedback the memory adds its own coefficients (error_memory.h) and keeps what
+// the coefficients, as they travel in coeff_dtype, leave unsent.
 void finish_compressed_pack(Entry& e, BucketPlan& plan, const PlanContext& ctx, const at::Tensor& flat,
-                            const at::Tensor& c) {
+                            const at::Tensor& projected) {
   EngineLayer& l = *e.layer;
   const int64_t n = ctx.world_size;
   const at::Tensor slices = l.layout.slices(flat);
-  // A local sample is N x, the estimate of the sum an aggregated sample would have been.
-  if (e.local_sample) keep_sample(l, flat.mul(double(n)), ctx);
-  if (ctx.error_feedback) remember_error(l, slices, c, ctx);
+  // A local sample is N x, the estimate of the sum an aggregated sample would have been; with error feedback
+  // x = g + e, so that what one basis missed enters the next (this is where the memory is formed every step).
+  if (e.local_sample) {
+    at::Tensor sample = flat.mul(double(n));
+    if (ctx.error_feedback && !l.error.empty()) l.layout.slices(sample).add_(l.error.dense(), double(n));
+    keep_sample(l, sample, ctx);
+  }
+  at::Tensor c = projected;
+  if (ctx.error_feedback) {
+    c = l.error.add_step(slices, projected, l.pca, n);
+    l.error.record_sent(c.to(ctx.coeff_dtype).to(at::kFloat));
+    std::tie(e.residual_sq, e.signal_sq) = l.error.error_terms();
+  } else {
+    // Local loss of eq. 7 without decompressing: U is orthonormal, so with x = g - mu/N,
+    // ||x - U U^T x||^2 = ||x||^2 - ||U^T x||^2.
+    e.residual_sq = (slices - l.pca.mean() / double(n)).pow(2).sum() - c.pow(2).sum();
+    e.signal_sq = slices.pow(2).sum();
+  }
   plan.coeffs.narrow(0, e.coeff_offset, e.coeff_len).view(c.sizes()).copy_(c);
   plan.packed.narrow(0, e.raw_offset, e.raw_len).copy_(l.layout.tail(flat));
-  // Local loss of eq. 7 without decompressing: U is orthonormal, so with x = g - mu/N,
-  // ||x - U U^T x||^2 = ||x||^2 - ||U^T x||^2.
-  e.residual_sq = (slices - l.pca.mean() / double(n)).pow(2).sum() - c.pow(2).sum();
-  e.signal_sq = slices.pow(2).sum();
 }
 
 // The entry's summed coefficients, (S, d), in `coeffs` (the plan's coefficient segment, or a float32 copy).
@@ -111,7 +107,7 @@ const Route kCompressedRoute{
       s.raw += e.raw_len;
     },
     [](Entry& e, BucketPlan& plan, const PlanContext& ctx) {
-      at::Tensor flat = compressed_flat(e, ctx);
+      at::Tensor flat = compressed_flat(e);
       const at::Tensor slices = e.layer->layout.slices(flat);
       finish_compressed_pack(e, plan, ctx, flat, e.layer->pca.compress(slices, ctx.world_size));
     },
@@ -232,7 +228,7 @@ void pack_compressed_grouped(BucketPlan& plan, const PlanContext& ctx) {
     if (e.mode != Mode::kCompressed) continue;
     const PcaCompressor& pca = e.layer->pca;
     entries.push_back(&e);
-    flats.push_back(compressed_flat(e, ctx));
+    flats.push_back(compressed_flat(e));
     const at::Tensor slices = e.layer->layout.slices(flats.back());
     tasks.push_back({slices, pca.basis(), pca.offset(ctx.world_size),
                      at::empty({slices.size(0), pca.num_components()}, slices.options()), 1.0f});

@@ -11,6 +11,7 @@
 #include <utility>
 #include <vector>
 
+#include "engine/error_memory.h"
 #include "engine/host_readback.h"
 #include "gradiveq/conv_layout.h"
 #include "gradiveq/options.h"
@@ -38,7 +39,7 @@ struct EngineLayer {
   /// Samples on their way to the host (HostReadback), with whether they are finite: settle_samples() moves
   /// them into `samples` before anything reads those, so that keeping a sample never waits for the device.
   std::vector<std::pair<HostReadback, HostReadback>> arriving_samples;
-  at::Tensor error;  ///< error-feedback memory: (S, K) float32 on the layer's device, undefined until used
+  ErrorMemory error;  ///< error-feedback memory, on the layer's device (error_memory.h)
   LayerStats stats;
   /// The last compressed step's eq. 7 terms (squared residual, squared gradient; 0-dim, on the layer's
   /// device), which stats.relative_error is computed from when the stats are read.

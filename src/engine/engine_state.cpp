@@ -11,9 +11,24 @@ namespace {
 
 constexpr const char* kWhere = "Aggregator.load_state";
 constexpr char kStateMagic[4] = {'G', 'V', 'Q', 'S'};
-constexpr uint32_t kStateVersion = 7;  // 6: fit_install_at; 7: rank, per rank
+constexpr uint32_t kStateVersion = 8;  // 6: fit_install_at; 7: rank, per rank; 8: memory coefficients
 constexpr uint32_t kOldestReadableVersion = 6;
 constexpr size_t kStateChecksumBytes = 8;
+
+// Error-feedback memory, from version 8: [uint8 parts: 0 none, 1 E, 2 E and P, 3 E, P and C] then each part's
+// bytes (error_memory.h); version 5-7 images hold E alone, flagged 0 or 1.
+enum MemoryParts : uint8_t { kNoMemory = 0, kDense = 1, kProjected = 2, kSent = 3 };
+
+void write_memory(ByteWriter& w, const ErrorMemory::Image& m) {
+  const uint8_t parts = !m.dense.defined()       ? kNoMemory
+                        : !m.projected.defined() ? kDense
+                        : !m.sent.defined()      ? kProjected
+                                                 : kSent;
+  w.put<uint8_t>(parts);
+  for (const at::Tensor* t : {&m.dense, &m.projected, &m.sent}) {
+    if (t->defined()) w.put_tensor_bytes(t->to(at::kCPU).contiguous());
+  }
+}
 
 void write_layer(ByteWriter& w, const EngineLayer& l) {
   w.put_string(l.name);
@@ -30,8 +45,7 @@ void write_layer(ByteWriter& w, const EngineLayer& l) {
     w.put<int64_t>(s.size(0));
     w.put_tensor_bytes(s);
   }
-  w.put<uint8_t>(l.error.defined() ? 1 : 0);
-  if (l.error.defined()) w.put_tensor_bytes(l.error.to(at::kCPU).contiguous());
+  write_memory(w, l.error.image(l.pca));
 }
 
 // Magic, version and trailing checksum; returns the body (without the checksum).
@@ -109,6 +123,28 @@ void read_layer_header(ByteReader& in, size_t i, const EngineLayer& l) {
                 l.compressible ? "is" : "is not", " here (different include / exclude / min_numel?)");
 }
 
+// One part of the memory: (S, cols) float32.
+at::Tensor read_memory_part(ByteReader& in, const EngineLayer& l, int64_t cols, const char* part) {
+  at::Tensor raw = in.get_tensor_bytes();
+  const int64_t expected = l.layout.num_slices() * cols * 4;
+  GVQ_CHECK_ARG(raw.numel() == expected, kWhere, "state", "is corrupted: the error-feedback memory of '",
+                l.name, "' has ", raw.numel(), " bytes of ", part, ", expected ", expected);
+  return raw.view(at::kFloat).view({l.layout.num_slices(), cols}).clone();
+}
+
+ErrorMemory::Image read_memory(ByteReader& in, const EngineLayer& l, const PcaCompressor& pca) {
+  const auto parts = in.get<uint8_t>();
+  GVQ_CHECK_ARG(parts <= kSent, kWhere, "state", "is corrupted: error-feedback memory parts ", int(parts),
+                " for '", l.name, "'");
+  GVQ_CHECK_ARG(parts < kProjected || pca.is_fitted(), kWhere, "state", "is corrupted: the error-feedback ",
+                "memory of '", l.name, "' holds coefficients but the layer has no basis");
+  ErrorMemory::Image m;
+  if (parts >= kDense) m.dense = read_memory_part(in, l, l.layout.slice_len, "E");
+  if (parts >= kProjected) m.projected = read_memory_part(in, l, pca.num_components(), "P");
+  if (parts >= kSent) m.sent = read_memory_part(in, l, pca.num_components(), "C");
+  return m;
+}
+
 LoadedLayer read_layer_body(ByteReader& in, const EngineLayer& l, at::ScalarType basis_dtype) {
   const std::string& name = l.name;
   LoadedLayer out;
@@ -141,13 +177,7 @@ LoadedLayer read_layer_body(ByteReader& in, const EngineLayer& l, at::ScalarType
                   " rows of K = ", k);
     out.samples.push_back(raw.view(at::kFloat).view({rows, k}).clone());
   }
-  if (in.get<uint8_t>() != 0) {
-    at::Tensor raw = in.get_tensor_bytes();
-    const int64_t expected = l.layout.sliced_numel() * 4;
-    GVQ_CHECK_ARG(raw.numel() == expected, kWhere, "state", "is corrupted: the error-feedback memory of '",
-                  name, "' has ", raw.numel(), " bytes, expected ", expected);
-    out.error = raw.view(at::kFloat).view({l.layout.num_slices(), k}).clone();
-  }
+  out.error = read_memory(in, l, out.pca);
   return out;
 }
 

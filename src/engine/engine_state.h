@@ -1,15 +1,17 @@
 // Private: the GradiVeQ engine's checkpoint image (GradiVeQAggregator::save_state / load_state).
 //
-// Layout, little-endian (version 7):
+// Layout, little-endian (version 8):
 //   "GVQS" [uint32 version] [int64 world size] [int64 rank] [uint8 per rank] [int64 iteration]
 //   [uint8 pending fit] [int64 fit install step] [int64 schedule shift]
 //   [int64 restarts] [uint8 pending restart vote] [int64 layers], then per layer:
 //   [string name] [int64 ndim] [int64 shape...] [uint8 compressible], and for a compressible layer:
 //   [int64 K] [int64 fits] [uint8 has basis] ([bytes basis image]) [int64 sample blocks] ([int64
-//   rows][bytes])... [uint8 has error memory] ([bytes (S, K) float32]), and last a checksum of everything
-//   before it (8 bytes), so a damaged file is refused.
+//   rows][bytes])... [uint8 error-memory parts] ([bytes E (S, K)] [bytes P (S, d)] [bytes C (S, d)], float32,
+//   as many as the parts say: error_memory.h), and last a checksum of everything before it (8 bytes), so a
+//   damaged file is refused.
 // Version 2 added the adaptive window's fields, version 3 the trailing checksum, version 4 a stronger one,
-// version 5 the error-feedback memory, 6 the install step of a deferred fit, 7 the rank (6 is still read).
+// version 5 the error-feedback memory, 6 the install step of a deferred fit, 7 the rank, 8 the memory's
+// coefficients (6 and 7 are still read: their memory is E alone).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -44,7 +46,7 @@ struct LoadedLayer {
   uint64_t checksum = 0;
   int64_t fits = 0;
   std::vector<at::Tensor> samples;
-  at::Tensor error;  ///< error-feedback memory, undefined when the layer had none
+  ErrorMemory::Image error;  ///< error-feedback memory (its tensors undefined when the layer had none)
 };
 
 struct LoadedState {

@@ -567,7 +567,7 @@ void GradiVeQAggregator::load_state(const at::Tensor& image) {
     l.settle_samples();  // counts the replaced window's non-finite samples
     l.clear_samples();
     l.samples = std::move(in.samples);
-    l.error = in.error.defined() ? in.error.to(l.device) : at::Tensor();
+    l.error.restore(std::move(in.error), l.pca, l.device);
     l.stats.fits = in.fits;
     l.stats.fit_status = l.pca.is_fitted() ? "loaded" : "";
   }
@@ -591,7 +591,7 @@ at::Tensor GradiVeQAggregator::error_memory(const std::string& name) const {
   std::lock_guard<std::mutex> lock(stats_mutex_);
   if (!l.compressible) return at::zeros(l.shape, at::TensorOptions().device(l.device));
   at::Tensor flat = at::zeros({l.numel}, at::TensorOptions().device(l.device));
-  if (l.error.defined()) l.layout.slices(flat).copy_(l.error);
+  if (!l.error.empty()) l.layout.slices(flat).copy_(l.error.dense());
   at::Tensor out = at::empty(l.layout_shape, flat.options());
   l.layout.from_paper_order_into(flat, out);
   return out.view(l.shape);
