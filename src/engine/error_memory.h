@@ -7,7 +7,8 @@
 // and a step needs only the compress of its own gradient: with U^T U = I the coefficients to send are
 //     U^T (g + e - mu/N) = P + U^T (g - mu/N) - C.
 // U C is formed once, when the memory is read: a sampling step's flush, a checkpoint, or a new basis (the
-// memory then settles onto it: E = e, P = U'^T e, C = 0).
+// memory then settles onto it: E = e, P = U'^T e, C = 0). Until it settles, the memory holds on to the basis
+// its coefficients are in, so a replaced basis stays allocated until the layer's next step.
 #pragma once
 
 #include <ATen/ATen.h>
