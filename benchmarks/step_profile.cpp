@@ -123,10 +123,12 @@ void compressed_step(Layer& l, Memory memory, std::map<std::string, double>& ms)
     });
   }
   ms["memory"] += time_ms([&] {
-    if (memory == Memory::kDense) dense_memory_step(l, slices, c, n);
-    if (memory != Memory::kCoefficients) return;
-    c = l.memory.add_step(slices, c, l.pca, n);  // its eq. 7 terms included
-    l.memory.record_sent(c.to(at::kHalf).to(at::kFloat));
+    if (memory == Memory::kDense) {
+      dense_memory_step(l, slices, c, n);
+    } else if (memory == Memory::kCoefficients) {
+      c = l.memory.add_step(slices, c, l.pca, n);  // its eq. 7 terms included
+      l.memory.record_sent(c.to(at::kHalf).to(at::kFloat));
+    }
   });
   ms["copy"] += time_ms([&] {
     l.packed_coeffs.copy_(c);

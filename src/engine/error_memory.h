@@ -61,7 +61,6 @@ class ErrorMemory {
   at::Tensor dense_;      // E
   at::Tensor projected_;  // P
   at::Tensor sent_;       // C
-  at::Tensor last_c_;     // the last add_step's coefficients, until record_sent
   std::pair<at::Tensor, at::Tensor> error_terms_;
 };
 
