@@ -54,6 +54,10 @@ class ErrorMemory {
   void restore(Image image, const PcaCompressor& pca, const at::Device& device);
 
  private:
+  /// add_step and record_sent for CPU float32 contiguous tensors: the same values in one pass each.
+  at::Tensor add_step_cpu(const at::Tensor& g, const at::Tensor& projected_g, const at::Tensor& mu_share,
+                          const at::Tensor& offset);
+  void record_sent_cpu(const at::Tensor& sent);
   /// Keeps the memory against `pca` from now on (no-op when it already is).
   void settle_onto(const PcaCompressor& pca);
 

@@ -91,6 +91,40 @@ TEST(ErrorMemory, KeepsWhatTheDenseMemoryKeepsWithoutADecompressPerStep) {
   expect_same_as_dense_memory(at::kHalf, 1e-3, 1e-4);
 }
 
+// Same values with column-major strides: a memory fed only such tensors takes the general path of tensor
+// operations (the one GPUs take), where contiguous CPU float32 tensors take the one-pass loops.
+at::Tensor column_major(const at::Tensor& t) { return t.t().contiguous().t(); }
+
+// The CPU loops against the tensor operations: E, P and the coefficients bit for bit (the same float32
+// additions in the same order), the eq. 7 terms to double rounding, through a change of basis and a
+// non-finite step.
+TEST(ErrorMemory, CpuLoopsMatchTheTensorOperations) {
+  const PcaCompressor first = fitted_basis(1), second = fitted_basis(2);
+  ErrorMemory loops, ops;
+  at::manual_seed(6);
+  for (int i = 0; i < 12; ++i) {
+    const PcaCompressor& pca = i < 5 ? first : second;
+    at::Tensor g = at::randn({kSlices, kLen}) + 0.5;
+    if (i == 8) g[2][7] = std::numeric_limits<float>::quiet_NaN();
+    const at::Tensor projected = pca.compress(g, kWorld);
+    const at::Tensor c_loops = loops.add_step(g, projected, pca, kWorld);
+    const at::Tensor c_ops = ops.add_step(column_major(g), column_major(projected), pca, kWorld);
+    ASSERT_TRUE(at::equal(c_loops, c_ops) || i == 8) << "step " << i;
+    const auto [loops_residual, loops_signal] = loops.error_terms();
+    const auto [ops_residual, ops_signal] = ops.error_terms();
+    if (i != 8) {
+      EXPECT_NEAR(loops_residual.item<double>(), ops_residual.item<double>(),
+                  1e-6 * ops_signal.item<double>());
+      EXPECT_NEAR(loops_signal.item<double>(), ops_signal.item<double>(), 1e-6 * ops_signal.item<double>());
+    }
+    loops.record_sent(as_travelled(c_loops));
+    ops.record_sent(column_major(as_travelled(c_ops)));
+    ASSERT_EQ(loops.empty(), ops.empty()) << "step " << i;
+    EXPECT_EQ(loops.empty(), i == 8);
+    if (!ops.empty()) ASSERT_TRUE(at::equal(loops.dense(), ops.dense())) << "step " << i;
+  }
+}
+
 // A step GradScaler will skip (a non-finite gradient) empties the memory instead of poisoning later steps.
 TEST(ErrorMemory, NonFiniteStepEmptiesIt) {
   const PcaCompressor pca = fitted_basis(1);
