@@ -14,7 +14,9 @@ namespace gradiveq::detail {
                       int64_t d, int64_t width, int64_t k0, int64_t k1, const void* next,              \
                       int64_t next_bytes);                                                             \
   void decompress_rows(const float* c, const float* rows, const float* mean, float* out,               \
-                       int64_t out_row_stride, int64_t S, int64_t d, int64_t k0, int64_t k1);
+                       int64_t out_row_stride, int64_t S, int64_t d, int64_t k0, int64_t k1);          \
+  void decompress_rows_bf16(const float* c, const uint16_t* rows, const float* mean, float* out,       \
+                            int64_t out_row_stride, int64_t S, int64_t d, int64_t k0, int64_t k1);
 
 namespace portable_isa {
 GVQ_DECLARE_CODEC_TILES

@@ -12,8 +12,10 @@
 // and FMA.
 //
 // The basis may be stored in float32, bfloat16 or float16 (half the memory and half the bytes streamed per
-// product). Half-precision rows are widened to float32 block by block into a small buffer and then go through
-// the very same float32 loops, so a half-precision basis gives exactly the result of its float32 widening.
+// product). Half-precision values are widened to float32 (exactly) before they are multiplied: by the
+// compress into its packed blocks, by the decompress in registers for bfloat16 and into a small buffer for
+// float16. Both then go through the very same float32 multiply-adds, so a half-precision basis gives exactly
+// the result of its float32 widening.
 #pragma once
 
 #include <c10/util/BFloat16.h>

@@ -42,6 +42,14 @@ GVQ_INLINE Lanes16 load16(const float* p) {
   std::memcpy(x.v, p, sizeof(x.v));
   return x;
 }
+GVQ_INLINE Lanes16 load16(const uint16_t* p) {  // bfloat16 bits: the top half of a float32
+  Lanes16 x;
+  for (int l = 0; l < 16; ++l) {
+    const uint32_t bits = uint32_t(p[l]) << 16;
+    std::memcpy(&x.v[l], &bits, sizeof(float));
+  }
+  return x;
+}
 GVQ_INLINE void store16(float* p, Lanes16 x) { std::memcpy(p, x.v, sizeof(x.v)); }
 GVQ_INLINE Lanes16 broadcast16(float a) {
   Lanes16 x;
@@ -82,18 +90,20 @@ namespace {
 struct Tiles {
   decltype(&portable_isa::compress_block) compress_block;
   decltype(&portable_isa::decompress_rows) decompress_rows;
+  decltype(&portable_isa::decompress_rows_bf16) decompress_rows_bf16;
 };
 
 Tiles tiles_for(CpuIsa isa) {
   switch (isa) {
 #ifdef GVQ_HAVE_X86_TILES
     case CpuIsa::kAvx512:
-      return {avx512_isa::compress_block, avx512_isa::decompress_rows};
+      return {avx512_isa::compress_block, avx512_isa::decompress_rows, avx512_isa::decompress_rows_bf16};
     case CpuIsa::kAvx2:
-      return {avx2_isa::compress_block, avx2_isa::decompress_rows};
+      return {avx2_isa::compress_block, avx2_isa::decompress_rows, avx2_isa::decompress_rows_bf16};
 #endif
     default:
-      return {portable_isa::compress_block, portable_isa::decompress_rows};
+      return {portable_isa::compress_block, portable_isa::decompress_rows,
+              portable_isa::decompress_rows_bf16};
   }
 }
 
@@ -155,8 +165,9 @@ namespace {
 // them.
 constexpr int64_t kBasisRowBlock = 64;
 
-// Half-precision basis elements widened to float32. bfloat16 is the top half of a float32. Both widenings are
-// exact, so the widened basis is the same on every rank.
+// Half-precision basis elements widened to float32 (for the compress's packed blocks, and float16 rows of the
+// decompress). bfloat16 is the top half of a float32. Both widenings are exact, so the widened basis is the
+// same on every rank.
 GVQ_VECTOR_CLONES void widen(const c10::BFloat16* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     const uint32_t bits = uint32_t(src[i].x) << 16;
@@ -190,6 +201,8 @@ void compress_columns(const Tiles& tiles, const float* g, const B* basis, const 
   // Every block is first copied (widened if need be) into `block`, rows of `width` floats: one sequential
   // pass over the basis that the hardware prefetches, where the tiles' walk down 64 rows of d floats is not
   // (measured on ResNet-32's K = 4096 layers: the packed block makes the compress ~15% faster, not slower).
+  // Half-precision rows are widened here rather than in the tiles' registers: that was slower (the widening
+  // then sits in the tiles' inner loop, beside the multiply-adds; docs/results.md 7n).
   std::vector<float> block(size_t(kBasisRowBlock * width));
   for (int64_t k0 = 0; k0 < K; k0 += kBasisRowBlock) {
     const int64_t k1 = std::min(K, k0 + kBasisRowBlock);
@@ -213,12 +226,17 @@ void compress_columns(const Tiles& tiles, const float* g, const B* basis, const 
   }
 }
 
-// Float32 rows go to the tiles as they are; half-precision ones are widened a block of rows at a time.
+// Float32 and bfloat16 rows go to the tiles as they are (bfloat16 is widened in registers); float16 ones are
+// widened a block of rows at a time.
 template <typename B>
 void decompress_rows(const Tiles& tiles, const float* c, const B* basis, const float* mean, float* out,
                      int64_t out_row_stride, int64_t S, int64_t d, int64_t k0, int64_t k1) {
   if constexpr (std::is_same_v<B, float>) {
     tiles.decompress_rows(c, basis + k0 * d, mean, out, out_row_stride, S, d, k0, k1);
+  } else if constexpr (std::is_same_v<B, c10::BFloat16>) {
+    static_assert(sizeof(c10::BFloat16) == sizeof(uint16_t));
+    tiles.decompress_rows_bf16(c, reinterpret_cast<const uint16_t*>(basis + k0 * d), mean, out,
+                               out_row_stride, S, d, k0, k1);
   } else {
     std::vector<float> block(size_t(kBasisRowBlock * d));
     for (int64_t b0 = k0; b0 < k1; b0 += kBasisRowBlock) {

@@ -16,6 +16,11 @@ constexpr int kCompressVectors = 2;  // 3 slices x 2 pairs: 12 accumulators of t
 
 GVQ_INLINE Lanes16 zero16() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
 GVQ_INLINE Lanes16 load16(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+GVQ_INLINE __m256 widen8(const uint16_t* p) {  // bfloat16 bits: zero-extend, shift into the top half
+  const __m256i bits = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16));
+}
+GVQ_INLINE Lanes16 load16(const uint16_t* p) { return {widen8(p), widen8(p + 8)}; }
 GVQ_INLINE void store16(float* p, Lanes16 x) {
   _mm256_storeu_ps(p, x.lo);
   _mm256_storeu_ps(p + 8, x.hi);

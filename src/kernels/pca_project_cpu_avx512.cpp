@@ -15,6 +15,10 @@ constexpr int kCompressVectors = 4;  // 3 slices x 4 vectors: 12 accumulators of
 
 GVQ_INLINE Lanes16 zero16() { return {_mm512_setzero_ps()}; }
 GVQ_INLINE Lanes16 load16(const float* p) { return {_mm512_loadu_ps(p)}; }
+GVQ_INLINE Lanes16 load16(const uint16_t* p) {  // bfloat16 bits: zero-extend, shift into the top half
+  const __m512i bits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(bits, 16))};
+}
 GVQ_INLINE void store16(float* p, Lanes16 x) { _mm512_storeu_ps(p, x.v); }
 GVQ_INLINE Lanes16 broadcast16(float a) { return {_mm512_set1_ps(a)}; }
 GVQ_INLINE Lanes16 fma16(Lanes16 a, Lanes16 b, Lanes16 acc) { return {_mm512_fmadd_ps(a.v, b.v, acc.v)}; }

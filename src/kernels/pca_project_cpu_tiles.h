@@ -18,6 +18,15 @@
 // Nothing here calls the standard library: a template the AVX-512 unit instantiated out of line could
 // otherwise be picked by the linker for the portable one.
 
+// bfloat16 basis bits (the top half of a float32) widened in registers, so that a bfloat16 row streams half
+// the bytes of a float32 one and the products see exactly its float32 widening. The last 1-15 go through a
+// zeroed copy (a masked 16-bit load needs more than each instruction set guarantees).
+GVQ_INLINE Lanes16 load16_first(const uint16_t* p, int n) {
+  uint16_t copy[16] = {};
+  for (int l = 0; l < n; ++l) copy[l] = p[l];
+  return load16(copy);
+}
+
 // ---- compress: out[s][j] = fma chain over k increasing of g[s][k] b[k][j], from out's value ----
 
 // One tile: SL slices x NV vectors of 16 columns in registers over basis rows [k0, k1) (`rows` at row k0).
@@ -118,10 +127,10 @@ void compress_block(const float* g, const float* rows, int64_t ld, float* out, i
 // ---- decompress: out[s][k] = mean[k] + reduce16(lanes), lane l the fma chain over the i < d with
 // i = l mod 16, in increasing i, of c[s][i] b[k][i] ----
 
-// One tile: SL slices through basis row k (float32, d values), SL independent dots in registers. The last
-// 1-15 values go through the lanes that hold them only.
-template <int SL>
-GVQ_INLINE void decompress_tile(const float* c, const float* row, float mean_k, float* out,
+// One tile: SL slices through basis row k (d values, float32 or bfloat16 bits), SL independent dots in
+// registers. The last 1-15 values go through the lanes that hold them only.
+template <int SL, typename B>
+GVQ_INLINE void decompress_tile(const float* c, const B* row, float mean_k, float* out,
                                 int64_t out_row_stride, int64_t d, int64_t k) {
   Lanes16 acc[SL];
 #pragma GCC unroll 16
@@ -142,17 +151,19 @@ GVQ_INLINE void decompress_tile(const float* c, const float* row, float mean_k, 
   for (int s = 0; s < SL; ++s) out[s * out_row_stride + k] = mean_k + reduce16(acc[s]);
 }
 
-// Elements [k0, k1) of every decompressed slice from float32 rows (`rows` at row k0, row stride d), in slice
-// groups of at most 4 of nearly equal size. The row kPrefetchRows ahead is prefetched while a row computes.
-void decompress_rows(const float* c, const float* rows, const float* mean, float* out, int64_t out_row_stride,
-                     int64_t S, int64_t d, int64_t k0, int64_t k1) {
+// Elements [k0, k1) of every decompressed slice from basis rows of type B (`rows` at row k0, row stride d),
+// in slice groups of at most 4 of nearly equal size. The row kPrefetchRows ahead is prefetched while a row
+// computes.
+template <typename B>
+GVQ_INLINE void decompress_rows_of(const float* c, const B* rows, const float* mean, float* out,
+                                   int64_t out_row_stride, int64_t S, int64_t d, int64_t k0, int64_t k1) {
   constexpr int64_t kSlicesPerTile = 4;
   constexpr int64_t kPrefetchRows = 6;
   const int64_t groups = (S + kSlicesPerTile - 1) / kSlicesPerTile;
   const char* const rows_end = reinterpret_cast<const char*>(rows + (k1 - k0) * d);
-  const int64_t lines_per_row = (d * int64_t(sizeof(float)) + kCacheLine - 1) / kCacheLine;
+  const int64_t lines_per_row = (d * int64_t(sizeof(B)) + kCacheLine - 1) / kCacheLine;
   for (int64_t k = k0; k < k1; ++k) {
-    const float* row = rows + (k - k0) * d;
+    const B* row = rows + (k - k0) * d;
     const char* ahead = reinterpret_cast<const char*>(row + kPrefetchRows * d);
     prefetch_lines(ahead, rows_end, lines_per_row);
     for (int64_t group = 0, s = 0; group < groups; ++group) {
@@ -171,4 +182,13 @@ void decompress_rows(const float* c, const float* rows, const float* mean, float
       s += count;
     }
   }
+}
+
+void decompress_rows(const float* c, const float* rows, const float* mean, float* out, int64_t out_row_stride,
+                     int64_t S, int64_t d, int64_t k0, int64_t k1) {
+  decompress_rows_of(c, rows, mean, out, out_row_stride, S, d, k0, k1);
+}
+void decompress_rows_bf16(const float* c, const uint16_t* rows, const float* mean, float* out,
+                          int64_t out_row_stride, int64_t S, int64_t d, int64_t k0, int64_t k1) {
+  decompress_rows_of(c, rows, mean, out, out_row_stride, S, d, k0, k1);
 }
