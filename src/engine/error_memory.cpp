@@ -149,11 +149,7 @@ void ErrorMemory::record_sent_cpu(const at::Tensor& sent) {
     total[j] += c[j];
     finite &= std::isfinite(c[j]);
   }
-  if (!finite) {
-    const auto terms = error_terms_;  // the step's own eq. 7 terms stay readable
-    clear();
-    error_terms_ = terms;
-  }
+  if (!finite) drop_non_finite_step();
 }
 
 void ErrorMemory::record_sent(const at::Tensor& sent) {
@@ -164,11 +160,7 @@ void ErrorMemory::record_sent(const at::Tensor& sent) {
   sent_ = sent_.defined() ? sent_ + sent : sent.clone();
   const at::Tensor finite = at::isfinite(sent).all();
   if (finite.is_cpu()) {
-    if (!finite.item<bool>()) {
-      const auto terms = error_terms_;  // the step's own eq. 7 terms stay readable
-      clear();
-      error_terms_ = terms;
-    }
+    if (!finite.item<bool>()) drop_non_finite_step();
     return;
   }
   // On a GPU, without waiting for the device: the same memory, zeroed.
@@ -190,6 +182,12 @@ void ErrorMemory::flush_into(const at::Tensor& slices) {
 }
 
 void ErrorMemory::clear() { *this = ErrorMemory(); }
+
+void ErrorMemory::drop_non_finite_step() {
+  const auto terms = error_terms_;  // the step's own eq. 7 terms stay readable
+  clear();
+  error_terms_ = terms;
+}
 
 void ErrorMemory::settle_onto(const PcaCompressor& pca) {
   if (same_compressor(basis_, pca)) return;

@@ -58,6 +58,8 @@ class ErrorMemory {
   at::Tensor add_step_cpu(const at::Tensor& g, const at::Tensor& projected_g, const at::Tensor& mu_share,
                           const at::Tensor& offset);
   void record_sent_cpu(const at::Tensor& sent);
+  /// Empties the memory after a non-finite step on the CPU, keeping that step's eq. 7 terms for the stats.
+  void drop_non_finite_step();
   /// Keeps the memory against `pca` from now on (no-op when it already is).
   void settle_onto(const PcaCompressor& pca);
 
